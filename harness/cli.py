@@ -1,0 +1,253 @@
+"""``dmlbench`` command line. Bad input prints one line and exits with status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from harness.errors import UserError
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Plain fixed-width table for the terminal."""
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from harness.config import parse_overrides, resolve
+    from harness.loop import train
+
+    overrides = parse_overrides(args.set)
+    if args.tracking_uri:
+        overrides["tracking.uri"] = args.tracking_uri
+    cfg = resolve(
+        method=args.method, dataset=args.dataset, backbone=args.backbone,
+        overrides=overrides, config_file=args.config, preset=args.preset,
+    )
+    result = train(cfg)
+    print(f"run {result.run_id}  ({cfg.method} on {cfg.dataset} with {cfg.backbone})")
+    for key in sorted(result.metrics):
+        print(f"  {key:32s} {_fmt(result.metrics[key])}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from harness.summary import describe_methods
+
+    rows = describe_methods(
+        args.backbone, num_classes=args.num_classes, pretrained=not args.no_pretrained,
+        backbone_kwargs=json.loads(args.backbone_kwargs) if args.backbone_kwargs else None,
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"methods on {args.backbone} ({args.num_classes} training classes)")
+        print(_table(rows, ["name", "applies", "params_trainable", "params_trainable_inference", "params_total", "description"]))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from harness import data
+
+    if args.action == "check":
+        if not args.name:
+            raise UserError("datasets check needs a dataset name; valid: " + ", ".join(data.spec_names()))
+        report = data.check_dataset(args.name, args.root or "", verify_images=not args.no_verify)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            for split, info in report.items():
+                print(f"{split:8s} {info['images']:>8,} images  {info['classes']:>6,} classes")
+        return 0
+    rows = [
+        {"name": s.name, "reader": s.reader, "Recall@K": ",".join(map(str, s.ks)), "description": s.description}
+        for s in (data.get_spec(n) for n in data.spec_names())
+    ]
+    print(json.dumps(rows, indent=2) if args.json else _table(rows, ["name", "reader", "Recall@K", "description"]))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from harness.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri or "")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
+    return subprocess.call(cmd)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from harness.studies import run_demo
+
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    report_dir = run_demo(args.spec)
+    print(f"\nreport: {report_dir}")
+    print("browse every run: dmlbench ui   (or: make ui)")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from harness import studies
+
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if args.action == "run":
+        studies.run_study(args.spec, workers=args.workers, storage=args.storage)
+    status = studies.study_status(args.spec, storage=args.storage)
+    print(status.to_string(index=False))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.reports import build_report
+
+    out = build_report(args.spec, out_dir=args.out, tracking_uri=args.tracking_uri or None)
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from harness.visualize import visualize_dpp
+
+    path = visualize_dpp(args.run, n=args.n, tracking_uri=args.tracking_uri or None)
+    print(f"DPP figure: {path} (also logged to run {args.run})")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from harness.benchmark import benchmark
+    from harness.config import parse_overrides
+
+    rows = benchmark(
+        args.methods.split(","), args.backbone, image_size=args.image_size, batch_size=args.batch_size,
+        samples_per_class=args.samples_per_class, steps=args.steps, warmup=args.warmup,
+        device=args.device, amp=not args.no_amp, overrides=parse_overrides(args.set),
+    )
+    columns = ["method", "backbone", "image_size", "batch_size", "amp", "images_per_s", "peak_memory_gb", "params_trainable"]
+    print(json.dumps(rows, indent=2) if args.json else _table(rows, columns))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dmlbench", description="PEFT benchmark for deep metric learning")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one method on one dataset (one MLflow run)")
+    t.add_argument("--method")
+    t.add_argument("--dataset")
+    t.add_argument("--backbone")
+    t.add_argument("--config", help="YAML run config")
+    t.add_argument("--preset", help="a method's named preset (published configuration)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--tracking-uri", default="")
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("methods", help="list registered methods with parameter counts")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--backbone", default="tf_efficientnet_lite0")
+    m.add_argument("--num-classes", type=int, default=100)
+    m.add_argument("--no-pretrained", action="store_true", help="count on a random init (no weights needed)")
+    m.add_argument("--backbone-kwargs", default="", help="JSON kwargs for timm.create_model")
+    m.set_defaults(func=cmd_methods)
+
+    d = sub.add_parser("datasets", help="list datasets, or check one: datasets check NAME --root DIR")
+    d.add_argument("action", nargs="?", choices=["list", "check"], default="list")
+    d.add_argument("name", nargs="?")
+    d.add_argument("--root", default="")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--no-verify", action="store_true", help="do not open every image")
+    d.set_defaults(func=cmd_datasets)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the store")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--tracking-uri", default="")
+    u.set_defaults(func=cmd_ui)
+
+    de = sub.add_parser("demo", help="run the embedded-default study and its report")
+    de.add_argument("--spec", default="studies/demo.yaml")
+    de.add_argument("--tracking-uri", default="")
+    de.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("study", help="run or inspect an Optuna study")
+    s.add_argument("action", choices=["run", "status"])
+    s.add_argument("spec")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
+    s.add_argument("--tracking-uri", default="")
+    s.set_defaults(func=cmd_study)
+
+    r = sub.add_parser("report", help="tables and figures of a study, from MLflow")
+    r.add_argument("spec")
+    r.add_argument("--out", default=None)
+    r.add_argument("--tracking-uri", default="")
+    r.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("visualize", help="figures of a trained run")
+    v.add_argument("what", choices=["dpp"])
+    v.add_argument("--run", required=True)
+    v.add_argument("--n", type=int, default=8)
+    v.add_argument("--tracking-uri", default="")
+    v.set_defaults(func=cmd_visualize)
+
+    b = sub.add_parser("benchmark", help="training throughput and peak memory per method")
+    b.add_argument("--methods", default="full_finetune,linear_probe,bitfit")
+    b.add_argument("--backbone", default="tf_efficientnet_lite0")
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--samples-per-class", type=int, default=2)
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--device", default="")
+    b.add_argument("--no-amp", action="store_true")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_benchmark)
+    return p
+
+
+def one_line(exc: UserError) -> str:
+    """The message on one line; a DataLoader worker wraps it in a traceback: take the original."""
+    lines = str(exc).splitlines()
+    for line in reversed(lines):
+        if line.startswith("harness.errors.UserError: "):
+            return line.removeprefix("harness.errors.UserError: ")
+    return lines[0] if lines else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"dmlbench: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The model every method returns: backbone + method modules + embedding head + criterion.
+
+Methods customise it by freezing parameters, inserting modules (their parameter names share the
+method's prefix, as in peft) or subclassing to change :meth:`features` / :meth:`training_loss`.
+The training loop only talks to this interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.backbones import Backbone
+
+
+class EmbeddingHead(nn.Module):
+    """Shared head (SPECS section 2): optional LayerNorm + Linear(D -> embed_dim).
+
+    ViT methods use LayerNorm + Linear on the CLS token; CNNs a Linear on pooled features.
+    ``embed_dim == 0`` keeps the backbone features (no parameters): the untrained baseline.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, norm: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim) if norm else nn.Identity()
+        self.proj = nn.Linear(in_dim, embed_dim) if embed_dim else nn.Identity()
+        self.out_dim = embed_dim or in_dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(features))
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class DMLModel(nn.Module):
+    """Backbone, head and criterion; ``forward`` is the inference path (L2-normalised embedding)."""
+
+    #: parameter-name prefixes that only matter for training (not counted at inference)
+    training_only_prefixes: tuple[str, ...] = ("criterion.",)
+
+    def __init__(
+        self, backbone: Backbone, head: nn.Module, criterion: nn.Module, *, frozen_backbone: bool
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.model
+        self.head = head
+        self.criterion = criterion
+        self.frozen_backbone = frozen_backbone
+        self.family = backbone.family
+        self.feature_dim = backbone.feature_dim
+
+    # ------------------------------------------------------------------ forward paths
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (timm model without classifier)."""
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.features(images)).float(), dim=-1)
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one batch; extra tensors in the dict are logged as per-epoch means."""
+        return self.loss_from_features(self.features(images), labels), {}
+
+    def loss_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.criterion(self.head(features), labels)
+
+    @property
+    def features_are_frozen(self) -> bool:
+        """True when :meth:`features` has no trainable parameter, so features can be cached."""
+        return type(self).features is DMLModel.features and not any(
+            p.requires_grad for p in self.backbone.parameters()
+        )
+
+    def after_step(self) -> None:
+        """Hook after each optimizer step (e.g. VPTSP-G writes its proxy container)."""
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> "DMLModel":
+        super().train(mode)
+        if mode and self.frozen_backbone:
+            # a frozen backbone keeps its BatchNorm statistics and has no dropout
+            self.backbone.eval()
+            for name, module in self.backbone.named_modules():
+                if any(p.requires_grad for p in module.parameters(recurse=False)) and not isinstance(
+                    module, nn.modules.batchnorm._BatchNorm
+                ):
+                    module.train(mode)
+        return self
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self, optim_cfg: Any, loss_cfg: Any) -> list[dict[str, Any]]:
+        """Parameter groups with per-role learning rates; each dict also carries a ``name``."""
+        roles: dict[str, list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                roles.setdefault(self.role_of(name), []).append(p)
+        mult = {"head": optim_cfg.head_lr_mult, "criterion": loss_cfg.lr_mult}
+        return [
+            {"name": role, "params": params, "lr": optim_cfg.lr * mult.get(role, 1.0)}
+            for role, params in roles.items()
+        ]
+
+    def role_of(self, name: str) -> str:
+        """Group a parameter by its first name component (backbone, head, criterion, ...)."""
+        top = name.split(".", 1)[0]
+        return top if top in ("head", "criterion") else ("backbone" if top == "backbone" else "method")
+
+    # ------------------------------------------------------------------ counting and saving
+    def count_parameters(self) -> dict[str, int]:
+        trainable = inference = total = 0
+        for name, p in self.named_parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+                if not name.startswith(self.training_only_prefixes):
+                    inference += p.numel()
+        return {"params_trainable": trainable, "params_trainable_inference": inference, "params_total": total}
+
+    #: buffer-name prefixes saved with the trainable weights (e.g. VPTSP-G's proxy container)
+    saved_buffer_prefixes: tuple[str, ...] = ()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: trainable parameters and declared buffers."""
+        state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        for n, b in self.named_buffers():
+            if self.saved_buffer_prefixes and n.startswith(self.saved_buffer_prefixes):
+                state[n] = b.detach()
+            elif n.startswith("backbone.") and "running_" in n and not self.frozen_backbone:
+                state[n] = b.detach()  # BatchNorm statistics change under full fine-tuning
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        unknown_keys = [k for k in state if k not in own]
+        if unknown_keys:
+            raise KeyError(f"state has keys the model lacks: {unknown_keys[:3]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+
+@dataclass
+class BuildContext:
+    """What a method builder receives besides its own options."""
+
+    backbone: Backbone
+    num_classes: int
+    cfg: Any  # harness.config.RunConfig
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.model.embed_dim
+
+    def head(self, in_dim: int | None = None, norm: bool | None = None) -> EmbeddingHead:
+        in_dim = in_dim or self.backbone.feature_dim
+        norm = (self.backbone.family == "vit") if norm is None else norm
+        return EmbeddingHead(in_dim, self.cfg.model.embed_dim, norm)
+
+    def criterion(self, embed_dim: int) -> nn.Module:
+        from harness.losses import build_loss
+
+        return build_loss(self.cfg.loss.name, self.num_classes, embed_dim, self.cfg.loss)
+
+    def model(self, *, frozen_backbone: bool, cls: type[DMLModel] = DMLModel, **kwargs: Any) -> DMLModel:
+        """Standard model: the context's backbone, shared head and configured loss."""
+        head = self.head()
+        return cls(self.backbone, head, self.criterion(head.out_dim), frozen_backbone=frozen_backbone, **kwargs)

@@ -1,0 +1,17 @@
+"""Full fine-tuning: every backbone parameter and the head are trained (SPECS section 2)."""
+from __future__ import annotations
+
+from harness.model import BuildContext, DMLModel
+from harness.registry import register_method
+
+
+@register_method(
+    "full_finetune",
+    search_space={
+        "optim.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+        "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    },
+)
+def full_finetune(ctx: BuildContext, cfg: object) -> DMLModel:
+    """Train the whole backbone and the embedding head."""
+    return ctx.model(frozen_backbone=False)

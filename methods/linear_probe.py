@@ -1,0 +1,28 @@
+"""Linear probe: frozen backbone, only the embedding head trains (SPECS section 2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.model import BuildContext, DMLModel, freeze
+from harness.registry import register_method
+
+
+@dataclass
+class LinearProbeConfig:
+    #: compute the frozen features of the training set once (test transform, no augmentation)
+    #: and train the head on that cache; much faster, but gives up data augmentation
+    cache_features: bool = False
+
+
+@register_method(
+    "linear_probe",
+    config=LinearProbeConfig,
+    search_space={
+        "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    },
+)
+def linear_probe(ctx: BuildContext, cfg: LinearProbeConfig) -> DMLModel:
+    """Frozen backbone; train the embedding head only."""
+    freeze(ctx.backbone.model)
+    return ctx.model(frozen_backbone=True)

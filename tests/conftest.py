@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny, fast runs on the real Fashion-MNIST and random-init backbones."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    """An empty, fully migrated MLflow sqlite store (creating one costs seconds; copying is free)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch, _mlflow_template) -> str:
+    """A private MLflow store per test, so tests never touch the user's mlflow.db."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_template, path)
+    uri = f"sqlite:///{path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+TINY = {
+    "dataset": "fashion_mnist",
+    "data.image_size": 32,
+    "data.resize_size": 32,
+    "data.max_per_class": 32,
+    "data.batch_size": 48,
+    "data.samples_per_class": 16,
+    "data.num_workers": 0,
+    "model.pretrained": False,
+    "model.embed_dim": 32,
+    "optim.epochs": 2,
+    "optim.warmup_epochs": 0,
+    "optim.lr": 1e-3,
+    "eval.batch_size": 128,
+    "tracking.log_artifacts": True,
+}
+
+TINY_VIT = {"model.backbone_kwargs": {"img_size": 32, "depth": 2}}
+
+
+@pytest.fixture
+def tiny_overrides(tracking_uri) -> dict:
+    """Run-config overrides for a run of a few seconds (CNN backbone: resnet18-sized or smaller)."""
+    return {**TINY, "tracking.uri": tracking_uri}
+
+
+@pytest.fixture
+def tiny_vit_overrides(tracking_uri) -> dict:
+    """Same for a 2-block ViT-S at 32 px (6 heads, qkv bias): use backbone vit_small_patch16_224."""
+    return {**TINY, **TINY_VIT, "tracking.uri": tracking_uri}

@@ -1,0 +1,128 @@
+"""The shared training loop: MLflow record, reproducibility, selection, failure states."""
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.config import resolve
+from harness.loop import build_model, make_optimizer, make_scheduler, train
+
+
+def run(overrides: dict, method: str = "linear_probe", **kw):
+    cfg = resolve(method=method, backbone=overrides.pop("backbone", "tf_efficientnet_lite0"), overrides=overrides)
+    return train(cfg, **kw), cfg
+
+
+def test_run_is_fully_tracked(tiny_overrides, tmp_path):
+    result, cfg = run(dict(tiny_overrides))
+    client = mlflow.MlflowClient(tiny_overrides["tracking.uri"])
+    r = client.get_run(result.run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["method"] == "linear_probe" and r.data.params["optim.lr"] == "0.001"
+    for key in ("test_recall_at_1", "test_recall_at_8", "test_map_at_r", "test_r_precision",
+                "test_selected_recall_at_1", "best_val_map_at_r", "params_trainable",
+                "params_trainable_inference", "params_total", "peak_memory_gb",
+                "throughput_img_s", "wall_time_s"):
+        assert key in r.data.metrics, key
+    history = client.get_metric_history(result.run_id, "val_recall_at_1")
+    assert [m.step for m in history] == [1, 2]
+    assert len(client.get_metric_history(result.run_id, "train_loss")) == 2
+    tags = r.data.tags
+    assert tags["dmlbench.weight_source"] == "random-init" and tags["git_commit"]
+    assert tags["version.torch"] == torch.__version__.split("+")[0] or tags["version.torch"]
+    assert tags["dmlbench.status"] == "finished"
+    arts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "trainable.safetensors", "curves.png"} <= arts
+    weights = load_file(client.download_artifacts(result.run_id, "trainable.safetensors", str(tmp_path)))
+    # trainable weights only: the head (and the loss's proxies), never the frozen backbone
+    assert weights and all(k.startswith(("head.", "criterion.")) for k in weights)
+    assert sum(v.numel() for v in weights.values()) == r.data.metrics["params_trainable"]
+    assert 0.0 <= r.data.metrics["test_recall_at_1"] <= 1.0
+    assert r.data.metrics["params_trainable_inference"] < r.data.metrics["params_trainable"]
+
+
+def test_same_seed_same_numbers_other_seed_differs(tiny_overrides):
+    a, _ = run(dict(tiny_overrides))
+    b, _ = run(dict(tiny_overrides))
+    c, _ = run({**tiny_overrides, "seed": 1})
+    keys = ["test_recall_at_1", "test_map_at_r", "best_val_map_at_r"]
+    assert [a.metrics[k] for k in keys] == [b.metrics[k] for k in keys]
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    assert [h["train_loss"] for h in a.history] != [h["train_loss"] for h in c.history]
+
+
+def test_best_validation_checkpoint_gives_test_metrics(tiny_overrides):
+    result, _ = run({**tiny_overrides, "optim.epochs": 3})
+    best = int(result.metrics["best_epoch"])
+    row = next(h for h in result.history if h["epoch"] == best)
+    assert row["val_recall_at_1"] == max(h["val_recall_at_1"] for h in result.history)
+    assert result.metrics["test_recall_at_1"] == row["epoch_test_recall_at_1"]
+    assert result.metrics["test_selected_recall_at_1"] == max(h["epoch_test_recall_at_1"] for h in result.history)
+
+
+def test_test_metrics_without_per_epoch_test(tiny_overrides):
+    """With test_every_epoch off the best checkpoint is reloaded and evaluated once."""
+    a, _ = run({**tiny_overrides, "optim.epochs": 3})
+    b, _ = run({**tiny_overrides, "optim.epochs": 3, "eval.test_every_epoch": False})
+    assert b.metrics["test_recall_at_1"] == pytest.approx(a.metrics["test_recall_at_1"], abs=1e-6)
+    assert "test_selected_recall_at_1" not in b.metrics
+
+
+def test_evaluate_only_with_zero_epochs(tiny_overrides):
+    result, _ = run({**tiny_overrides, "optim.epochs": 0, "model.embed_dim": 0})
+    assert result.metrics["params_trainable"] == 0
+    assert result.metrics["best_epoch"] == 0 and "test_recall_at_1" in result.metrics
+
+
+def test_cached_features_linear_probe(tiny_overrides):
+    result, _ = run({**tiny_overrides, "method_args.cache_features": True})
+    assert result.history[-1]["train_loss"] > 0 and math.isfinite(result.metrics["test_map_at_r"])
+
+
+def test_failed_and_pruned_runs_are_marked(tiny_overrides):
+    class TrialPruned(Exception):
+        pass
+
+    def prune(epoch, metrics):
+        raise TrialPruned()
+
+    def crash(epoch, metrics):
+        raise RuntimeError("boom")
+
+    with pytest.raises(TrialPruned):
+        run(dict(tiny_overrides), on_epoch=prune)
+    with pytest.raises(RuntimeError):
+        run(dict(tiny_overrides), on_epoch=crash)
+    client = mlflow.MlflowClient(tiny_overrides["tracking.uri"])
+    runs = mlflow.search_runs(experiment_names=["fashion_mnist"], output_format="list")
+    status = sorted((r.info.status, r.data.tags["dmlbench.status"]) for r in runs)
+    assert status == [("FAILED", "failed"), ("KILLED", "pruned")]
+    assert client is not None
+
+
+def test_scheduler_warmup_then_cosine(tiny_overrides):
+    cfg = resolve(method="full_finetune", overrides={**tiny_overrides, "optim.warmup_epochs": 1, "optim.epochs": 4})
+    model = build_model(cfg, 3)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(cfg.optim.lr / 10)
+    assert lrs[9] == pytest.approx(cfg.optim.lr)
+    assert lrs[10] > lrs[25] > lrs[39] > 0
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_param_groups_follow_multipliers(tiny_overrides):
+    cfg = resolve(method="bitfit", overrides={**tiny_overrides, "optim.head_lr_mult": 10, "loss.lr_mult": 100})
+    groups = {g["name"]: g for g in make_optimizer(build_model(cfg, 3), cfg).param_groups}
+    assert groups["head"]["lr"] == pytest.approx(10 * cfg.optim.lr)
+    assert groups["criterion"]["lr"] == pytest.approx(100 * cfg.optim.lr)
+    assert groups["backbone"]["lr"] == pytest.approx(cfg.optim.lr)
