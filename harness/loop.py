@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -218,6 +217,8 @@ def train(
     nested: bool = False,
 ) -> RunResult:
     """Train ``cfg.method`` and log everything to MLflow; returns the run's final metrics."""
+    import mlflow  # imported here so the benchmark runs where MLflow is not installed
+
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
@@ -380,6 +381,7 @@ def train(
 
 def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]]) -> None:
     """Trainable weights only (safetensors) and a curves figure."""
+    import mlflow
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:

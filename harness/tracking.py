@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-import mlflow
-
 from harness.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +50,8 @@ def check_writable(uri: str) -> None:
 
 def configure(uri: str, experiment: str) -> str:
     """Point MLflow at ``uri`` and select (or create) ``experiment``; returns the URI."""
+    import mlflow
+
     uri = resolve_uri(uri)
     check_writable(uri)
     mlflow.set_tracking_uri(uri)
