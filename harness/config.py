@@ -70,6 +70,9 @@ class LossConfig:
     #: Proxy Anchor scale alpha and margin delta
     alpha: float = 32.0
     margin: float = 0.1
+    #: Proxy Anchor positive term: "with_positives" (original: divide by proxies with positives
+    #: in the batch) or "all" (VPTSP-G's code: divide by all C proxies)
+    positive_average: str = "with_positives"
     #: normalised-softmax temperature
     temperature: float = 0.05
     #: label smoothing for cross-entropy losses
@@ -348,6 +351,7 @@ _CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "step", "constant"),
     "loss.name": ("proxy_anchor", "norm_softmax", "cross_entropy"),
+    "loss.positive_average": ("with_positives", "all"),
     "data.augment": ("standard", "frpt", "none"),
     "device": ("", "cpu", "cuda", "mps"),
     "eval.select": ("recall@1", "map@r"),

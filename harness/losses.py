@@ -20,6 +20,17 @@ def _float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
+def full_precision(forward):
+    """Run a loss's forward with autocast off: autocast would recast its matmuls to bf16."""
+
+    def wrapped(self, embeddings: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return forward(self, embeddings, *args, **kwargs)
+
+    wrapped.__doc__ = forward.__doc__
+    return wrapped
+
+
 def _log1p_sum_exp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per column: log(1 + sum_i mask[i] * exp(z[i])), computed stably as a logsumexp with a 0."""
     z = z.masked_fill(~mask, -math.inf)
@@ -49,6 +60,7 @@ class ProxyAnchorLoss(nn.Module):
         self.proxies = nn.Parameter(torch.empty(num_classes, embed_dim))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")  # as in the original code
 
+    @full_precision
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 proxies: torch.Tensor | None = None) -> torch.Tensor:
         """Loss for a batch; ``proxies`` (C, D) overrides the owned parameter (VPTSP-G's proxies)."""
@@ -81,6 +93,7 @@ class NormSoftmaxLoss(nn.Module):
         x = F.normalize(_float32(embeddings), dim=1)
         return x @ F.normalize(_float32(self.weight), dim=1).T / self.temperature
 
+    @full_precision
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(embeddings), labels.long(),
                                label_smoothing=self.label_smoothing)
@@ -94,6 +107,7 @@ class CrossEntropyLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
 
+    @full_precision
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = F.linear(_float32(embeddings), _float32(self.classifier.weight))
         return F.cross_entropy(logits, labels.long(), label_smoothing=self.label_smoothing)
@@ -106,7 +120,7 @@ def build_loss(name: str, num_classes: int, embed_dim: int, cfg) -> nn.Module:
     """Instantiate a loss from a :class:`harness.config.LossConfig`; unknown names are a UserError."""
     if name == "proxy_anchor":
         return ProxyAnchorLoss(num_classes, embed_dim, alpha=cfg.alpha, margin=cfg.margin,
-                               positive_average=getattr(cfg, "positive_average", "with_positives"))
+                               positive_average=cfg.positive_average)
     if name == "norm_softmax":
         return NormSoftmaxLoss(num_classes, embed_dim, temperature=cfg.temperature,
                                label_smoothing=cfg.label_smoothing)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tiny shapes and `pytest -n 2` on 2 cores: one thread per worker avoids oversubscription,
+# which made small convolutions several times slower
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

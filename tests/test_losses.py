@@ -133,3 +133,15 @@ def test_build_loss_uses_config_and_rejects_typos():
     assert "proxy_anchor" in message and "norm_softmax" in message and "cross_entropy" in message
     with pytest.raises(UserError):
         ProxyAnchorLoss(5, 4, positive_average="mean")
+
+
+def test_losses_stay_float32_under_autocast():
+    from harness.losses import CrossEntropyLoss, NormSoftmaxLoss, ProxyAnchorLoss
+
+    emb = torch.randn(8, 16)
+    labels = torch.arange(4).repeat_interleave(2)
+    for loss in (ProxyAnchorLoss(4, 16), NormSoftmaxLoss(4, 16), CrossEntropyLoss(4, 16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = loss(emb.bfloat16(), labels)
+        assert value.dtype == torch.float32
+        assert torch.allclose(value, loss(emb.bfloat16().float(), labels), atol=1e-5)

@@ -1,0 +1,81 @@
+"""Every registered method, on every backbone family it applies to (parametrised over the
+registry like timm's model tests): frozen weights stay frozen, the loss goes down, the inference
+path gives unit embeddings, and the saved state holds exactly what trains."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.backbones import create_backbone
+from harness.config import resolve
+from harness.loop import build_model, make_optimizer
+from harness.registry import get_method, method_names
+
+BACKBONES = {
+    "cnn": ("tf_efficientnet_lite0", {}),
+    "vit": ("vit_small_patch16_224", {"img_size": 32, "depth": 2}),
+}
+CASES = [(m, f) for m in method_names() for f in ("cnn", "vit") if get_method(m).applies_to(f)]
+
+
+def build(method: str, family: str):
+    name, kwargs = BACKBONES[family]
+    cfg = resolve(method=method, backbone=name, overrides={
+        "model.pretrained": False, "model.backbone_kwargs": kwargs, "model.embed_dim": 16,
+        "data.image_size": 32, "optim.lr": 1e-3, "optim.name": "adamw", "optim.weight_decay": 0.0,
+    })
+    backbone = create_backbone(name, pretrained=False, kwargs=kwargs)
+    original = dict(backbone.model.named_parameters())
+    model = build_model(cfg, num_classes=4, backbone=backbone)
+    return cfg, model, original
+
+
+@pytest.mark.parametrize("method, family", CASES)
+def test_method_is_what_it_says(method, family):
+    torch.manual_seed(0)
+    cfg, model, original = build(method, family)
+    trainable_backbone = [n for n, p in original.items() if p.requires_grad]
+    if method == "full_finetune":
+        assert len(trainable_backbone) == len(original)
+    else:  # the backbone's own weights are frozen; at most BitFit-style biases train
+        assert all(n.endswith("bias") for n in trainable_backbone), trainable_backbone[:3]
+    if method == "bitfit":
+        assert trainable_backbone and set(trainable_backbone) == {n for n in original if n.endswith("bias")}
+
+    images = torch.randn(8, 3, 32, 32)
+    labels = torch.arange(4).repeat_interleave(2)  # 2 consecutive images per class, as the sampler
+    frozen_before = {n: p.detach().clone() for n, p in original.items() if not p.requires_grad}
+    optimizer = make_optimizer(model, cfg)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss, _ = model.training_loss(images, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        for n, p in original.items():
+            if not p.requires_grad:
+                assert p.grad is None, n
+        optimizer.step()
+        model.after_step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    for n, before in frozen_before.items():
+        assert torch.equal(original[n].detach(), before), f"frozen {n} changed"
+
+    model.eval()
+    with torch.no_grad():
+        emb = model(images)
+    assert emb.shape[0] == 8 and torch.allclose(emb.norm(dim=-1), torch.ones(8), atol=1e-4)
+
+    state = model.trainable_state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= set(state)
+    counts = model.count_parameters()
+    assert counts["params_trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["params_trainable_inference"] <= counts["params_trainable"] <= counts["params_total"]
+
+
+def test_registry_covers_the_product():
+    expected = {"full_finetune", "linear_probe", "bitfit", "adapter", "vpt_shallow", "vpt_deep",
+                "vptsp_g", "vptsp_ema", "frpt", "frpt_dpp", "frpt_cah", "frpt_no_in", "frpt_bbox", "frpt_cam"}
+    assert expected <= set(method_names())
