@@ -1,0 +1,147 @@
+"""Figures of trained runs: ``dmlbench visualize dpp`` (FRPT's Figure 3).
+
+The DPP figure shows what the learned prompt does to test images: the original with a regular
+grid, the saliency map A that drives the sampler, and the warped image with the same grid warped
+by the same sampling grid, so magnified regions show as stretched cells. The model is rebuilt
+from the run's own artifacts (``config.yaml`` + ``trainable.safetensors``), so the figure is of
+exactly the checkpoint the run reported.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.errors import UserError
+
+#: regular grid lines drawn on the original image
+GRID_CELLS = 8
+
+
+def _download(client, run_id: str, name: str, dst: str) -> Path:
+    try:
+        return Path(client.download_artifacts(run_id, name, dst))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+        raise UserError(f"run {run_id} has no artifact '{name}' ({type(exc).__name__}); was it logged by dmlbench train?") from None
+
+
+def _test_images(cfg, splits, backbone, n: int) -> torch.Tensor:
+    """``n`` test images spread evenly over the evaluation split, with the test transform."""
+    from harness import data
+
+    cfg.data.num_workers = 0
+    loaders = data.make_loaders(splits, cfg, backbone.mean, backbone.std, "cpu")
+    name = next((s for s in ("test", "query", "val") if s in loaders), None)
+    if name is None:
+        raise UserError(f"dataset {cfg.dataset} has no evaluation split to draw images from")
+    dataset = loaders[name].dataset
+    idx = np.unique(np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).round().astype(int))
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def grid_lines(height: int, width: int, cells: int = GRID_CELLS) -> torch.Tensor:
+    """``(1, 1, H, W)`` mask, 1 on a regular grid of ``cells`` x ``cells`` lines (1 px per 112 px)."""
+    mask = torch.zeros(1, 1, height, width)
+    t = max(1, round(min(height, width) / 112))
+    for k in range(cells + 1):
+        y = min(height - t, round(k * (height - 1) / cells))
+        x = min(width - t, round(k * (width - 1) / cells))
+        mask[..., y:y + t, :] = 1
+        mask[..., :, x:x + t] = 1
+    return mask
+
+
+def _overlay(image: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """Blend red lines (mask in [0, 1]) into an ``(H, W, 3)`` image in [0, 1]."""
+    a = np.clip(lines, 0, 1)[..., None]
+    return image * (1 - a) + np.array([1.0, 0.1, 0.1]) * a
+
+
+def draw_dpp_figure(images: np.ndarray, saliency: np.ndarray, warped: np.ndarray,
+                    lines: np.ndarray, warped_lines: np.ndarray, path: Path, title: str) -> None:
+    """Three rows (original + grid, saliency A, warped + warped grid), one column per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(3, n, figsize=(2.0 * n, 6.4), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(_overlay(images[i], lines))
+        axes[1, i].imshow(images[i])
+        axes[1, i].imshow(saliency[i], cmap="jet", alpha=0.5)
+        axes[2, i].imshow(_overlay(warped[i], warped_lines[i]))
+        for row in axes[:, i]:
+            row.set_xticks([])
+            row.set_yticks([])
+    for row, label in enumerate(("original", "saliency A", "DPP-warped")):
+        axes[row, 0].set_ylabel(label)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking_uri: str | None = None) -> Path:
+    """Draw the DPP warps of ``n`` test images for MLflow run ``run_id``; log and return the PNG."""
+    import torch.nn.functional as F
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from safetensors.torch import load_file
+
+    from harness import data
+    from harness.backbones import create_backbone
+    from harness.config import resolve
+    from harness.loop import build_model, seed_everything
+    from harness.tracking import resolve_uri
+    from methods._frpt_parts import SaliencySampler
+
+    if n < 1:
+        raise UserError(f"bad value {n!r} for --n: must be >= 1")
+    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri or ""))
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"unknown MLflow run '{run_id}' in {resolve_uri(tracking_uri or '')}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = resolve(config_file=_download(client, run_id, "config.yaml", tmp))
+        if not getattr(cfg.method_args, "use_dpp", False):
+            raise UserError(
+                f"run {run_id} used method '{cfg.method}' without a DPP; "
+                "visualize dpp needs a run of frpt, frpt_dpp or frpt_no_in"
+            )
+        state = load_file(str(_download(client, run_id, "trainable.safetensors", tmp)))
+    seed_everything(cfg.seed)  # as the loop does, so a random-init backbone is the run's own
+    splits = data.load_splits(cfg)
+    backbone = create_backbone(
+        cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights, kwargs=cfg.model.backbone_kwargs
+    )
+    model = build_model(cfg, splits.train.num_classes, backbone)
+    model.load_trainable_state_dict(state)
+    model.eval()
+
+    images = _test_images(cfg, splits, backbone, n)
+    with torch.no_grad():
+        out = model.prompt(images)
+        h, w = images.shape[-2:]
+        lines = grid_lines(h, w)
+        warped_lines = SaliencySampler.resample(lines.expand(len(images), -1, -1, -1), out["grid"])
+        saliency = F.interpolate(out["saliency"], size=(h, w), mode="bilinear", align_corners=False)
+    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
+
+    def to_np(x: torch.Tensor) -> np.ndarray:
+        return (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"dpp_{run_id}.png"
+    draw_dpp_figure(
+        to_np(images), saliency[:, 0].numpy(), to_np(out["images"]), lines[0, 0].numpy(),
+        warped_lines[:, 0].numpy(), path, f"DPP of run {run_id[:12]} ({cfg.method}, {cfg.backbone}, {cfg.dataset})",
+    )
+    client.log_artifact(run_id, str(path))
+    return path
