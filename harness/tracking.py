@@ -55,8 +55,31 @@ def configure(uri: str, experiment: str) -> str:
     uri = resolve_uri(uri)
     check_writable(uri)
     mlflow.set_tracking_uri(uri)
+    ensure_experiment(experiment)
     mlflow.set_experiment(experiment)
     return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """Id of experiment ``name`` in the current store, created with :func:`artifact_root`."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    root = artifact_root(mlflow.get_tracking_uri())
+    try:
+        return mlflow.create_experiment(name, artifact_location=root and f"{root}/{name}")
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside it (``mlartifacts/``), not in the current
+    directory, so runs launched from anywhere keep their files together."""
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def git_commit() -> str:

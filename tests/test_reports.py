@@ -1,0 +1,150 @@
+"""Study reports: rebuilt from MLflow alone, byte-identical, with published numbers paired correctly."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import TINY, TINY_VIT
+from harness import reports, studies
+from harness.registry import method_names
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """linear_probe tuned (2 trials x 2 epochs) + the untrained reference row, 2 seeds each."""
+    folder = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    overrides = {k: v for k, v in {**TINY, **TINY_VIT}.items() if k not in ("dataset", "optim.epochs")}
+    spec = {
+        "name": "rep", "backbone": "vit_small_patch16_224", "datasets": ["fashion_mnist"],
+        "methods": [{"method": "linear_probe", "label": "Linear probe"}],
+        "references": [{"method": "linear_probe", "name": "pretrained", "label": "pretrained (no training)",
+                        "published_as": "pretrained", "overrides": {"optim.epochs": 0, "model.embed_dim": 0}}],
+        "overrides": {**overrides, "tracking.uri": uri, "tracking.log_artifacts": False},
+        "budget": {"n_trials": 2, "epochs": 2}, "reproduce": {"seeds": [0, 1]},
+    }
+    path = folder / "rep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(folder)  # a sqlite store puts artifacts under ./mlruns
+        mlflow.set_tracking_uri(uri)
+        studies.run_study(path)
+        yield path
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_report_is_rebuilt_identically_from_mlflow_alone(finished_study, tmp_path):
+    first = reports.build_report(finished_study, out_dir=tmp_path / "a")
+    (finished_study.parent / "rep.optuna.journal").unlink()  # the report must not need Optuna's storage
+    shutil.rmtree(first)
+    again = reports.build_report(finished_study, out_dir=tmp_path / "a")
+    other = reports.build_report(finished_study, out_dir=tmp_path / "b")
+    a, b = files(again), files(other)
+    assert a == b
+    names = set(a)
+    for name in ("report.md", "results.csv", "results.md", "results.tex", "tuning.csv", "spec.yaml",
+                 "figures/curves_fashion_mnist.png", "figures/tradeoff_fashion_mnist.png",
+                 "figures/optuna/fashion_mnist__linear_probe_history.png"):
+        assert name in names
+    assert not any("pretrained" in n for n in names if n.startswith("figures/optuna/"))
+    assert "published.md" not in names  # nothing published for Fashion-MNIST
+
+
+def test_results_are_the_reproduction_runs(finished_study, tmp_path):
+    out = reports.build_report(finished_study, out_dir=tmp_path / "r")
+    runs = mlflow.search_runs(experiment_names=["fashion_mnist"], output_format="list",
+                              filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'reproduction'")
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["label"]) == ["Linear probe", "pretrained (no training)"]
+    for entry, row in zip(("linear_probe", "pretrained"), table.itertuples()):
+        values = np.array([r.data.metrics["test_recall_at_1"] for r in runs if r.data.tags["dmlbench.entry"] == entry])
+        assert len(values) == 2 and row.seeds == 2
+        assert row.test_recall_at_1_mean == pytest.approx(values.mean(), abs=1e-6)
+        assert row.test_recall_at_1_std == pytest.approx(values.std(ddof=1), abs=1e-6)
+        cell = reports.fmt_pm(values.mean() * 100, values.std(ddof=1) * 100)
+        assert f"| {row.label} | 2 | {cell} |" in (out / "results.md").read_text()
+    assert table.loc[1, "params_trainable_inference_mean"] == 0  # the untrained backbone trains nothing used
+    tuning = pd.read_csv(out / "tuning.csv")
+    assert list(tuning["complete"]) == [2, 0]
+
+
+def test_report_is_logged_to_a_study_run(finished_study, tmp_path):
+    reports.build_report(finished_study, out_dir=tmp_path / "m")
+    (run,) = mlflow.search_runs(experiment_names=["fashion_mnist"], output_format="list",
+                                filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'report'")
+    listed = {f.path for f in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id, "report")}
+    assert {"report/report.md", "report/results.tex", "report/figures"} <= listed
+
+
+# ----------------------------------------------------------------------------- published numbers
+
+
+def fake_mlflow_runs(entry: str, dataset: str, r1: list[float], shots: int = 0) -> pd.DataFrame:
+    """Rows shaped like mlflow.search_runs output for reproduction runs (input to the pairing logic)."""
+    return pd.DataFrame([{
+        "run_id": f"{entry}-{seed}", "start_time": pd.Timestamp(2024, 1, 1) + pd.Timedelta(seconds=seed),
+        "tags.dmlbench.role": "reproduction", "tags.dmlbench.status": "finished", "tags.dmlbench.dataset": dataset,
+        "tags.dmlbench.entry": entry, "tags.dmlbench.seed": str(seed), "params.data.shots": str(shots),
+        "metrics.test_recall_at_1": value, "metrics.test_selected_recall_at_1": value + 0.01,
+        "metrics.params_trainable": 2.9e6, "metrics.params_total": 26.4e6,
+    } for seed, value in enumerate(r1)])
+
+
+def test_published_cells_pair_with_our_runs():
+    spec = studies.load_spec(REPO / "studies" / "frpt_ablation.yaml")
+    runs = fake_mlflow_runs("frpt", "cub200", [0.70, 0.72])
+    paired = reports.matches(spec, runs)
+    tables = {p["table_id"] for p in paired}
+    assert {"frpt_table1", "frpt_table2", "frpt_table3"} <= tables and "frpt_table4" not in tables
+    table, md = next((t, md) for t, _, md, _ in reports.paper_tables(paired) if t == "frpt_table1")
+    assert "| DPP + PT + CAH | 71.0 ± 1.4 | 74.3 | " in md
+    assert "| Fine-tuning | — | 69.5 | — | 84.4 | — | 23.53 |" in md
+    df, _, tex = reports.published_tables(spec, paired)
+    r1 = df[(df["metric"] == "R@1") & (df["method"] == "DPP + PT + CAH")]
+    assert list(r1["published"]) == ["74.3"] and list(r1["delta"]) == ["-3.3"]
+    assert list(r1["ours_test_selected"]) == ["72.0"]
+    assert r"$\pm$" in tex
+
+
+def test_few_shot_cells_need_the_same_shots():
+    spec = studies.load_spec(REPO / "studies" / "frpt_few_shot.yaml")
+    runs = pd.concat([fake_mlflow_runs("frpt_r50_10shot", "cub200", [0.66], shots=10),
+                      fake_mlflow_runs("frpt_r50_5shot", "cub200", [0.60], shots=5)])
+    paired = reports.matches(spec, runs)
+    few = {(p["entry"], p["column"], p["value"]) for p in paired if p["table_id"] == "frpt_table4"}
+    assert few == {("frpt_r50_10shot", "10-shot", 66.6), ("frpt_r50_5shot", "5-shot", 62.8)}
+    assert not any(p["table_id"] == "frpt_table1" for p in paired)  # full-data rows need shots 0
+
+
+def test_published_file_is_complete_and_consistent():
+    cells, sources, tables = reports.load_published()
+    assert {t["source"] for t in tables} == set(sources)
+    keys = [(c["table_id"], c["row"], c["column"]) for c in cells]
+    assert len(keys) == len(set(keys))
+    known = set(method_names()) | {"pretrained"}
+    for c in cells:
+        assert c["unit"] in ("%", "fraction", "M") and c["method"] in known, c
+        if c["unit"] == "fraction":
+            assert 0 < c["value"] < 1, c
+        elif c["unit"] == "%":
+            assert 1 < c["value"] <= 100, c
+
+
+def test_pareto_front_and_formatting():
+    assert reports.pareto_front([1, 2, 3, 4], [10, 9, 12, 12]) == [0, 2]
+    assert reports.fmt_pm(73.123, 0.46) == "73.1 ± 0.5"
+    assert reports.fmt_pm(73.1, float("nan")) == "73.1"
+    assert reports.fmt_pm(float("nan"), 1.0) == "—"
+    assert reports.fmt_count(23_530_000) == "23.53M" and reports.fmt_count(0) == "0"

@@ -1,0 +1,286 @@
+"""Optuna studies end to end on tiny data: nested MLflow runs, resume, kill, prune, workers, specs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from conftest import TINY, TINY_VIT
+from harness import studies
+from harness.errors import UserError
+from harness.registry import get_method, method_names
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((REPO / "studies").glob("*.yaml"))
+
+
+def base_overrides(uri: str) -> dict:
+    """conftest's tiny ViT run, minus what a study sets itself (dataset, epochs)."""
+    out = {k: v for k, v in {**TINY, **TINY_VIT}.items() if k not in ("dataset", "optim.epochs")}
+    return {**out, "tracking.uri": uri, "tracking.log_artifacts": False}
+
+
+def write_spec(folder: Path, uri: str, **changes) -> Path:
+    spec = {
+        "name": "tiny", "backbone": "vit_small_patch16_224", "datasets": ["fashion_mnist"],
+        "methods": ["linear_probe", "bitfit"], "overrides": base_overrides(uri), "objective": "val_map_at_r",
+        "budget": {"n_trials": 3, "epochs": 2}, "sampler": {"name": "tpe", "seed": 0},
+        "pruner": {"name": "none"}, "reproduce": {"seeds": [0]},
+    }
+    spec.update(changes)
+    path = folder / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def optuna_study(path: Path, entry: str, dataset: str = "fashion_mnist") -> optuna.Study:
+    spec = studies.load_spec(path)
+    return optuna.load_study(study_name=f"{spec.name}/{dataset}/{entry}",
+                             storage=studies.open_storage(studies.storage_url(spec)))
+
+
+def runs_of(study: str, role: str | None = None) -> list:
+    filt = f"tags.`dmlbench.study` = '{study}'" + (f" and tags.`dmlbench.role` = '{role}'" if role else "")
+    return mlflow.search_runs(experiment_names=["fashion_mnist"], filter_string=filt, output_format="list")
+
+
+# ----------------------------------------------------------------------------- one shared tiny study
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """2 methods x 3 trials x 2 epochs + one reproduction each, with the real training loop."""
+    folder = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(folder)  # a sqlite store puts artifacts under ./mlruns
+        mlflow.set_tracking_uri(uri)
+        path = write_spec(folder, uri)
+        studies.run_study(path)
+        yield path
+
+
+def test_tiny_study_completes_with_nested_runs(tiny_study):
+    for entry in ("linear_probe", "bitfit"):
+        study = optuna_study(tiny_study, entry)
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+        parents = [r for r in runs_of("tiny", "parent") if r.data.tags["dmlbench.entry"] == entry]
+        assert len(parents) == 1
+        parent_id = parents[0].info.run_id
+        children = [r for r in runs_of("tiny", "trial") if r.data.tags["dmlbench.entry"] == entry]
+        assert sorted(int(r.data.tags["dmlbench.trial"]) for r in children) == [0, 1, 2]
+        client = mlflow.tracking.MlflowClient()
+        for run in children:
+            assert run.data.tags["mlflow.parentRunId"] == parent_id
+            assert run.info.status == "FINISHED" and run.data.tags["dmlbench.status"] == "finished"
+            trial = study.trials[int(run.data.tags["dmlbench.trial"])]
+            assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+            assert run.data.metrics["best_val_map_at_r"] == pytest.approx(trial.value)
+            for key, value in trial.params.items():  # the trial's parameters reached the run config
+                assert float(run.data.params[key]) == pytest.approx(value)
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_map_at_r")]
+            assert sorted(steps) == [1, 2]
+        repro = [r for r in runs_of("tiny", "reproduction") if r.data.tags["dmlbench.entry"] == entry]
+        assert len(repro) == 1 and repro[0].data.tags["mlflow.parentRunId"] == parent_id
+        assert repro[0].data.tags["dmlbench.config_source"] == str(study.best_trial.number)
+        assert "test_recall_at_1" in repro[0].data.metrics
+
+
+def test_rerun_adds_no_trial_and_no_run(tiny_study):
+    before = {e: len(optuna_study(tiny_study, e).trials) for e in ("linear_probe", "bitfit")}
+    n_runs = len(runs_of("tiny"))
+    studies.run_study(tiny_study)
+    assert {e: len(optuna_study(tiny_study, e).trials) for e in before} == before
+    assert len(runs_of("tiny")) == n_runs
+
+
+def test_status_reports_budget_and_reproductions(tiny_study):
+    status = studies.study_status(tiny_study)
+    assert list(status["entry"]) == ["linear_probe", "bitfit"]
+    assert list(status["complete"]) == [3, 3] and list(status["budget"]) == [3, 3]
+    assert list(status["pruned"]) == [0, 0] and list(status["running"]) == [0, 0]
+    assert list(status["reproductions"]) == ["1/1", "1/1"]
+    best = optuna_study(tiny_study, "bitfit").best_value
+    assert status.loc[1, "best_val_map_at_r"] == pytest.approx(best, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- pruning, kill, workers
+
+
+def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, tracking_uri):
+    path = write_spec(tmp_path, tracking_uri, name="prune", methods=["linear_probe"],
+                      budget={"n_trials": 1, "epochs": 2}, reproduce={"seeds": []},
+                      pruner={"name": "threshold", "lower": 1.5})  # MAP@R < 1.5 always: prune at epoch 1
+    studies.run_study(path)
+    study = optuna_study(path, "linear_probe")
+    assert [t.state for t in study.trials] == [TrialState.PRUNED]
+    assert list(study.trials[0].intermediate_values) == [1]
+    (run,) = runs_of("prune", "trial")
+    assert run.info.status == "KILLED" and run.data.tags["dmlbench.status"] == "pruned"
+    assert studies.study_status(path).loc[0, "pruned"] == 1
+
+
+def test_killed_worker_is_resumed(tmp_path, tracking_uri):
+    path = write_spec(tmp_path, tracking_uri, name="kill", methods=["linear_probe"],
+                      budget={"n_trials": 2, "epochs": 2}, reproduce={"seeds": []})
+    code = f"from harness.studies import run_study; run_study({str(path)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = None
+    deadline = time.monotonic() + 120
+    try:
+        while killed is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            try:
+                trials = optuna_study(path, "linear_probe").trials
+            except KeyError:  # the worker has not created the study yet
+                continue
+            running = [t for t in trials if t.state == TrialState.RUNNING and "dmlbench.heartbeat" in t.user_attrs]
+            if running:
+                proc.send_signal(signal.SIGKILL)
+                killed = running[0]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert killed is not None, "the worker never ran a trial"
+    assert optuna_study(path, "linear_probe").trials[killed.number].state == TrialState.RUNNING
+
+    studies.run_study(path)
+    trials = optuna_study(path, "linear_probe").trials
+    assert trials[killed.number].state == TrialState.FAIL
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    retry = [t for t in trials if t.user_attrs.get("dmlbench.retry_of") == killed.number]
+    assert len(retry) == 1 and retry[0].params == killed.params and retry[0].state == TrialState.COMPLETE
+    for run in runs_of("kill", "trial"):
+        assert run.info.status in ("FINISHED", "FAILED")  # nothing left RUNNING in MLflow
+    assert list(studies.study_status(path)[["complete", "running"]].iloc[0]) == [2, 0]
+
+
+def test_two_workers_share_one_journal(tmp_path, tracking_uri):
+    path = write_spec(tmp_path, tracking_uri, name="workers", methods=["linear_probe"],
+                      budget={"n_trials": 3, "epochs": 1}, reproduce={"seeds": []})
+    studies.run_study(path, workers=2)
+    trials = optuna_study(path, "linear_probe").trials
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
+    assert all(t.user_attrs.get("dmlbench.surplus") for t in trials if t.state == TrialState.FAIL)
+    assert os.getpid() not in {t.user_attrs["dmlbench.pid"] for t in trials if t.state == TrialState.COMPLETE}
+    assert len(runs_of("workers", "trial")) == 3
+
+
+def test_stale_trial_detection():
+    import socket
+
+    now = time.time()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def trial(**attrs):
+        return SimpleNamespace(user_attrs=attrs, datetime_start=None)
+
+    here = socket.gethostname()
+    assert studies.is_stale(trial(**{"dmlbench.host": here, "dmlbench.pid": dead.pid, "dmlbench.heartbeat": now}))
+    assert not studies.is_stale(trial(**{"dmlbench.host": here, "dmlbench.pid": os.getpid(), "dmlbench.heartbeat": now}))
+    far = {"dmlbench.host": "elsewhere", "dmlbench.pid": 1}
+    assert not studies.is_stale(trial(**far, **{"dmlbench.heartbeat": now - 5}))
+    assert studies.is_stale(trial(**far, **{"dmlbench.heartbeat": now - studies.STALE_AFTER_S - 1}))
+
+
+# ----------------------------------------------------------------------------- spec validation
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"budjet": {"n_trials": 1, "epochs": 1}}, "did you mean 'budget'"),
+        ({"methods": ["linear_probe", "vtp_deep"]}, "unknown method 'vtp_deep'"),
+        ({"datasets": ["cub"]}, "unknown dataset 'cub'"),
+        ({"methods": [{"method": "bitfit", "search_space": {"optim.lr": None, "optim.weight_decay": None}}]},
+         "empty search space"),
+        ({"methods": [{"method": "bitfit", "overides": {}}]}, "did you mean 'overrides'"),
+        ({"methods": [{"method": "bitfit", "search_space": {"optim.lrr": {"type": "float", "low": 0.1, "high": 1}}}]},
+         "unknown config key 'optim.lrr'"),
+        ({"methods": [{"method": "bitfit", "search_space": {"optim.lr": {"type": "loguniform", "low": 0.1, "high": 1}}}]},
+         "bad type 'loguniform'"),
+        ({"overrides": {"optim.epochs": 5}}, "budget.epochs sets it"),
+        ({"budget": {"n_trials": 2, "epochs": 1, "timeout": 5}}, "did you mean 'timeout_s'"),
+        ({"sampler": {"name": "cmaes"}}, "unknown sampler 'cmaes'"),
+        ({"methods": ["bitfit", {"method": "bitfit"}]}, "appears twice"),
+        ({"objective": "test_recall_at_1"}, "unknown objective"),
+    ],
+)
+def test_bad_spec_is_refused_in_one_line(tmp_path, tracking_uri, change, message):
+    path = write_spec(tmp_path, tracking_uri, **change)
+    with pytest.raises(UserError) as info:
+        studies.load_spec(path)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_grid_budget_is_capped_by_the_grid(tmp_path, tracking_uri):
+    grid = {"optim.lr": {"type": "categorical", "choices": [0.001, 0.01]},
+            "optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.05}}
+    path = write_spec(tmp_path, tracking_uri, sampler={"name": "bruteforce"}, budget={"n_trials": 50, "epochs": 1},
+                      methods=[{"method": "bitfit", "search_space": grid}])
+    spec = studies.load_spec(path)
+    assert studies.budget_of(spec, spec.entries[0]) == 6
+    with pytest.raises(UserError, match="discrete search space"):
+        studies.load_spec(write_spec(tmp_path, tracking_uri, sampler={"name": "grid"}))
+
+
+# ----------------------------------------------------------------------------- shipped specs
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_spec_parses(path):
+    spec = studies.load_spec(path)
+    assert spec.name == path.stem
+    for entry in spec.entries:
+        get_method(entry.method)
+        assert entry.fixed or entry.search_space, entry.name
+
+
+def test_demo_takes_every_applicable_method_from_the_registry():
+    spec = studies.load_spec(REPO / "studies" / "demo.yaml")
+    tuned = {e.method for e in spec.entries if not e.fixed}
+    expected = {m for m in method_names() if get_method(m).applies_to("cnn")} - {"frpt_bbox"}
+    assert tuned == expected
+    assert [e.label for e in spec.entries if e.fixed] == ["pretrained (no training)", "random init (no training)"]
+
+
+@pytest.mark.parametrize(
+    ("name", "keep", "backbone", "vit"),
+    [("frpt_ablation", ["frpt", "pretrained"], "resnet18", False),
+     ("peft_vit_s", ["vpt_deep", "vptsp_g"], "vit_small_patch16_224", True)],
+)
+def test_shrunken_shipped_spec_runs(tmp_path, tracking_uri, name, keep, backbone, vit):
+    raw = yaml.safe_load((REPO / "studies" / f"{name}.yaml").read_text())
+    entries = [e if isinstance(e, dict) else {"method": e} for e in raw["methods"]]
+    entries += [{**e, "fixed": True} for e in raw.get("references", [])]
+    entries = [e for e in entries if e.get("name", e["method"]) in keep]
+    assert len(entries) == len(keep)
+    for e in entries:
+        e["backbone"] = backbone
+    overrides = base_overrides(tracking_uri) if vit else {
+        k: v for k, v in base_overrides(tracking_uri).items() if k != "model.backbone_kwargs"}
+    raw.update(name=f"shrunk_{name}", datasets=["fashion_mnist"], backbone=backbone, methods=entries, references=[],
+               overrides=overrides, budget={"n_trials": 1, "epochs": 1}, reproduce={"seeds": [0]},
+               pruner={"name": "none"})
+    path = tmp_path / f"shrunk_{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    studies.run_study(path)
+    status = studies.study_status(path)
+    assert list(status["reproductions"]) == ["1/1"] * len(keep)
+    tuned = status[status["budget"] != "fixed"]
+    assert list(tuned["complete"]) == [1] * len(tuned)
