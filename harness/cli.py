@@ -102,6 +102,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     report_dir = run_demo(args.spec)
+    table = report_dir / "results.md"
+    if table.exists():
+        print("\n" + table.read_text().strip())
     print(f"\nreport: {report_dir}")
     print("browse every run: dmlbench ui   (or: make ui)")
     return 0

@@ -109,6 +109,9 @@ class EvalConfig:
     #: Recall@K values (empty = the dataset spec's)
     ks: list = field(default_factory=list)
     batch_size: int = 256
+    #: evaluate the test split at all (study tuning trials turn it off: they select on
+    #: validation only, so tuning never looks at test classes and costs less)
+    test: bool = True
     #: evaluate the test split every epoch too (needed for the test-selected figure)
     test_every_epoch: bool = True
     #: evaluate every N epochs

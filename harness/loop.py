@@ -276,7 +276,7 @@ def train(
             return evaluate(model, loaders, device, amp(), ks, split)
 
         has_val = splits.val is not None
-        has_test = splits.test is not None or splits.query is not None
+        has_test = cfg.eval.test and (splits.test is not None or splits.query is not None)
         select_key = cfg.eval.select
         best_score, best_epoch, best_state = -math.inf, 0, None
         train_images, train_seconds = 0, 0.0

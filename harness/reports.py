@@ -428,6 +428,29 @@ def tradeoff_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: 
     return True
 
 
+def bars_figure(summary: pd.DataFrame, dataset: str, path: Path) -> bool:
+    """Bar chart of test R@1 and MAP@R per method (mean, std over seeds as error bars)."""
+    plt = _plt()
+    part = summary[(summary["dataset"] == dataset) & summary["test_recall_at_1_mean"].notna()]
+    if part.empty:
+        return False
+    with plt.style.context("default"):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(part) + 1.2), sharey=True)
+        y = np.arange(len(part))
+        for ax, key, title in ((axes[0], "test_recall_at_1", "test R@1 (%)"), (axes[1], "test_map_at_r", "test MAP@R (%)")):
+            mean = part[f"{key}_mean"].to_numpy(float) * 100
+            std = np.nan_to_num(part[f"{key}_std"].to_numpy(float) * 100)
+            ax.barh(y, mean, xerr=std, color="tab:blue", alpha=0.8)
+            for yi, m in zip(y, mean):
+                ax.text(m, yi, f" {m:.1f}", va="center", fontsize=7)
+            ax.set(xlabel=title, title=f"{dataset}: {title}")
+        axes[0].set_yticks(y, part["label"].tolist(), fontsize=8)
+        axes[0].invert_yaxis()
+        fig.tight_layout()
+        _save(fig, path)
+    return True
+
+
 def rebuilt_study(spec: StudySpec, entry: Entry, t: pd.DataFrame) -> Any:
     """An in-memory Optuna study rebuilt from the MLflow trial runs (the report never reads Optuna)."""
     import optuna
@@ -562,6 +585,10 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
             written.append(path)
         elif path.exists():
             path.unlink()
+        path = out / "figures" / f"comparison_{dataset}.png"
+        if bars_figure(summary, dataset, path):
+            figures.append((f"{dataset}: test R@1 and MAP@R per method", path))
+            written.append(path)
         path = out / "figures" / f"tradeoff_{dataset}.png"
         if tradeoff_figure(spec, summary, dataset, path):
             figures.append((f"{dataset}: R@1 vs trainable parameters and peak memory", path))

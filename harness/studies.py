@@ -702,6 +702,7 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         study.tell(trial, state=TrialState.FAIL)
         raise
     cfg.tracking.run_name = f"{entry.name}-trial{trial.number}"
+    cfg.eval.test = False  # tuning selects on validation classes only; test is for reproductions
     tags = {**_base_tags(spec, dataset, entry, "trial"), "dmlbench.trial": str(trial.number),
             "dmlbench.optuna_study": study.study_name, "dmlbench.seed": str(cfg.seed)}
 
@@ -715,11 +716,13 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({spec.epoch_metric}={value:.4f})")
 
+    started = time.monotonic()
     try:
         with heartbeat(study, trial), _inside(spec, parent_id):
             result = train(cfg, on_epoch=on_epoch, tags=tags, nested=True)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
+        progress(f"{study.study_name} trial {trial.number}: pruned ({time.monotonic() - started:.0f} s)")
         return "pruned"
     except UserError:
         study.tell(trial, state=TrialState.FAIL)
@@ -735,7 +738,13 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         study.tell(trial, state=TrialState.FAIL)
         return "failed"
     study.tell(trial, float(value))
+    progress(f"{study.study_name} trial {trial.number}: {spec.metric} {value:.4f} ({time.monotonic() - started:.0f} s)")
     return "complete"
+
+
+def progress(line: str) -> None:
+    """One line per finished trial or reproduction, so a long study shows where it is."""
+    print(line, flush=True)
 
 
 def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: str, *, worker: int = 0,
@@ -818,8 +827,11 @@ def reproduce(spec: StudySpec, dataset: str, entry: Entry, seed: int, storage: A
     cfg.tracking.run_name = f"{entry.name}-seed{seed}"
     tags = {**_base_tags(spec, dataset, entry, "reproduction"), "dmlbench.seed": str(seed),
             "dmlbench.config_source": source}
+    started = time.monotonic()
     with _inside(spec, parent_id):
         result = (train or _train_fn())(cfg, tags=tags, nested=True)
+    progress(f"{spec.study_name(dataset, entry)} seed {seed}: test R@1 "
+             f"{result.metrics.get('test_recall_at_1', float('nan')):.4f} ({time.monotonic() - started:.0f} s)")
     return result.run_id
 
 

@@ -73,7 +73,10 @@ def test_unknown_backbone_suggests():
 
 
 def test_offline_hub_gives_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(UserError, match="model.weights=PATH"):
         create_backbone("resnet18", pretrained=True)
 

@@ -109,3 +109,14 @@ def test_console_script_exit_code(tmp_path):
     exe = Path(sys.executable).with_name("dmlbench")
     proc = subprocess.run([str(exe), "train", "--method", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr
+
+
+def test_ui_serves_the_store_on_loopback(capsys, monkeypatch, tracking_uri):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    code, out, _ = cli(capsys, "ui", "--port", "5123")
+    assert code == 0 and "http://127.0.0.1:5123" in out
+    cmd = calls[0]
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == tracking_uri
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"

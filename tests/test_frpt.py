@@ -423,13 +423,13 @@ def test_visualize_dpp_draws_and_logs_the_figure(tmp_path, tiny_overrides, track
     assert path.name in logged
 
 
-def test_visualize_dpp_refuses_runs_without_dpp(tracking_uri):
+def test_visualize_dpp_refuses_runs_without_dpp(tracking_uri, tmp_path):
     from mlflow import MlflowClient
 
     from harness.visualize import visualize_dpp
 
     client = MlflowClient(tracking_uri)
-    run = client.create_run(client.create_experiment("no-dpp"))
+    run = client.create_run(client.create_experiment("no-dpp", artifact_location=(tmp_path / "art").as_uri()))
     client.log_text(run.info.run_id, to_yaml(resolve(method="frpt_cah")), "config.yaml")
     with pytest.raises(UserError, match="without a DPP"):
         visualize_dpp(run.info.run_id, tracking_uri=tracking_uri)

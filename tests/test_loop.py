@@ -72,6 +72,13 @@ def test_test_metrics_without_per_epoch_test(tiny_overrides):
     assert "test_selected_recall_at_1" not in b.metrics
 
 
+def test_test_split_can_be_left_alone(tiny_overrides):
+    result, _ = run({**tiny_overrides, "eval.test": False})
+    assert not any(k.startswith(("test_", "epoch_test_")) for k in result.metrics)
+    assert not any(k.startswith("epoch_test_") for h in result.history for k in h)
+    assert "best_val_map_at_r" in result.metrics
+
+
 def test_evaluate_only_with_zero_epochs(tiny_overrides):
     result, _ = run({**tiny_overrides, "optim.epochs": 0, "model.embed_dim": 0})
     assert result.metrics["params_trainable"] == 0

@@ -56,6 +56,7 @@ def test_report_is_rebuilt_identically_from_mlflow_alone(finished_study, tmp_pat
     names = set(a)
     for name in ("report.md", "results.csv", "results.md", "results.tex", "tuning.csv", "spec.yaml",
                  "figures/curves_fashion_mnist.png", "figures/tradeoff_fashion_mnist.png",
+                 "figures/comparison_fashion_mnist.png",
                  "figures/optuna/fashion_mnist__linear_probe_history.png"):
         assert name in names
     assert not any("pretrained" in n for n in names if n.startswith("figures/optuna/"))
