@@ -47,8 +47,9 @@ class DataConfig:
     verify_images: bool = True
     #: decode and resize every image once and keep it in memory as uint8
     cache_images: bool = False
-    #: DataLoader worker processes
-    num_workers: int = 4
+    #: DataLoader worker processes (-1 = min(8, CPU cores): JPEG decoding feeds a GPU only with
+    #: several workers)
+    num_workers: int = -1
 
 
 @dataclass
@@ -377,6 +378,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"bad value {flat_get(flat, key)!r} for '{key}': must be > 0")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise UserError(f"bad value {cfg.data.val_fraction!r} for 'data.val_fraction': must be in [0, 1)")
+    if cfg.data.num_workers < -1:
+        raise UserError(f"bad value {cfg.data.num_workers!r} for 'data.num_workers': must be >= 0, or -1 for auto")
     if cfg.optim.lr <= 0:
         raise UserError(f"bad value {cfg.optim.lr!r} for 'optim.lr': must be > 0")
     m = cfg.data.samples_per_class

@@ -554,11 +554,16 @@ def _worker_init(worker_id: int) -> None:
     random.seed(seed)
 
 
+def loader_workers(requested: int) -> int:
+    """``-1`` means one worker per core, at most 8; other values as given."""
+    return min(8, os.cpu_count() or 1) if requested < 0 else int(requested)
+
+
 def make_loaders(splits: Splits, cfg: Any, mean: Sequence[float], std: Sequence[float],
                  device_type: str) -> dict[str, DataLoader]:
     """``train`` plus one loader per evaluation split present (test transform, no shuffle)."""
     d = cfg.data
-    workers = int(d.num_workers)
+    workers = loader_workers(d.num_workers)
     cache = int(d.resize_size) if d.cache_images else 0
     common: dict[str, Any] = dict(
         num_workers=workers,

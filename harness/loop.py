@@ -176,7 +176,7 @@ class FeatureCache:
                 continue
             loader = torch.utils.data.DataLoader(
                 data.ImageDataset(table, transform, 0, cfg.data.crop_to_box), batch_size=cfg.eval.batch_size,
-                num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                num_workers=data.loader_workers(cfg.data.num_workers), pin_memory=device.type == "cuda",
             )
             feats, labels = [], []
             with torch.inference_mode():
