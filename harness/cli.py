@@ -23,6 +23,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return f"{int(value):,}"  # counts and epochs logged as MLflow floats
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, int) and not isinstance(value, bool):
