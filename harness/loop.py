@@ -231,7 +231,7 @@ def train(
         cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights, kwargs=cfg.model.backbone_kwargs
     )
     model = build_model(cfg, splits.train.num_classes, backbone).to(device)
-    uri = tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
+    tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
     loaders = data.make_loaders(splits, cfg, backbone.mean, backbone.std, device.type)
     ks = tuple(cfg.eval.ks) or tuple(splits.ks)
     use_amp = cfg.optim.amp and device.type == "cuda"

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from harness.studies import REPO_ROOT, Entry, StudySpec, distributions, dump_spec, load_spec
+from harness.study_spec import REPO_ROOT, Entry, StudySpec, distributions, dump_spec, load_spec
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 MANIFEST = "MANIFEST.txt"

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny, fast runs on the real Fashion-MNIST and random-init backbones."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
