@@ -365,3 +365,17 @@ def test_make_loaders(tmp_path, small_split):
     cfg.data.samples_per_class = 0
     plain = data.make_loaders(s, cfg, (0.5,) * 3, (0.5,) * 3, "cpu")["train"]
     assert all(len(b[0]) == 4 for b in plain)
+
+
+def test_image_cache_decoded_in_worker_processes(tmp_path):
+    """The cache is identical whether decoded here or in worker processes, crops included."""
+    base = make_cub(tmp_path, n_classes=2, per_class=3)
+    paths = sorted(str(p) for p in (base / "images").rglob("*.jpg"))
+    boxes = np.array([[1, 2, 6, 7]] * len(paths), dtype=float)
+    here = data.decode_all(paths, 8, boxes, workers=0)
+    there = data.decode_all(paths, 8, boxes, workers=2)
+    assert len(here) == len(paths) and all(np.array_equal(a, b) for a, b in zip(here, there))
+    assert min(here[0].shape[:2]) == 8
+    Path(paths[1]).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="img_1.jpg"):
+        data.decode_all(paths, 8, None, workers=2)
