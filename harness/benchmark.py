@@ -6,13 +6,12 @@ is what differs between methods; data loading is shared by all of them.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from harness.config import resolve
-from harness.loop import build_model, make_optimizer, peak_memory_gb, pick_device, reset_peak_memory, synchronize
+from harness.loop import autocast_for, build_model, make_optimizer, peak_memory_gb, pick_device, reset_peak_memory, synchronize
 from harness.registry import get_method
 
 
@@ -47,7 +46,7 @@ def benchmark_method(
     model = build_model(cfg, num_classes).to(dev)
     optimizer = make_optimizer(model, cfg)
     use_amp = amp and dev.type == "cuda"
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_amp else nullcontext
+    autocast = autocast_for(dev, amp)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(dev)
     classes = torch.randperm(num_classes, generator=generator)[: batch_size // samples_per_class]

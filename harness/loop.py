@@ -126,6 +126,13 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def autocast_for(device: torch.device, enabled: bool) -> Callable[[], Any]:
+    """A factory of bf16 autocast contexts on CUDA (when enabled), else of no-op contexts."""
+    if enabled and device.type == "cuda":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -234,8 +241,7 @@ def train(
     tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
     loaders = data.make_loaders(splits, cfg, backbone.mean, backbone.std, device.type)
     ks = tuple(cfg.eval.ks) or tuple(splits.ks)
-    use_amp = cfg.optim.amp and device.type == "cuda"
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
+    amp = autocast_for(device, cfg.optim.amp)
     if cfg.optim.epochs == 0:  # evaluate only: nothing is trained, so nothing counts as trainable
         for p in model.parameters():
             p.requires_grad_(False)
