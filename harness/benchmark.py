@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from harness.config import resolve
-from harness.loop import autocast_for, build_model, make_optimizer, peak_memory_gb, pick_device, reset_peak_memory, synchronize
-from harness.registry import get_method
+from harness.core.resolve import resolve
+from harness.core.measure import autocast_for, peak_memory_gb, reset_peak_memory, synchronize
+from harness.core.training import build_model, make_optimizer, pick_device
+from harness.core.registry import get_method
 
 
 def benchmark_method(

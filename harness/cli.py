@@ -36,8 +36,9 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.config import parse_overrides, resolve
-    from harness.loop import train
+    from harness.core.overrides import parse_overrides
+    from harness.core.resolve import resolve
+    from harness.core.loop import train
 
     overrides = parse_overrides(args.set)
     if args.tracking_uri:
@@ -54,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from harness.summary import describe_methods
+    from harness.core.summary import describe_methods
 
     rows = describe_methods(
         args.backbone, num_classes=args.num_classes, pretrained=not args.no_pretrained,
@@ -90,7 +91,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from harness.tracking import resolve_uri
+    from harness.tracking.store import resolve_uri
 
     uri = resolve_uri(args.tracking_uri or "")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
@@ -99,7 +100,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from harness.studies import run_demo
+    from harness.studies.runner import run_demo
 
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
@@ -113,19 +114,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from harness import studies
+    from harness.studies.runner import run_study
+    from harness.studies.status import study_status
 
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     if args.action == "run":
-        studies.run_study(args.spec, workers=args.workers, storage=args.storage)
-    status = studies.study_status(args.spec, storage=args.storage)
+        run_study(args.spec, workers=args.workers, storage=args.storage)
+    status = study_status(args.spec, storage=args.storage)
     print(status.to_string(index=False))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.reports import build_report
+    from harness.reports.build import build_report
 
     out = build_report(args.spec, out_dir=args.out, tracking_uri=args.tracking_uri or None)
     print(f"report written to {out}")
@@ -133,7 +135,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from harness.visualize import visualize_dpp
+    from harness.reports.visualize import visualize_dpp
 
     path = visualize_dpp(args.run, n=args.n, tracking_uri=args.tracking_uri or None)
     print(f"DPP figure: {path} (also logged to run {args.run})")
@@ -142,7 +144,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from harness.benchmark import benchmark
-    from harness.config import parse_overrides
+    from harness.core.overrides import parse_overrides
 
     rows = benchmark(
         args.methods.split(","), args.backbone, image_size=args.image_size, batch_size=args.batch_size,

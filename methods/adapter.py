@@ -25,8 +25,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from harness.errors import UserError
-from harness.model import BuildContext, DMLModel, freeze
-from harness.registry import register_method
+from harness.core.model import BuildContext, DMLModel, freeze
+from harness.core.registry import register_method
 
 
 @dataclass

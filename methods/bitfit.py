@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from harness.model import BuildContext, DMLModel, freeze
-from harness.registry import register_method
+from harness.core.model import BuildContext, DMLModel, freeze
+from harness.core.registry import register_method
 
 
 def unfreeze_biases(module: nn.Module) -> int:

@@ -67,10 +67,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.backbones import Backbone
+from harness.core.backbones import Backbone
 from harness.errors import UserError, unknown
-from harness.model import BuildContext, DMLModel, freeze
-from harness.registry import register_method
+from harness.core.model import BuildContext, DMLModel, freeze
+from harness.core.registry import register_method
 from methods._frpt_parts import (
     CategoryAwareHead,
     ContentParser,

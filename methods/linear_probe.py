@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.model import BuildContext, DMLModel, freeze
-from harness.registry import register_method
+from harness.core.model import BuildContext, DMLModel, freeze
+from harness.core.registry import register_method
 
 
 @dataclass

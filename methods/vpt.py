@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from harness.errors import UserError
-from harness.model import BuildContext, DMLModel, freeze
-from harness.registry import register_method
+from harness.core.model import BuildContext, DMLModel, freeze
+from harness.core.registry import register_method
 from methods._vit import (
     check_plain_vit,
     embed_tokens,

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import UserError
-from harness.losses import ProxyAnchorLoss
-from harness.model import BuildContext, DMLModel, EmbeddingHead, freeze
-from harness.registry import register_method
+from harness.core.losses import ProxyAnchorLoss
+from harness.core.model import BuildContext, DMLModel, EmbeddingHead, freeze
+from harness.core.registry import register_method
 from methods._vit import (
     check_plain_vit,
     embed_tokens,

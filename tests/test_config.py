@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import parse_overrides, resolve, set_key, RunConfig
+from harness.core.config import RunConfig
+from harness.core.overrides import parse_overrides, set_key
+from harness.core.resolve import resolve
 from harness.errors import UserError
 
 

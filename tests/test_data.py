@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import data, readers
-from harness.config import RunConfig
+from harness import data
+from harness.data import readers
+from harness.data import splits as splits_module
+from harness.core.config import RunConfig
 from harness.errors import UserError
 
 SMALL = {"train_classes": [1, 3], "test_classes": [4, 6]}
@@ -64,7 +66,7 @@ def small_split(monkeypatch):
     real = data.get_spec
 
     def patch(split: dict) -> None:
-        monkeypatch.setattr(data, "get_spec", lambda n: dataclasses.replace(real(n), split=split))
+        monkeypatch.setattr(splits_module, "get_spec", lambda n: dataclasses.replace(real(n), split=split))
 
     return patch
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.backbones import create_backbone
-from harness.config import RunConfig, resolve, to_yaml
+from harness.core.backbones import create_backbone
+from harness.core.config import RunConfig, to_yaml
+from harness.core.resolve import resolve
 from harness.errors import UserError
-from harness.model import BuildContext
-from harness.registry import get_method, method_names
+from harness.core.model import BuildContext
+from harness.core.registry import get_method, method_names
 from methods._frpt_parts import CategoryAwareHead, SaliencySampler, cam_boxes, instance_norm
 from methods.frpt import FRPTConfig, FRPTModel, default_parse_stage
 
@@ -287,7 +288,7 @@ def test_gradients_reach_dpp_through_the_second_frozen_pass():
     "name,variant", [(m, "paper") for m in FRPT_METHODS] + [("frpt", "code"), ("frpt_cam", "code")]
 )
 def test_loss_goes_down_on_a_fixed_batch(name, variant):
-    from harness.loop import make_optimizer
+    from harness.core.training import make_optimizer
 
     # AdamW at a high lr: random-init features are small, so SGD would need many steps to show
     # learning; the DPP group gets its automatic 1/k^2 factor from the model's param groups
@@ -359,7 +360,7 @@ def _e2e(overrides: dict) -> dict:
 @pytest.mark.parametrize("name", [m for m in FRPT_METHODS if m not in ("frpt", "frpt_bbox")])
 def test_trains_through_the_shared_loop(name, tiny_overrides):
     """frpt itself goes through the loop in the DPP-figure test, frpt_bbox on a boxed dataset."""
-    from harness.loop import train
+    from harness.core.loop import train
 
     cfg = resolve(method=name, backbone=SMALL, overrides=_e2e(tiny_overrides))
     result = train(cfg)
@@ -393,7 +394,7 @@ def make_cub_with_boxes(root: Path, classes: int = 102, per_class: int = 3) -> P
 
 
 def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_overrides):
-    from harness.loop import train
+    from harness.core.loop import train
 
     root = make_cub_with_boxes(tmp_path / "cub")
     ov = {**_e2e(tiny_overrides), "data.root": str(root), "data.max_classes": 4}
@@ -410,8 +411,8 @@ def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_o
 def test_visualize_dpp_draws_and_logs_the_figure(tmp_path, tiny_overrides, tracking_uri):
     from mlflow import MlflowClient
 
-    from harness.loop import train
-    from harness.visualize import visualize_dpp
+    from harness.core.loop import train
+    from harness.reports.visualize import visualize_dpp
 
     run = train(resolve(method="frpt", backbone=SMALL, overrides=_e2e(tiny_overrides)))
     assert np.isfinite(run.history[-1]["train_loss"]) and 0.0 <= run.metrics["test_recall_at_1"] <= 1.0
@@ -426,7 +427,7 @@ def test_visualize_dpp_draws_and_logs_the_figure(tmp_path, tiny_overrides, track
 def test_visualize_dpp_refuses_runs_without_dpp(tracking_uri, tmp_path):
     from mlflow import MlflowClient
 
-    from harness.visualize import visualize_dpp
+    from harness.reports.visualize import visualize_dpp
 
     client = MlflowClient(tracking_uri)
     run = client.create_run(client.create_experiment("no-dpp", artifact_location=(tmp_path / "art").as_uri()))

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config import resolve
-from harness.loop import build_model, make_optimizer, make_scheduler, train
+from harness.core.resolve import resolve
+from harness.core.loop import train
+from harness.core.training import build_model, make_optimizer, make_scheduler
 
 
 def run(overrides: dict, method: str = "linear_probe", **kw):

@@ -1,4 +1,4 @@
-"""harness.losses against explicit reference formulas and pytorch-metric-learning."""
+"""harness.core.losses against explicit reference formulas and pytorch-metric-learning."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import LossConfig
+from harness.core.config import LossConfig
 from harness.errors import UserError
-from harness.losses import (CrossEntropyLoss, NormSoftmaxLoss, ProxyAnchorLoss, build_loss)
+from harness.core.losses import (CrossEntropyLoss, NormSoftmaxLoss, ProxyAnchorLoss, build_loss)
 
 
 def proxy_anchor_reference(x, y, proxies, alpha, margin, positive_average):
@@ -136,7 +136,7 @@ def test_build_loss_uses_config_and_rejects_typos():
 
 
 def test_losses_stay_float32_under_autocast():
-    from harness.losses import CrossEntropyLoss, NormSoftmaxLoss, ProxyAnchorLoss
+    from harness.core.losses import CrossEntropyLoss, NormSoftmaxLoss, ProxyAnchorLoss
 
     emb = torch.randn(8, 16)
     labels = torch.arange(4).repeat_interleave(2)

@@ -14,12 +14,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import create_backbone
-from harness.config import RunConfig, resolve
+from harness.core.backbones import create_backbone
+from harness.core.config import RunConfig
+from harness.core.resolve import resolve
 from harness.errors import UserError
-from harness.losses import ProxyAnchorLoss
-from harness.model import BuildContext
-from harness.registry import get_method
+from harness.core.losses import ProxyAnchorLoss
+from harness.core.model import BuildContext
+from harness.core.registry import get_method
 
 VIT = "vit_small_patch16_224"
 TINY_VIT = {"img_size": 32, "depth": 2}
@@ -473,7 +474,7 @@ def loop_overrides(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("method,extra", [(m, {}) for m in OURS if m != "vptsp_g"]
                          + [("vptsp_g", {"method_args.memory_bank": True})])
 def test_trains_through_the_shared_loop(method, extra, loop_overrides):
-    from harness.loop import train
+    from harness.core.loop import train
 
     result = train(resolve(method=method, backbone=VIT, overrides={**loop_overrides, **extra}))
     assert math.isfinite(result.history[-1]["train_loss"])

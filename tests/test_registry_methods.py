@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.backbones import create_backbone
-from harness.config import resolve
-from harness.loop import build_model, make_optimizer
-from harness.registry import get_method, method_names
+from harness.core.backbones import create_backbone
+from harness.core.resolve import resolve
+from harness.core.training import build_model, make_optimizer
+from harness.core.registry import get_method, method_names
 
 BACKBONES = {
     "cnn": ("tf_efficientnet_lite0", {}),

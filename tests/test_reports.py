@@ -11,8 +11,13 @@ import pytest
 import yaml
 
 from conftest import TINY, TINY_VIT
-from harness import reports, studies
-from harness.registry import method_names
+from harness.reports.build import build_report
+from harness.reports.figures import pareto_front
+from harness.reports.formatting import fmt_count, fmt_pm
+from harness.reports.published import load_published, matches, paper_tables, published_tables
+from harness.studies.runner import run_study
+from harness.studies.spec import load_spec
+from harness.core.registry import method_names
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +42,7 @@ def finished_study(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(folder)  # a sqlite store puts artifacts under ./mlruns
         mlflow.set_tracking_uri(uri)
-        studies.run_study(path)
+        run_study(path)
         yield path
 
 
@@ -46,11 +51,11 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def test_report_is_rebuilt_identically_from_mlflow_alone(finished_study, tmp_path):
-    first = reports.build_report(finished_study, out_dir=tmp_path / "a")
+    first = build_report(finished_study, out_dir=tmp_path / "a")
     (finished_study.parent / "rep.optuna.journal").unlink()  # the report must not need Optuna's storage
     shutil.rmtree(first)
-    again = reports.build_report(finished_study, out_dir=tmp_path / "a")
-    other = reports.build_report(finished_study, out_dir=tmp_path / "b")
+    again = build_report(finished_study, out_dir=tmp_path / "a")
+    other = build_report(finished_study, out_dir=tmp_path / "b")
     a, b = files(again), files(other)
     assert a == b
     names = set(a)
@@ -64,7 +69,7 @@ def test_report_is_rebuilt_identically_from_mlflow_alone(finished_study, tmp_pat
 
 
 def test_results_are_the_reproduction_runs(finished_study, tmp_path):
-    out = reports.build_report(finished_study, out_dir=tmp_path / "r")
+    out = build_report(finished_study, out_dir=tmp_path / "r")
     runs = mlflow.search_runs(experiment_names=["fashion_mnist"], output_format="list",
                               filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'reproduction'")
     table = pd.read_csv(out / "results.csv")
@@ -74,7 +79,7 @@ def test_results_are_the_reproduction_runs(finished_study, tmp_path):
         assert len(values) == 2 and row.seeds == 2
         assert row.test_recall_at_1_mean == pytest.approx(values.mean(), abs=1e-6)
         assert row.test_recall_at_1_std == pytest.approx(values.std(ddof=1), abs=1e-6)
-        cell = reports.fmt_pm(values.mean() * 100, values.std(ddof=1) * 100)
+        cell = fmt_pm(values.mean() * 100, values.std(ddof=1) * 100)
         assert f"| {row.label} | 2 | {cell} |" in (out / "results.md").read_text()
     assert table.loc[1, "params_trainable_inference_mean"] == 0  # the untrained backbone trains nothing used
     tuning = pd.read_csv(out / "tuning.csv")
@@ -82,7 +87,7 @@ def test_results_are_the_reproduction_runs(finished_study, tmp_path):
 
 
 def test_report_is_logged_to_a_study_run(finished_study, tmp_path):
-    reports.build_report(finished_study, out_dir=tmp_path / "m")
+    build_report(finished_study, out_dir=tmp_path / "m")
     (run,) = mlflow.search_runs(experiment_names=["fashion_mnist"], output_format="list",
                                 filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'report'")
     listed = {f.path for f in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id, "report")}
@@ -104,15 +109,15 @@ def fake_mlflow_runs(entry: str, dataset: str, r1: list[float], shots: int = 0) 
 
 
 def test_published_cells_pair_with_our_runs():
-    spec = studies.load_spec(REPO / "studies" / "frpt_ablation.yaml")
+    spec = load_spec(REPO / "studies" / "frpt_ablation.yaml")
     runs = fake_mlflow_runs("frpt", "cub200", [0.70, 0.72])
-    paired = reports.matches(spec, runs)
+    paired = matches(spec, runs)
     tables = {p["table_id"] for p in paired}
     assert {"frpt_table1", "frpt_table2", "frpt_table3"} <= tables and "frpt_table4" not in tables
-    table, md = next((t, md) for t, _, md, _ in reports.paper_tables(paired) if t == "frpt_table1")
+    table, md = next((t, md) for t, _, md, _ in paper_tables(paired) if t == "frpt_table1")
     assert "| DPP + PT + CAH | 71.0 ± 1.4 | 74.3 | " in md
     assert "| Fine-tuning | — | 69.5 | — | 84.4 | — | 23.53 |" in md
-    df, _, tex = reports.published_tables(spec, paired)
+    df, _, tex = published_tables(spec, paired)
     r1 = df[(df["metric"] == "R@1") & (df["method"] == "DPP + PT + CAH")]
     assert list(r1["published"]) == ["74.3"] and list(r1["delta"]) == ["-3.3"]
     assert list(r1["ours_test_selected"]) == ["72.0"]
@@ -120,17 +125,17 @@ def test_published_cells_pair_with_our_runs():
 
 
 def test_few_shot_cells_need_the_same_shots():
-    spec = studies.load_spec(REPO / "studies" / "frpt_few_shot.yaml")
+    spec = load_spec(REPO / "studies" / "frpt_few_shot.yaml")
     runs = pd.concat([fake_mlflow_runs("frpt_r50_10shot", "cub200", [0.66], shots=10),
                       fake_mlflow_runs("frpt_r50_5shot", "cub200", [0.60], shots=5)])
-    paired = reports.matches(spec, runs)
+    paired = matches(spec, runs)
     few = {(p["entry"], p["column"], p["value"]) for p in paired if p["table_id"] == "frpt_table4"}
     assert few == {("frpt_r50_10shot", "10-shot", 66.6), ("frpt_r50_5shot", "5-shot", 62.8)}
     assert not any(p["table_id"] == "frpt_table1" for p in paired)  # full-data rows need shots 0
 
 
 def test_published_file_is_complete_and_consistent():
-    cells, sources, tables = reports.load_published()
+    cells, sources, tables = load_published()
     assert {t["source"] for t in tables} == set(sources)
     keys = [(c["table_id"], c["row"], c["column"]) for c in cells]
     assert len(keys) == len(set(keys))
@@ -144,8 +149,8 @@ def test_published_file_is_complete_and_consistent():
 
 
 def test_pareto_front_and_formatting():
-    assert reports.pareto_front([1, 2, 3, 4], [10, 9, 12, 12]) == [0, 2]
-    assert reports.fmt_pm(73.123, 0.46) == "73.1 ± 0.5"
-    assert reports.fmt_pm(73.1, float("nan")) == "73.1"
-    assert reports.fmt_pm(float("nan"), 1.0) == "—"
-    assert reports.fmt_count(23_530_000) == "23.53M" and reports.fmt_count(0) == "0"
+    assert pareto_front([1, 2, 3, 4], [10, 9, 12, 12]) == [0, 2]
+    assert fmt_pm(73.123, 0.46) == "73.1 ± 0.5"
+    assert fmt_pm(73.1, float("nan")) == "73.1"
+    assert fmt_pm(float("nan"), 1.0) == "—"
+    assert fmt_count(23_530_000) == "23.53M" and fmt_count(0) == "0"

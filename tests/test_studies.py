@@ -16,9 +16,13 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import TINY, TINY_VIT
-from harness import studies
+from harness.studies.recovery import STALE_AFTER_S, is_stale
+from harness.studies.runner import run_study
+from harness.studies.spec import load_spec
+from harness.studies.status import study_status
+from harness.studies.storage import budget_of, open_storage, storage_url
 from harness.errors import UserError
-from harness.registry import get_method, method_names
+from harness.core.registry import get_method, method_names
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "studies").glob("*.yaml"))
@@ -44,9 +48,9 @@ def write_spec(folder: Path, uri: str, **changes) -> Path:
 
 
 def optuna_study(path: Path, entry: str, dataset: str = "fashion_mnist") -> optuna.Study:
-    spec = studies.load_spec(path)
+    spec = load_spec(path)
     return optuna.load_study(study_name=f"{spec.name}/{dataset}/{entry}",
-                             storage=studies.open_storage(studies.storage_url(spec)))
+                             storage=open_storage(storage_url(spec)))
 
 
 def runs_of(study: str, role: str | None = None) -> list:
@@ -67,7 +71,7 @@ def tiny_study(tmp_path_factory):
         mp.chdir(folder)  # a sqlite store puts artifacts under ./mlruns
         mlflow.set_tracking_uri(uri)
         path = write_spec(folder, uri)
-        studies.run_study(path)
+        run_study(path)
         yield path
 
 
@@ -100,13 +104,13 @@ def test_tiny_study_completes_with_nested_runs(tiny_study):
 def test_rerun_adds_no_trial_and_no_run(tiny_study):
     before = {e: len(optuna_study(tiny_study, e).trials) for e in ("linear_probe", "bitfit")}
     n_runs = len(runs_of("tiny"))
-    studies.run_study(tiny_study)
+    run_study(tiny_study)
     assert {e: len(optuna_study(tiny_study, e).trials) for e in before} == before
     assert len(runs_of("tiny")) == n_runs
 
 
 def test_status_reports_budget_and_reproductions(tiny_study):
-    status = studies.study_status(tiny_study)
+    status = study_status(tiny_study)
     assert list(status["entry"]) == ["linear_probe", "bitfit"]
     assert list(status["complete"]) == [3, 3] and list(status["budget"]) == [3, 3]
     assert list(status["pruned"]) == [0, 0] and list(status["running"]) == [0, 0]
@@ -122,19 +126,19 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, tracking_uri):
     path = write_spec(tmp_path, tracking_uri, name="prune", methods=["linear_probe"],
                       budget={"n_trials": 1, "epochs": 2}, reproduce={"seeds": []},
                       pruner={"name": "threshold", "lower": 1.5})  # MAP@R < 1.5 always: prune at epoch 1
-    studies.run_study(path)
+    run_study(path)
     study = optuna_study(path, "linear_probe")
     assert [t.state for t in study.trials] == [TrialState.PRUNED]
     assert list(study.trials[0].intermediate_values) == [1]
     (run,) = runs_of("prune", "trial")
     assert run.info.status == "KILLED" and run.data.tags["dmlbench.status"] == "pruned"
-    assert studies.study_status(path).loc[0, "pruned"] == 1
+    assert study_status(path).loc[0, "pruned"] == 1
 
 
 def test_killed_worker_is_resumed(tmp_path, tracking_uri):
     path = write_spec(tmp_path, tracking_uri, name="kill", methods=["linear_probe"],
                       budget={"n_trials": 2, "epochs": 2}, reproduce={"seeds": []})
-    code = f"from harness.studies import run_study; run_study({str(path)!r})"
+    code = f"from harness.studies.runner import run_study; run_study({str(path)!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = None
@@ -156,7 +160,7 @@ def test_killed_worker_is_resumed(tmp_path, tracking_uri):
     assert killed is not None, "the worker never ran a trial"
     assert optuna_study(path, "linear_probe").trials[killed.number].state == TrialState.RUNNING
 
-    studies.run_study(path)
+    run_study(path)
     trials = optuna_study(path, "linear_probe").trials
     assert trials[killed.number].state == TrialState.FAIL
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
@@ -164,13 +168,13 @@ def test_killed_worker_is_resumed(tmp_path, tracking_uri):
     assert len(retry) == 1 and retry[0].params == killed.params and retry[0].state == TrialState.COMPLETE
     for run in runs_of("kill", "trial"):
         assert run.info.status in ("FINISHED", "FAILED")  # nothing left RUNNING in MLflow
-    assert list(studies.study_status(path)[["complete", "running"]].iloc[0]) == [2, 0]
+    assert list(study_status(path)[["complete", "running"]].iloc[0]) == [2, 0]
 
 
 def test_two_workers_share_one_journal(tmp_path, tracking_uri):
     path = write_spec(tmp_path, tracking_uri, name="workers", methods=["linear_probe"],
                       budget={"n_trials": 3, "epochs": 1}, reproduce={"seeds": []})
-    studies.run_study(path, workers=2)
+    run_study(path, workers=2)
     trials = optuna_study(path, "linear_probe").trials
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
@@ -190,11 +194,11 @@ def test_stale_trial_detection():
         return SimpleNamespace(user_attrs=attrs, datetime_start=None)
 
     here = socket.gethostname()
-    assert studies.is_stale(trial(**{"dmlbench.host": here, "dmlbench.pid": dead.pid, "dmlbench.heartbeat": now}))
-    assert not studies.is_stale(trial(**{"dmlbench.host": here, "dmlbench.pid": os.getpid(), "dmlbench.heartbeat": now}))
+    assert is_stale(trial(**{"dmlbench.host": here, "dmlbench.pid": dead.pid, "dmlbench.heartbeat": now}))
+    assert not is_stale(trial(**{"dmlbench.host": here, "dmlbench.pid": os.getpid(), "dmlbench.heartbeat": now}))
     far = {"dmlbench.host": "elsewhere", "dmlbench.pid": 1}
-    assert not studies.is_stale(trial(**far, **{"dmlbench.heartbeat": now - 5}))
-    assert studies.is_stale(trial(**far, **{"dmlbench.heartbeat": now - studies.STALE_AFTER_S - 1}))
+    assert not is_stale(trial(**far, **{"dmlbench.heartbeat": now - 5}))
+    assert is_stale(trial(**far, **{"dmlbench.heartbeat": now - STALE_AFTER_S - 1}))
 
 
 # ----------------------------------------------------------------------------- spec validation
@@ -223,7 +227,7 @@ def test_stale_trial_detection():
 def test_bad_spec_is_refused_in_one_line(tmp_path, tracking_uri, change, message):
     path = write_spec(tmp_path, tracking_uri, **change)
     with pytest.raises(UserError) as info:
-        studies.load_spec(path)
+        load_spec(path)
     text = str(info.value)
     assert message in text and "\n" not in text
 
@@ -233,10 +237,10 @@ def test_grid_budget_is_capped_by_the_grid(tmp_path, tracking_uri):
             "optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.05}}
     path = write_spec(tmp_path, tracking_uri, sampler={"name": "bruteforce"}, budget={"n_trials": 50, "epochs": 1},
                       methods=[{"method": "bitfit", "search_space": grid}])
-    spec = studies.load_spec(path)
-    assert studies.budget_of(spec, spec.entries[0]) == 6
+    spec = load_spec(path)
+    assert budget_of(spec, spec.entries[0]) == 6
     with pytest.raises(UserError, match="discrete search space"):
-        studies.load_spec(write_spec(tmp_path, tracking_uri, sampler={"name": "grid"}))
+        load_spec(write_spec(tmp_path, tracking_uri, sampler={"name": "grid"}))
 
 
 # ----------------------------------------------------------------------------- shipped specs
@@ -244,7 +248,7 @@ def test_grid_budget_is_capped_by_the_grid(tmp_path, tracking_uri):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_spec_parses(path):
-    spec = studies.load_spec(path)
+    spec = load_spec(path)
     assert spec.name == path.stem
     for entry in spec.entries:
         get_method(entry.method)
@@ -252,7 +256,7 @@ def test_shipped_spec_parses(path):
 
 
 def test_demo_takes_every_applicable_method_from_the_registry():
-    spec = studies.load_spec(REPO / "studies" / "demo.yaml")
+    spec = load_spec(REPO / "studies" / "demo.yaml")
     tuned = {e.method for e in spec.entries if not e.fixed}
     expected = {m for m in method_names() if get_method(m).applies_to("cnn")} - {"frpt_bbox"}
     assert tuned == expected
@@ -279,8 +283,8 @@ def test_shrunken_shipped_spec_runs(tmp_path, tracking_uri, name, keep, backbone
                pruner={"name": "none"})
     path = tmp_path / f"shrunk_{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    studies.run_study(path)
-    status = studies.study_status(path)
+    run_study(path)
+    status = study_status(path)
     assert list(status["reproductions"]) == ["1/1"] * len(keep)
     tuned = status[status["budget"] != "fixed"]
     assert list(tuned["complete"]) == [1] * len(tuned)

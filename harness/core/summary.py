@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.backbones import create_backbone
-from harness.config import resolve
-from harness.loop import build_model
-from harness.registry import get_method, method_names
+from harness.core.backbones import create_backbone
+from harness.core.resolve import resolve
+from harness.core.training import build_model
+from harness.core.registry import get_method, method_names
 
 
 def describe_methods(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.backbones import Backbone
+from harness.core.backbones import Backbone
 
 
 class EmbeddingHead(nn.Module):
@@ -163,7 +163,7 @@ class BuildContext:
         return EmbeddingHead(in_dim, self.cfg.model.embed_dim, norm)
 
     def criterion(self, embed_dim: int) -> nn.Module:
-        from harness.losses import build_loss
+        from harness.core.losses import build_loss
 
         return build_loss(self.cfg.loss.name, self.num_classes, embed_dim, self.cfg.loss)
 

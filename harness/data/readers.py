@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data import ImageTable
+from harness.data.table import ImageTable
 from harness.errors import UserError
 
 Reader = Callable[[Path, dict], dict[str, ImageTable]]

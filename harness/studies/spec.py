@@ -1,6 +1,6 @@
 """Study specs: the YAML format of ``studies/*.yaml``, parsed and checked.
 
-See :mod:`harness.studies` for the format and for running a study. Every key is checked here, so a
+See :mod:`harness.studies.runner` for the format and for running a study. Every key is checked here, so a
 typo, an unknown method or dataset, or an empty search space is refused before anything runs.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import yaml
 
 from harness.errors import UserError, closest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _TOP_KEYS = (
     "name", "description", "backbone", "datasets", "methods", "exclude", "references", "overrides", "objective",
@@ -117,7 +117,7 @@ class StudySpec:
 
     def resolve(self, dataset: str, entry: Entry, params: dict[str, Any] | None = None,
                 seed: int | None = None) -> Any:
-        from harness.config import resolve
+        from harness.core.resolve import resolve
 
         return resolve(method=entry.method, dataset=dataset, backbone=entry.backbone, preset=entry.preset,
                        overrides=self.run_overrides(dataset, entry, params, seed))
@@ -189,7 +189,7 @@ def _backbone_family(name: str, kwargs: dict) -> str:
     import timm
     import torch
 
-    from harness.backbones import check_name, family_of
+    from harness.core.backbones import check_name, family_of
 
     check_name(name)
     with torch.device("meta"):
@@ -209,9 +209,9 @@ def _parse_entry(raw: Any, where: str) -> dict[str, Any]:
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study spec; every mistake is a one-line :class:`UserError`."""
     from harness import data
-    from harness.config import load_yaml, set_key
-    from harness.registry import get_method, method_names
-    from harness.tracking import resolve_uri
+    from harness.core.overrides import load_yaml, set_key
+    from harness.core.registry import get_method, method_names
+    from harness.tracking.store import resolve_uri
 
     path = _find_spec(path)
     raw = load_yaml(path)

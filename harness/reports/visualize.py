@@ -93,10 +93,10 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
     from safetensors.torch import load_file
 
     from harness import data
-    from harness.backbones import create_backbone
-    from harness.config import resolve
-    from harness.loop import build_model, seed_everything
-    from harness.tracking import resolve_uri
+    from harness.core.backbones import create_backbone
+    from harness.core.resolve import resolve
+    from harness.core.training import build_model, seed_everything
+    from harness.tracking.store import resolve_uri
     from methods._frpt_parts import SaliencySampler
 
     if n < 1:

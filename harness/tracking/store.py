@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from harness.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_tracking_uri() -> str:

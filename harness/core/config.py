@@ -1,0 +1,175 @@
+"""Typed run configuration: the schema of every key a run takes, with its documentation.
+
+Choices are ``Literal`` types, so :mod:`harness.core.overrides` checks them from the annotation
+alone; reading files and ``--set`` values lives there, and resolving defaults, presets and range
+checks in :mod:`harness.core.resolve`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    #: dataset folder; empty = the dataset spec's default location
+    root: str = ""
+    #: training crop size (RandomResizedCrop) and test centre-crop size
+    image_size: int = 224
+    #: test-time resize before the centre crop (SPECS: 256 for 224)
+    resize_size: int = 256
+    #: images per batch
+    batch_size: int = 64
+    #: images per class in a batch (class-balanced sampler); 0 = plain shuffling
+    samples_per_class: int = 2
+    #: fraction of training classes held out for validation (class-disjoint, seeded)
+    val_fraction: float = 0.2
+    #: keep only K seeded images per training class (few-shot; 0 = all)
+    shots: int = 0
+    #: crop every image to its annotated bounding box before the transforms (FRPT Table 5)
+    crop_to_box: bool = False
+    #: cap images per class in every split (quick runs and demos; 0 = all)
+    max_per_class: int = 0
+    #: keep N seeded classes of each split (quick runs; 0 = all)
+    max_classes: int = 0
+    #: train augmentation: "standard" (RandomResizedCrop + flip), "frpt" (256 resize, crop,
+    #: flip, colour jitter 0.25) or "none" (test transform)
+    augment: Literal["standard", "frpt", "none"] = "standard"
+    #: decode every image once before the run starts (a corrupt file fails up front, by name)
+    verify_images: bool = True
+    #: decode and resize every image once and keep it in memory as uint8
+    cache_images: bool = False
+    #: DataLoader worker processes (-1 = min(8, CPU cores): JPEG decoding feeds a GPU only with
+    #: several workers)
+    num_workers: int = -1
+
+
+@dataclass
+class ModelConfig:
+    #: load pretrained weights (embedded package, local file or hub)
+    pretrained: bool = True
+    #: local weights file (.safetensors / .pth / .bin); overrides the hub
+    weights: str = ""
+    #: embedding dimension of the shared head (0 = backbone feature dim)
+    embed_dim: int = 512
+    #: extra keyword arguments for timm.create_model (e.g. depth, img_size for tiny test ViTs)
+    backbone_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    #: proxy_anchor | norm_softmax | cross_entropy (method may override)
+    name: Literal["proxy_anchor", "norm_softmax", "cross_entropy"] = "proxy_anchor"
+    #: Proxy Anchor scale alpha and margin delta
+    alpha: float = 32.0
+    margin: float = 0.1
+    #: Proxy Anchor positive term: "with_positives" (original: divide by proxies with positives
+    #: in the batch) or "all" (VPTSP-G's code: divide by all C proxies)
+    positive_average: Literal["with_positives", "all"] = "with_positives"
+    #: normalised-softmax temperature
+    temperature: float = 0.05
+    #: label smoothing for cross-entropy losses
+    label_smoothing: float = 0.0
+    #: learning-rate multiplier for loss parameters (proxies, class weights)
+    lr_mult: float = 100.0
+
+
+@dataclass
+class OptimConfig:
+    #: adamw | sgd
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    epochs: int = 30
+    #: cosine schedule period in epochs (0 = epochs); VPTSP-G CUB uses 50 with 15 epochs
+    cosine_epochs: int = 0
+    warmup_epochs: float = 1.0
+    #: schedule: cosine | step (multiply by step_gamma every step_epochs) | constant
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_epochs: int = 50
+    step_gamma: float = 0.9
+    #: learning-rate multiplier for the embedding head
+    head_lr_mult: float = 1.0
+    #: max gradient norm (0 = off)
+    grad_clip: float = 1.0
+    #: automatic mixed precision: bf16 on CUDA, off on CPU unless forced
+    amp: bool = True
+
+
+@dataclass
+class EvalConfig:
+    #: Recall@K values (empty = the dataset spec's)
+    ks: list = field(default_factory=list)
+    batch_size: int = 256
+    #: evaluate the test split at all (study tuning trials turn it off: they select on
+    #: validation only, so tuning never looks at test classes and costs less)
+    test: bool = True
+    #: evaluate the test split every epoch too (needed for the test-selected figure)
+    test_every_epoch: bool = True
+    #: evaluate every N epochs
+    every: int = 1
+    #: validation metric that selects the checkpoint: recall@1 | map@r
+    select: Literal["recall@1", "map@r"] = "recall@1"
+
+
+@dataclass
+class TrackingConfig:
+    #: MLflow tracking URI ('' = $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db)
+    uri: str = ""
+    #: experiment name ('' = dataset name)
+    experiment: str = ""
+    run_name: str = ""
+    #: log the curves PNG and the trainable weights
+    log_artifacts: bool = True
+
+
+@dataclass
+class RunConfig:
+    method: str = "linear_probe"
+    dataset: str = "fashion_mnist"
+    backbone: str = "tf_efficientnet_lite0"
+    seed: int = 0
+    #: cuda | cpu | '' (auto)
+    device: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    #: method-specific options (the method's config dataclass, resolved by name)
+    method_args: Any = None
+
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``; leaves dict-valued dataclass-free mappings as dicts."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in ("model.backbone_kwargs",):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flat_get(flat: dict, dotted: str) -> Any:
+    obj: Any = flat
+    for part in dotted.split("."):
+        obj = obj[part]
+    return obj
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

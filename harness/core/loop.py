@@ -1,0 +1,276 @@
+"""The one training loop every method runs through, top to bottom.
+
+data -> backbone -> method model -> optimiser/schedule -> per epoch: train, evaluate validation
+(and test, for the papers' test-selected figure), keep the best-validation state -> final
+metrics -> MLflow. Everything that can be wrong with the input is checked in :func:`prepare`,
+before the MLflow run starts. The steps are small functions below :func:`train`; set-up lives in
+:mod:`harness.core.training`, evaluation in :mod:`harness.core.evaluation`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from harness import data
+from harness.core.backbones import Backbone, create_backbone
+from harness.core.config import RunConfig, flatten, to_dict, to_yaml
+from harness.core.evaluation import FeatureCache, evaluate, metric_name
+from harness.core.measure import autocast_for, peak_memory_gb, reset_peak_memory, synchronize
+from harness.core.model import DMLModel
+from harness.core.training import build_model, make_optimizer, make_scheduler, pick_device, seed_everything
+from harness.tracking import store as tracking
+from harness.tracking.artifacts import log_artifacts
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    config: RunConfig | None = None
+
+
+@dataclass
+class Run:
+    """Everything :func:`prepare` built: the run's data, model and optimisation state."""
+
+    cfg: RunConfig
+    device: torch.device
+    splits: data.Splits
+    backbone: Backbone
+    model: DMLModel
+    loaders: dict[str, Any]
+    ks: tuple[int, ...]
+    amp: Callable[[], Any]
+    counts: dict[str, int]
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    epochs: int
+    cache: FeatureCache | None = None
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        if self.cache is not None:
+            return self.cache.evaluate(self.model, self.ks, split)
+        return evaluate(self.model, self.loaders, self.device, self.amp(), self.ks, split)
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    tags: dict[str, str] | None = None,
+    nested: bool = False,
+) -> RunResult:
+    """Train ``cfg.method`` and log everything to MLflow; returns the run's final metrics."""
+    import mlflow  # imported here so the benchmark runs where MLflow is not installed
+
+    t_start = time.perf_counter()
+    run = prepare(cfg)  # every input error is raised here, before an MLflow run exists
+    mlflow_run = mlflow.start_run(run_name=cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}",
+                                  nested=nested)
+    history: list[dict[str, float]] = []
+    try:
+        log_run_start(run, tags)
+        reset_peak_memory(run.device)
+        if getattr(cfg.method_args, "cache_features", False) and run.model.features_are_frozen:
+            run.cache = FeatureCache(run.model, run.splits, cfg, run.device, run.amp(), run.backbone)
+        best = Best()
+        train_images, train_seconds = 0, 0.0
+        for epoch in range(0 if run.epochs == 0 else 1, run.epochs + 1):  # epochs=0: evaluate only
+            row: dict[str, float] = {}
+            if epoch > 0:
+                images, seconds, row = train_epoch(run, epoch)
+                train_images, train_seconds = train_images + images, train_seconds + seconds
+            evaluated = epoch % cfg.eval.every == 0 or epoch == run.epochs
+            if evaluated:
+                row.update(evaluate_epoch(run, epoch))
+                best.offer(run.model, epoch, row, cfg.eval.select)
+            history.append({"epoch": float(epoch), **row})
+            mlflow.log_metrics(row, step=epoch)
+            if on_epoch is not None and evaluated:
+                on_epoch(epoch, row)
+        final = final_metrics(run, history, best)
+        synchronize(run.device)
+        final.update({
+            "peak_memory_gb": peak_memory_gb(run.device),
+            "throughput_img_s": train_images / train_seconds if train_seconds else 0.0,
+            "wall_time_s": time.perf_counter() - t_start,
+            **{k: float(v) for k, v in run.counts.items()},
+        })
+        mlflow.log_metrics(final)
+        if cfg.tracking.log_artifacts:
+            log_artifacts(best.state or {}, history)
+        mlflow.set_tag("dmlbench.status", "finished")
+        mlflow.end_run("FINISHED")
+    except BaseException as exc:
+        end_failed_run(exc)
+        raise
+    return RunResult(run_id=mlflow_run.info.run_id, metrics=final, history=history, config=cfg)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def prepare(cfg: RunConfig) -> Run:
+    """Data, backbone, model, loaders, optimiser and schedule; raises on any bad input."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    splits = data.load_splits(cfg)
+    if cfg.data.verify_images:
+        data.verify_splits(splits)
+    backbone = create_backbone(
+        cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights, kwargs=cfg.model.backbone_kwargs
+    )
+    model = build_model(cfg, splits.train.num_classes, backbone).to(device)
+    tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
+    loaders = data.make_loaders(splits, cfg, backbone.mean, backbone.std, device.type)
+    if cfg.optim.epochs == 0:  # evaluate only: nothing is trained, so nothing counts as trainable
+        for p in model.parameters():
+            p.requires_grad_(False)
+    counts = model.count_parameters()
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(loaders["train"])) if optimizer else None
+    return Run(
+        cfg=cfg, device=device, splits=splits, backbone=backbone, model=model, loaders=loaders,
+        ks=tuple(cfg.eval.ks) or tuple(splits.ks), amp=autocast_for(device, cfg.optim.amp), counts=counts,
+        optimizer=optimizer, scheduler=scheduler, epochs=cfg.optim.epochs if optimizer is not None else 0,
+    )
+
+
+def log_run_start(run: Run, tags: dict[str, str] | None) -> None:
+    """Parameters, tags (environment, weight source, device), the resolved config and counts."""
+    import mlflow
+
+    cfg, device = run.cfg, run.device
+    mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()})
+    mlflow.set_tags({
+        **tracking.environment_tags(),
+        "dmlbench.method": cfg.method,
+        "dmlbench.dataset": cfg.dataset,
+        "dmlbench.backbone": cfg.backbone,
+        "dmlbench.weight_source": run.backbone.weight_source,
+        "dmlbench.device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "dmlbench.status": "running",
+        **(tags or {}),
+    })
+    mlflow.log_text(to_yaml(cfg), "config.yaml")
+    mlflow.log_metrics({k: float(v) for k, v in run.counts.items()})
+
+
+def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
+    """One pass over the train loader: ``(images seen, seconds, metrics row)``.
+
+    The loss stays on the device (summed there, read once per epoch): no per-step host sync.
+    """
+    cfg, model, device, optimizer = run.cfg, run.model, run.device, run.optimizer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    t_epoch = time.perf_counter()
+    model.train()
+    data.set_epoch(run.loaders["train"], epoch)
+    loss_sum = torch.zeros((), device=device)
+    extra_sums: dict[str, torch.Tensor] = {}
+    steps = images_seen = 0
+    batches = run.cache.batches(run.loaders["train"]) if run.cache is not None else run.loaders["train"]
+    for images, labels, index in tqdm(batches, desc=f"epoch {epoch}/{run.epochs}", leave=False, disable=None):
+        labels = labels.to(device, non_blocking=True)
+        if run.cache is not None:
+            with run.amp():
+                loss = model.loss_from_features(run.cache.features["train"][0][index], labels)
+            extras: dict[str, torch.Tensor] = {}
+        else:
+            with run.amp():
+                loss, extras = model.training_loss(images.to(device, non_blocking=True), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+        optimizer.step()
+        run.scheduler.step()
+        model.after_step()
+        loss_sum += loss.detach().float()
+        for k, v in extras.items():
+            extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float()
+        steps += 1
+        images_seen += len(labels)
+    synchronize(device)
+    seconds = time.perf_counter() - t_epoch
+    row = {"train_loss": (loss_sum / max(steps, 1)).item()}
+    if not math.isfinite(row["train_loss"]):
+        raise FloatingPointError(f"training loss is {row['train_loss']} at epoch {epoch}")
+    row.update({k: (v / max(steps, 1)).item() for k, v in extra_sums.items()})
+    row["lr"] = optimizer.param_groups[0]["lr"]
+    row["epoch_time_s"] = seconds
+    return images_seen, seconds, row
+
+
+def evaluate_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """Validation metrics, and test metrics when tested every epoch (or before training)."""
+    cfg, splits, row = run.cfg, run.splits, {}
+    if splits.val is not None:
+        row.update({f"val_{metric_name(k)}": v for k, v in run.evaluate("val").items()})
+    if has_test(run) and (cfg.eval.test_every_epoch or epoch == 0):
+        row.update({f"epoch_test_{metric_name(k)}": v for k, v in run.evaluate("test").items()})
+    return row
+
+
+def has_test(run: Run) -> bool:
+    return run.cfg.eval.test and (run.splits.test is not None or run.splits.query is not None)
+
+
+@dataclass
+class Best:
+    """The best-validation epoch so far and a copy of its trainable state (last epoch without val)."""
+
+    score: float = -math.inf
+    epoch: int = 0
+    state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, model: DMLModel, epoch: int, row: dict[str, float], select: str) -> None:
+        score = row.get(f"val_{metric_name(select)}", float(epoch))  # no val split: last epoch
+        if score > self.score:
+            self.score, self.epoch = score, epoch
+            self.state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+
+
+def final_metrics(run: Run, history: list[dict[str, float]], best: Best) -> dict[str, float]:
+    """Test metrics of the best-validation checkpoint, plus the papers' test-selected R@1."""
+    row = next(h for h in history if h["epoch"] == best.epoch)
+    final: dict[str, float] = {"best_epoch": float(best.epoch)}
+    if run.splits.val is not None:
+        final["best_val_recall_at_1"] = row["val_recall_at_1"]
+        final["best_val_map_at_r"] = row["val_map_at_r"]
+    if not has_test(run):
+        return final
+    if "epoch_test_recall_at_1" in row:
+        test = {k.removeprefix("epoch_test_"): v for k, v in row.items() if k.startswith("epoch_test_")}
+    else:
+        run.model.load_trainable_state_dict(best.state)
+        test = {metric_name(k): v for k, v in run.evaluate("test").items()}
+    final.update({f"test_{k}": v for k, v in test.items()})
+    tested = [h for h in history if "epoch_test_recall_at_1" in h]
+    if tested:
+        top = max(tested, key=lambda h: h["epoch_test_recall_at_1"])
+        final["test_selected_recall_at_1"] = top["epoch_test_recall_at_1"]
+        final["test_selected_epoch"] = top["epoch"]
+    return final
+
+
+def end_failed_run(exc: BaseException) -> None:
+    """End the active MLflow run KILLED (pruned trial) or FAILED (with the error as a tag)."""
+    import mlflow
+
+    pruned = type(exc).__name__ == "TrialPruned"
+    mlflow.set_tag("dmlbench.status", "pruned" if pruned else "failed")
+    if not pruned:
+        mlflow.set_tag("dmlbench.error", f"{type(exc).__name__}: {exc}"[:500])
+    mlflow.end_run("KILLED" if pruned else "FAILED")
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

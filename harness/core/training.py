@@ -1,0 +1,74 @@
+"""What the loop needs before its first step: seeding, device, model, optimiser and schedule."""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from harness.core.backbones import Backbone, create_backbone
+from harness.core.config import RunConfig
+from harness.core.model import BuildContext, DMLModel
+from harness.core.registry import get_method
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_model(cfg: RunConfig, num_classes: int, backbone: Backbone | None = None) -> DMLModel:
+    """Backbone with its weights, then the method's builder (seeded, so heads init the same)."""
+    if backbone is None:
+        backbone = create_backbone(
+            cfg.backbone,
+            pretrained=cfg.model.pretrained,
+            weights=cfg.model.weights,
+            kwargs=cfg.model.backbone_kwargs,
+        )
+    torch.manual_seed(cfg.seed)
+    spec = get_method(cfg.method)
+    return spec.builder(BuildContext(backbone=backbone, num_classes=num_classes, cfg=cfg), cfg.method_args)
+
+
+def make_optimizer(model: DMLModel, cfg: RunConfig) -> torch.optim.Optimizer | None:
+    groups = [g for g in model.param_groups(cfg.optim, cfg.loss) if g["params"]]
+    if not groups:
+        return None
+    for g in groups:
+        g.setdefault("schedule", cfg.optim.schedule)
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multipliers: linear warmup, then each group's schedule (cosine, step or constant)."""
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+    period = max(1, (cfg.optim.cosine_epochs or cfg.optim.epochs) * steps_per_epoch - warmup)
+
+    def factor(kind: str) -> Callable[[int], float]:
+        def f(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if kind == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / period)))
+            if kind == "step":
+                return cfg.optim.step_gamma ** ((step // steps_per_epoch) // cfg.optim.step_epochs)
+            return 1.0
+
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["schedule"]) for g in optimizer.param_groups])
+
+

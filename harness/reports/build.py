@@ -1,0 +1,177 @@
+"""Study reports rebuilt from MLflow alone: tables, published numbers beside ours, figures.
+
+:func:`build_report` reads the study's runs from MLflow (tag ``dmlbench.study``), never from
+Optuna or local files, so anyone with the tracking store can regenerate ``reports/<study>/``.
+Output is deterministic: rows follow the spec's order, floats have fixed formats, and PNGs carry
+no date, so deleting the folder and rebuilding gives the same bytes.
+
+Files: ``report.md`` (everything, with figures linked), ``results.{csv,md,tex}`` (mean +- std over
+the reproduction seeds, test split, checkpoint selected on validation), ``published.{csv,md,tex}``
+(ours beside the papers, with the difference), ``table_<id>.{md,tex}`` (paper-shaped tables such as
+FRPT Tables 1-5), ``tuning.{csv,md}``, ``spec.yaml`` and ``figures/``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from harness.reports.figures import (
+    bars_figure,
+    curves_figure,
+    optuna_figures,
+    tradeoff_figure,
+)
+from harness.reports.formatting import md_table
+from harness.reports.published import matches, paper_tables, published_tables
+from harness.reports.runs import fetch_runs
+from harness.reports.tables import results_tables, summarize, tuning_table
+from harness.studies.spec import REPO_ROOT, StudySpec, dump_spec, load_spec
+
+MANIFEST = "MANIFEST.txt"
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _write(out: Path, name: str, text: str, written: list[Path]) -> None:
+    path = out / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    written.append(path)
+
+
+def build_report(spec_path: str | Path, out_dir: str | Path | None = None, tracking_uri: str | None = None) -> Path:
+    """Write ``reports/<study>/`` (or ``out_dir``) from the study's MLflow runs; returns the folder."""
+    import mlflow
+
+    spec = load_spec(spec_path)
+    mlflow.set_tracking_uri(tracking_uri or spec.tracking_uri)
+    out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    runs = fetch_runs(spec)
+    written: list[Path] = []
+    notes: list[str] = []
+
+    summary = summarize(spec, runs)
+    _write(out, "results.csv", summary.to_csv(index=False, float_format="%.6f"), written)
+    results_md, results_tex = results_tables(spec, summary)
+    _write(out, "results.md", results_md, written)
+    _write(out, "results.tex", results_tex, written)
+
+    paired = matches(spec, runs)
+    published_df, published_md, published_tex = published_tables(spec, paired)
+    if paired:
+        _write(out, "published.csv", published_df.to_csv(index=False), written)
+        _write(out, "published.md", published_md, written)
+        _write(out, "published.tex", published_tex, written)
+    shaped = paper_tables(paired)
+    for table_id, _, md, tex in shaped:
+        _write(out, f"table_{table_id}.md", md, written)
+        _write(out, f"table_{table_id}.tex", tex, written)
+
+    tuning = tuning_table(spec, runs)
+    _write(out, "tuning.csv", tuning.to_csv(index=False), written)
+    _write(out, "spec.yaml", dump_spec(spec), written)
+
+    figures: list[tuple[str, Path]] = []
+    for dataset in spec.datasets:
+        path = out / "figures" / f"curves_{dataset}.png"
+        if curves_figure(spec, runs, dataset, path):
+            figures.append((f"{dataset}: validation R@1 and training loss per epoch", path))
+            written.append(path)
+        elif path.exists():
+            path.unlink()
+        path = out / "figures" / f"comparison_{dataset}.png"
+        if bars_figure(summary, dataset, path):
+            figures.append((f"{dataset}: test R@1 and MAP@R per method", path))
+            written.append(path)
+        path = out / "figures" / f"tradeoff_{dataset}.png"
+        if tradeoff_figure(spec, summary, dataset, path):
+            figures.append((f"{dataset}: R@1 vs trainable parameters and peak memory", path))
+            written.append(path)
+        for entry in spec.entries:
+            if entry.fixed:
+                continue
+            for p in optuna_figures(spec, runs, dataset, entry, out / "figures" / "optuna", notes):
+                kind = "Optuna optimisation history" if p.stem.endswith("_history") else "parameter importances"
+                figures.append((f"{dataset} / {entry.label}: {kind}", p))
+                written.append(p)
+
+    for dataset, entry in spec.units():
+        n = int(summary[(summary["dataset"] == dataset) & (summary["entry"] == entry.name)]["seeds"].iloc[0])
+        if n < len(spec.seeds):
+            notes.append(f"{dataset}/{entry.label}: {n} of {len(spec.seeds)} reproduction seeds finished")
+
+    report = _report_md(spec, results_md, published_md if paired else "", shaped, tuning, figures, notes, out)
+    _write(out, "report.md", report, written)
+    _prune_stale(out, written)
+    _log_to_mlflow(spec, out)
+    return out
+
+
+def _report_md(spec: StudySpec, results_md: str, published_md: str, shaped: list, tuning: pd.DataFrame,
+               figures: list[tuple[str, Path]], notes: list[str], out: Path) -> str:
+    b = spec.budget
+    lines = [f"# Study `{spec.name}`", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    lines += [
+        f"- datasets: {', '.join(spec.datasets)}; backbone: {spec.backbone}",
+        f"- objective: maximise `{spec.metric}` (validation split, class-disjoint from training)",
+        f"- budget per method and dataset: {b.n_trials} trials x {b.epochs} epochs"
+        + (f", at most {b.timeout_s:g} s" if b.timeout_s else ""),
+        f"- sampler: {spec.sampler['name']} (seed {spec.sampler.get('seed', 0)}); pruner: {spec.pruner['name']}",
+        f"- reproductions of each best configuration: seeds {', '.join(map(str, spec.seeds))}",
+        "",
+        "## Results (test split, %, mean ± std over seeds; checkpoint selected on validation)",
+        "",
+        results_md,
+    ]
+    if published_md:
+        lines += ["## Published numbers beside ours", "",
+                  "Both papers select the checkpoint on the test set: compare their R@1 with the test-selected "
+                  "column; the validation-selected figure is the fair one.", "", published_md]
+    for _, title, md, _ in shaped:
+        lines += [f"## {title}", "", "Each cell: ours (mean ± std over seeds, validation-selected) | paper.", "", md]
+    lines += ["## Tuning", "", md_table(list(tuning.columns), tuning.astype(str).values.tolist())]
+    if figures:
+        lines += ["## Figures", ""]
+        for caption, path in figures:
+            lines += [f"![{caption}]({path.relative_to(out).as_posix()})", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _prune_stale(out: Path, written: list[Path]) -> None:
+    """Remove files an earlier build wrote that this build did not (listed in the manifest)."""
+    manifest = out / MANIFEST
+    keep = {p.relative_to(out).as_posix() for p in written} | {MANIFEST}
+    if manifest.exists():
+        for name in manifest.read_text().split():
+            if name not in keep and (out / name).is_file():
+                (out / name).unlink()
+    manifest.write_text("\n".join(sorted(keep - {MANIFEST})) + "\n")
+
+
+def _log_to_mlflow(spec: StudySpec, out: Path) -> None:
+    """Attach the report to a study-level run (role=report) in the first dataset's experiment."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking.store import ensure_experiment
+
+    client = MlflowClient()
+    experiment = spec.experiments[spec.datasets[0]]
+    exp = client.get_experiment_by_name(experiment)
+    found = [] if exp is None else mlflow.search_runs(
+        experiment_names=[experiment], output_format="list",
+        filter_string=f"tags.`dmlbench.study` = '{spec.name}' and tags.`dmlbench.role` = 'report'")
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        exp_id = exp.experiment_id if exp else ensure_experiment(experiment)
+        run_id = client.create_run(exp_id, tags={"mlflow.runName": f"{spec.name} report", "dmlbench.study": spec.name,
+                                                 "dmlbench.role": "report"}).info.run_id
+    client.log_artifacts(run_id, str(out), artifact_path="report")
+    client.set_terminated(run_id, "FINISHED")

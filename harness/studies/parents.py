@@ -1,0 +1,76 @@
+"""The study's MLflow parent runs, found again by tags on resume, and the tags of their children."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from harness.studies.spec import Entry, StudySpec
+from harness.studies.storage import budget_of
+
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def tag_filter(spec: StudySpec, dataset: str, entry: Entry | None = None, role: str | None = None, **extra: str) -> str:
+    tags = {"dmlbench.study": spec.name, "dmlbench.dataset": dataset}
+    if entry is not None:
+        tags["dmlbench.entry"] = entry.name
+    if role is not None:
+        tags["dmlbench.role"] = role
+    tags.update(extra)
+    return " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
+
+
+def parent_run(spec: StudySpec, dataset: str, entry: Entry) -> str:
+    """Find (by tags) or create the MLflow parent run of one (study, dataset, entry)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking.store import check_writable, ensure_experiment, environment_tags
+
+    check_writable(spec.tracking_uri)
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    experiment = spec.experiments[dataset]
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        found = mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                                   filter_string=tag_filter(spec, dataset, entry, role="parent"),
+                                   order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+    exp_id = exp.experiment_id if exp else ensure_experiment(experiment)
+    tags = {
+        **environment_tags(),
+        "mlflow.runName": f"{spec.name}/{entry.name}",
+        "dmlbench.study": spec.name, "dmlbench.dataset": dataset, "dmlbench.entry": entry.name,
+        "dmlbench.method": entry.method, "dmlbench.backbone": entry.backbone, "dmlbench.role": "parent",
+        "dmlbench.label": entry.label, "dmlbench.objective": spec.metric,
+    }
+    run = client.create_run(exp_id, tags=tags)
+    client.log_param(run.info.run_id, "n_trials", budget_of(spec, entry))
+    client.log_param(run.info.run_id, "epochs", spec.budget.epochs)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@contextmanager
+def inside_parent(spec: StudySpec, parent_id: str) -> Iterator[None]:
+    """Make ``parent_id`` the active MLflow run so the loop's ``nested=True`` run hangs under it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    mlflow.start_run(run_id=parent_id)
+    try:
+        yield
+    finally:
+        mlflow.end_run()
+
+
+def base_tags(spec: StudySpec, dataset: str, entry: Entry, role: str) -> dict[str, str]:
+    return {"dmlbench.study": spec.name, "dmlbench.dataset": dataset, "dmlbench.entry": entry.name,
+            "dmlbench.label": entry.label, "dmlbench.role": role}
+
+

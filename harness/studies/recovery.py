@@ -1,0 +1,107 @@
+"""Stale trials: heartbeats of running trials, and recovery of those whose worker died."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from harness.studies.parents import tag_filter
+from harness.studies.spec import Entry, StudySpec
+
+#: seconds between heartbeats written into a running trial's user attributes
+HEARTBEAT_S = 30.0
+#: a RUNNING trial whose heartbeat is older than this is considered dead (other hosts)
+STALE_AFTER_S = 10 * HEARTBEAT_S
+
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(trial: Any, now: float | None = None) -> bool:
+    """True when a RUNNING trial's worker is gone: dead pid on this host, or an old heartbeat."""
+    now = time.time() if now is None else now
+    attrs = trial.user_attrs
+    beat = attrs.get("dmlbench.heartbeat")
+    if beat is None:
+        started = trial.datetime_start.timestamp() if trial.datetime_start else now
+        return now - started > STALE_AFTER_S
+    if attrs.get("dmlbench.host") == socket.gethostname() and not _pid_alive(int(attrs.get("dmlbench.pid", -1))):
+        return True
+    return now - float(beat) > STALE_AFTER_S
+
+
+def recover_stale(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> list[int]:
+    """Fail the dead RUNNING trials of ``study`` and enqueue their parameters again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t):
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process finished or failed it meanwhile
+        study.enqueue_trial(dict(t.params), user_attrs={"dmlbench.retry_of": t.number})
+        fail_mlflow_child(spec, dataset, entry, t.number)
+        failed.append(t.number)
+    return failed
+
+
+def fail_mlflow_child(spec: StudySpec, dataset: str, entry: Entry, number: int) -> None:
+    """A killed trial's MLflow run stays RUNNING forever: mark it FAILED."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    if mlflow.get_experiment_by_name(spec.experiments[dataset]) is None:
+        return
+    runs = mlflow.search_runs(
+        experiment_names=[spec.experiments[dataset]], output_format="list",
+        filter_string=tag_filter(spec, dataset, entry, role="trial", **{"dmlbench.trial": str(number)})
+        + " and attributes.status = 'RUNNING'",
+    )
+    client = MlflowClient()
+    for run in runs:
+        client.set_tag(run.info.run_id, "dmlbench.status", "failed")
+        client.set_tag(run.info.run_id, "dmlbench.error", "worker process died (stale trial)")
+        client.set_terminated(run.info.run_id, "FAILED")
+
+
+@contextmanager
+def heartbeat(study: Any, trial: Any, interval: float = HEARTBEAT_S) -> Iterator[None]:
+    """Record host/pid and refresh ``dmlbench.heartbeat`` while the trial runs."""
+    trial.set_user_attr("dmlbench.host", socket.gethostname())
+    trial.set_user_attr("dmlbench.pid", os.getpid())
+    trial.set_user_attr("dmlbench.heartbeat", time.time())
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                trial.set_user_attr("dmlbench.heartbeat", time.time())
+            except Exception:  # noqa: BLE001 - the trial finished between the check and the write
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name="dmlbench-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+

@@ -1,0 +1,288 @@
+"""Running a study: tuning workers (ask/tell against the shared storage), then reproductions.
+
+The spec format and the resume/worker model are described in :mod:`harness.studies`.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+from harness.studies.parents import base_tags, inside_parent, tag_filter, parent_run
+from harness.studies.recovery import heartbeat, recover_stale
+from harness.studies.spec import Entry, StudySpec, distributions, load_spec
+from harness.studies.storage import budget_of, open_storage, open_study, storage_url
+
+#: a worker gives up on an entry after this many failed trials in a row (a bug, not bad luck)
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+
+TrainFn = Callable[..., Any]
+
+
+def _train_fn() -> TrainFn:
+    from harness.core.loop import train
+
+    return train
+
+
+def trial_counts(study: Any) -> dict[str, int]:
+    from optuna.trial import TrialState
+
+    out = {s: 0 for s in ("complete", "pruned", "failed", "running", "waiting")}
+    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("dmlbench.surplus"):
+            continue
+        out[names[t.state]] += 1
+    return out
+
+
+def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: Any, parent_id: str,
+              train: TrainFn) -> str:
+    """Train one trial under the parent run; tell Optuna the outcome ('complete'|'pruned'|'failed')."""
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        cfg = spec.resolve(dataset, entry, dict(trial.params))
+    except UserError:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    cfg.tracking.run_name = f"{entry.name}-trial{trial.number}"
+    cfg.eval.test = False  # tuning selects on validation classes only; test is for reproductions
+    tags = {**base_tags(spec, dataset, entry, "trial"), "dmlbench.trial": str(trial.number),
+            "dmlbench.optuna_study": study.study_name, "dmlbench.seed": str(cfg.seed)}
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        active = mlflow.active_run()
+        if active is not None and "mlflow_run_id" not in trial.user_attrs:
+            trial.set_user_attr("mlflow_run_id", active.info.run_id)
+        value = metrics.get(spec.epoch_metric)
+        if value is not None and math.isfinite(value):
+            trial.report(float(value), epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} ({spec.epoch_metric}={value:.4f})")
+
+    started = time.monotonic()
+    try:
+        with heartbeat(study, trial), inside_parent(spec, parent_id):
+            result = train(cfg, on_epoch=on_epoch, tags=tags, nested=True)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        progress(f"{study.study_name} trial {trial.number}: pruned ({time.monotonic() - started:.0f} s)")
+        return "pruned"
+    except UserError:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as exc:  # noqa: BLE001 - a diverging trial must not end the study
+        trial.set_user_attr("dmlbench.error", f"{type(exc).__name__}: {exc}"[:300])
+        study.tell(trial, state=TrialState.FAIL)
+        warnings.warn(f"trial {trial.number} of {study.study_name} failed: {type(exc).__name__}: {exc}", stacklevel=2)
+        return "failed"
+    trial.set_user_attr("mlflow_run_id", result.run_id)
+    value = result.metrics.get(spec.metric, float("nan"))
+    if not math.isfinite(value):
+        study.tell(trial, state=TrialState.FAIL)
+        return "failed"
+    study.tell(trial, float(value))
+    progress(f"{study.study_name} trial {trial.number}: {spec.metric} {value:.4f} ({time.monotonic() - started:.0f} s)")
+    return "complete"
+
+
+def progress(line: str) -> None:
+    """One line per finished trial or reproduction, so a long study shows where it is."""
+    print(line, flush=True)
+
+
+def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: str, *, worker: int = 0,
+         train: TrainFn | None = None) -> None:
+    """Run trials of one entry until the shared budget is used (ask/tell; safe with other workers)."""
+    from optuna.trial import TrialState
+
+    budget = budget_of(spec, entry)
+    if budget == 0:
+        return
+    train = train or _train_fn()
+    probe = open_study(spec, dataset, entry, storage)
+    offset = 7919 * worker + len(probe.get_trials(deepcopy=False))
+    study = open_study(spec, dataset, entry, storage, offset=offset)
+    dists = distributions(entry.search_space)
+    started, failures = time.monotonic(), 0
+    while True:
+        c = trial_counts(study)
+        if c["complete"] + c["pruned"] + c["running"] >= budget:
+            return
+        if spec.budget.timeout_s is not None and time.monotonic() - started > spec.budget.timeout_s:
+            return
+        trial = study.ask(dists)
+        # several workers may ask at once: only the first `budget` active trials may run
+        active = sorted(t.number for t in study.get_trials(deepcopy=False)
+                        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+                        and not t.user_attrs.get("dmlbench.surplus"))
+        if trial.number in active[budget:]:
+            trial.set_user_attr("dmlbench.surplus", True)
+            study.tell(trial, state=TrialState.FAIL)
+            if trial.user_attrs.get("dmlbench.retry_of") is not None:  # give the retry back
+                study.enqueue_trial(dict(trial.params), user_attrs=dict(trial.user_attrs) | {"dmlbench.surplus": False})
+            return
+        outcome = run_trial(spec, dataset, entry, study, trial, parent_id, train)
+        failures = failures + 1 if outcome == "failed" else 0
+        if failures >= MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"{failures} trials in a row failed in study {study.study_name}; see the MLflow runs")
+
+
+def _reproduction_params(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> tuple[dict, str] | None:
+    """Best trial's parameters and its number, or None when no trial completed."""
+    if entry.fixed:
+        return {}, "fixed"
+    study = open_study(spec, dataset, entry, storage)
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    return dict(best.params), str(best.number)
+
+
+def finished_reproductions(spec: StudySpec, dataset: str, entry: Entry, source: str | None = None) -> dict[int, str]:
+    """Seed -> run id of finished reproduction runs (of the config from ``source`` if given)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    if mlflow.get_experiment_by_name(spec.experiments[dataset]) is None:
+        return {}
+    extra = {"dmlbench.status": "finished"}
+    if source is not None:
+        extra["dmlbench.config_source"] = source
+    runs = mlflow.search_runs(experiment_names=[spec.experiments[dataset]], output_format="list",
+                              filter_string=tag_filter(spec, dataset, entry, role="reproduction", **extra),
+                              order_by=["attributes.start_time ASC"])
+    return {int(r.data.tags["dmlbench.seed"]): r.info.run_id for r in runs}
+
+
+def reproduce(spec: StudySpec, dataset: str, entry: Entry, seed: int, storage: Any, parent_id: str,
+              train: TrainFn | None = None) -> str | None:
+    """Retrain the entry's best config with ``seed`` unless that run exists; returns its run id."""
+    found = _reproduction_params(spec, dataset, entry, storage)
+    if found is None:
+        warnings.warn(f"no completed trial for {spec.study_name(dataset, entry)}: no reproduction", stacklevel=2)
+        return None
+    params, source = found
+    done = finished_reproductions(spec, dataset, entry, source)
+    if seed in done:
+        return done[seed]
+    cfg = spec.resolve(dataset, entry, params, seed=seed)
+    cfg.tracking.run_name = f"{entry.name}-seed{seed}"
+    tags = {**base_tags(spec, dataset, entry, "reproduction"), "dmlbench.seed": str(seed),
+            "dmlbench.config_source": source}
+    started = time.monotonic()
+    with inside_parent(spec, parent_id):
+        result = (train or _train_fn())(cfg, tags=tags, nested=True)
+    progress(f"{spec.study_name(dataset, entry)} seed {seed}: test R@1 "
+             f"{result.metrics.get('test_recall_at_1', float('nan')):.4f} ({time.monotonic() - started:.0f} s)")
+    return result.run_id
+
+
+def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[str, str], workers: int) -> None:
+    """Entry point of a tuning worker process (spawned): every unit in spec order."""
+    _share_cores(workers)
+    quiet_optuna()
+    spec = load_spec(spec_path)
+    storage = open_storage(storage_url_)
+    for dataset, entry in spec.units():
+        tune(spec, dataset, entry, storage, parents[f"{dataset}/{entry.name}"], worker=worker)
+
+
+def _reproduce_main(args: tuple[str, str, str, str, int, str, int]) -> str | None:
+    spec_path, storage_url_, dataset, entry_name, seed, parent_id, workers = args
+    _share_cores(workers)
+    quiet_optuna()
+    spec = load_spec(spec_path)
+    return reproduce(spec, dataset, spec.entry(entry_name), seed, open_storage(storage_url_), parent_id)
+
+
+def _share_cores(workers: int) -> None:
+    """N worker processes on one machine split its cores (oversubscribed threads spin and crawl)."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = None, *,
+              train: TrainFn | None = None) -> None:
+    """Tune every (dataset, entry) of the spec, then run the reproductions; resumable.
+
+    ``workers`` > 1 starts that many spawned processes on the same storage. ``train`` replaces
+    the training loop (tests inject fakes; only honoured with ``workers == 1``).
+    """
+    if workers < 1:
+        raise UserError(f"bad value {workers!r} for --workers: must be >= 1")
+    quiet_optuna()
+    spec = load_spec(spec_path)
+    url = storage_url(spec, storage)
+    store = open_storage(url)
+    parents: dict[str, str] = {}
+    for dataset, entry in spec.units():
+        parents[f"{dataset}/{entry.name}"] = parent_run(spec, dataset, entry)
+        if not entry.fixed:
+            recover_stale(spec, dataset, entry, open_study(spec, dataset, entry, store))
+
+    if workers == 1:
+        for dataset, entry in spec.units():
+            tune(spec, dataset, entry, store, parents[f"{dataset}/{entry.name}"], train=train)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, args=(str(spec.path), url, w, parents, workers), name=f"dmlbench-worker-{w}")
+                 for w in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        bad = [f"{p.name} exit code {p.exitcode}" for p in procs if p.exitcode != 0]
+        if bad:
+            raise RuntimeError("study workers failed: " + "; ".join(bad))
+
+    jobs = [(dataset, entry.name, seed) for dataset, entry in spec.units() for seed in spec.seeds]
+    if workers == 1 or len(jobs) <= 1:
+        for dataset, name, seed in jobs:
+            reproduce(spec, dataset, spec.entry(name), seed, store, parents[f"{dataset}/{name}"], train=train)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        pool = ctx.Pool(min(workers, len(jobs)))
+        try:
+            pool.map(_reproduce_main, [(str(spec.path), url, d, n, s, parents[f"{d}/{n}"], workers) for d, n, s in jobs],
+                     chunksize=1)
+        except BaseException:
+            pool.terminate()
+            raise
+        else:
+            pool.close()  # let workers exit cleanly (terminate() can leak their semaphores)
+        finally:
+            pool.join()
+
+
+
+
+
+
+def run_demo(spec: str | Path = "studies/demo.yaml", workers: int = 1) -> Path:
+    """Run the demo study and its report; returns the report folder."""
+    from harness.reports.build import build_report
+
+    run_study(spec, workers=workers)
+    return build_report(spec)

@@ -1,0 +1,53 @@
+"""``dmlbench study status``: trials by state against the budget, best value, reproductions done."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from harness.studies.runner import finished_reproductions, quiet_optuna, trial_counts
+from harness.studies.spec import StudySpec, load_spec
+from harness.studies.storage import budget_of, open_storage, open_study, storage_url
+
+
+
+def study_status(spec_path: str | Path, storage: str | None = None) -> Any:
+    """One row per (dataset, entry): trials by state vs budget, best value, reproductions done."""
+    import optuna
+    import pandas as pd
+
+    quiet_optuna()
+    spec = load_spec(spec_path)
+    store = open_storage(storage_url(spec, storage))
+    existing = {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
+    rows = []
+    for dataset, entry in spec.units():
+        row: dict[str, Any] = {"dataset": dataset, "entry": entry.name, "method": entry.method,
+                               "budget": "fixed" if entry.fixed else budget_of(spec, entry)}
+        counts = {k: 0 for k in ("complete", "pruned", "failed", "running")}
+        best, best_trial, source = float("nan"), "", "fixed" if entry.fixed else None
+        if not entry.fixed and spec.study_name(dataset, entry) in existing:
+            study = open_study(spec, dataset, entry, store)
+            counts.update({k: v for k, v in trial_counts(study).items() if k in counts})
+            try:
+                best, best_trial = study.best_value, str(study.best_trial.number)
+                source = best_trial
+            except ValueError:
+                pass
+        row.update(counts)
+        row[spec.metric] = round(best, 4) if math.isfinite(best) else float("nan")
+        row["best_trial"] = best_trial
+        done = finished_reproductions(spec, dataset, entry, source) if source is not None and _store_exists(spec) else {}
+        row["reproductions"] = f"{len([s for s in spec.seeds if s in done])}/{len(spec.seeds)}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _store_exists(spec: StudySpec) -> bool:
+    """Avoid creating an empty MLflow store just to report that nothing ran yet."""
+    uri = spec.tracking_uri
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    return True
+
+

@@ -1,0 +1,89 @@
+"""Optuna storage, samplers, pruners and the per-(study, dataset, entry) Optuna study."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.studies.spec import REPO_ROOT, Entry, StudySpec, grid_size
+
+
+
+def storage_url(spec: StudySpec, storage: str | None = None) -> str:
+    """The Optuna storage to use: argument, spec, else a journal file beside the MLflow store
+    (``<dir of mlflow.db>/<study>.optuna.journal``; the repo root for a non-sqlite store)."""
+    if storage or spec.storage:
+        return storage or spec.storage
+    uri = spec.tracking_uri
+    folder = Path(uri.removeprefix("sqlite:///")).resolve().parent if uri.startswith("sqlite:///") else REPO_ROOT
+    return str(folder / f"{spec.name}.optuna.journal")
+
+
+def open_storage(url: str) -> Any:
+    """SQLAlchemy URLs -> RDBStorage; anything else is a journal file path (``journal:`` optional)."""
+    import optuna
+
+    if "://" in url and not url.startswith("journal:"):
+        return optuna.storages.RDBStorage(url)
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url.removeprefix("journal:")).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_sampler(spec: StudySpec, entry: Entry, offset: int = 0) -> Any:
+    """Seeded sampler; ``offset`` shifts the seed so workers and resumed runs draw fresh points."""
+    import optuna
+
+    name, seed = spec.sampler["name"], int(spec.sampler.get("seed", 0)) + offset
+    if name == "tpe":
+        kwargs = {"n_startup_trials": int(spec.sampler["n_startup_trials"])} if "n_startup_trials" in spec.sampler else {}
+        return optuna.samplers.TPESampler(seed=seed, **kwargs)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "bruteforce":
+        return optuna.samplers.BruteForceSampler(seed=seed)
+    grid = {}
+    for key, d in entry.search_space.items():
+        if d["type"] == "categorical":
+            grid[key] = list(d["choices"])
+        else:
+            n = grid_size({key: d}) or 1
+            grid[key] = [d["low"] + i * d["step"] for i in range(n)]
+    return optuna.samplers.GridSampler(grid, seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> Any:
+    import optuna
+
+    p = spec.pruner
+    if p["name"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=int(p.get("n_startup_trials", 1)),
+                                           n_warmup_steps=int(p.get("n_warmup_steps", 0)))
+    if p["name"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=int(p.get("min_resource", 1)), max_resource=spec.budget.epochs,
+                                              reduction_factor=int(p.get("reduction_factor", 3)))
+    if p["name"] == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=p.get("lower"), upper=p.get("upper"),
+                                              n_warmup_steps=int(p.get("n_warmup_steps", 0)))
+    return optuna.pruners.NopPruner()
+
+
+def budget_of(spec: StudySpec, entry: Entry) -> int:
+    """Trials to finish for ``entry``: n_trials, capped by the grid size for grid samplers."""
+    if entry.fixed:
+        return 0
+    if spec.sampler["name"] in ("bruteforce", "grid"):
+        return min(spec.budget.n_trials, grid_size(entry.search_space) or spec.budget.n_trials)
+    return spec.budget.n_trials
+
+
+def open_study(spec: StudySpec, dataset: str, entry: Entry, storage: Any, offset: int = 0) -> Any:
+    import optuna
+
+    return optuna.create_study(
+        study_name=spec.study_name(dataset, entry), storage=storage, direction="maximize",
+        sampler=make_sampler(spec, entry, offset), pruner=make_pruner(spec), load_if_exists=True,
+    )
+
+

@@ -1,0 +1,1 @@
+"""MLflow: the tracking store (URI, experiments, environment tags) and run artifacts."""
