@@ -10,9 +10,10 @@ block or stage. The BN scale starts at zero (the conv itself when ``cnn_norm=fal
 starts as the backbone; zeroing the conv instead would make the first train-mode BN divide a
 zero batch by sqrt(eps), i.e. a gradient ~300x too large.
 
-The adapters are attached with forward hooks rather than by replacing timm modules: the backbone
-keeps its own attention/MLP code and parameter names (so any head count and qkv bias work, unlike
-the VPTSP-G code's hard-coded 12-head block), and the adapters live in ``adapter_modules``.
+The adapters are attached with :mod:`harness.core.inject` (forward hooks, not module
+replacement): the backbone keeps its own attention/MLP code and parameter names (so any head
+count and qkv bias work, unlike the VPTSP-G code's hard-coded 12-head block), and the adapters
+live in ``adapter_modules`` (prefix ``adapter_``; their BatchNorm statistics are saved with them).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from harness.errors import UserError
+from harness.core.inject import Injection, select_indices
 from harness.core.model import BuildContext, DMLModel, freeze
 from harness.core.registry import register_method
 
@@ -85,71 +87,28 @@ class ConvAdapter(nn.Module):
         return self.norm(self.conv(x))
 
 
-class _Tap:
-    """Forward pre-hook remembering a module's input (the block's post-attention stream)."""
-
-    def __init__(self) -> None:
-        self.x: torch.Tensor | None = None
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.x = args[0]
+def check_bottleneck(cfg: AdapterConfig) -> None:
+    if cfg.bottleneck <= 0:
+        raise UserError(f"bad value {cfg.bottleneck!r} for 'method_args.bottleneck': must be > 0")
 
 
-class _AddAdapter:
-    """Forward hook: ``output + adapter(source)``, source = the tapped input or the output itself."""
-
-    def __init__(self, adapter: nn.Module, tap: _Tap | None = None) -> None:
-        self.adapter, self.tap = adapter, tap
-
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if self.tap is None:
-            return output + self.adapter(output)
-        source, self.tap.x = self.tap.x, None
-        return output + self.adapter(source).to(output.dtype)
-
-
-class AdapterModel(DMLModel):
-    """Frozen backbone with hooked adapters in ``adapter_modules``."""
-
-    # CNN adapters have BatchNorm statistics: they are trained state too
-    saved_buffer_prefixes = ("adapter_",)
-
-    @property
-    def features_are_frozen(self) -> bool:
-        """Adapters change the features, so they can never be cached."""
-        return False
-
-
-def _select(n: int, chosen: list, what: str) -> list[int]:
-    if not chosen:
-        return list(range(n))
-    bad = [b for b in chosen if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < n]
-    if bad:
-        raise UserError(f"bad value {bad[0]!r} in 'method_args.blocks': valid {what} indices are 0..{n - 1}")
-    return sorted(set(chosen))
-
-
-def attach_vit_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.ModuleDict:
-    """Hook an adapter into each chosen timm ``Block``; returns them keyed ``block_<i>``."""
+def attach_vit_adapters(model: nn.Module, cfg: AdapterConfig) -> Injection:
+    """Hook an adapter into each chosen timm ``Block`` (keys ``blocks_<i>``)."""
     blocks = list(getattr(model, "blocks", []))
     if not blocks or not all(isinstance(b, Block) for b in blocks):
         kinds = sorted({type(b).__name__ for b in blocks}) or ["none"]
         raise UserError(f"adapter needs timm ViT 'Block' blocks, got {', '.join(kinds)}; valid: vit_*/deit_* models")
-    if cfg.bottleneck <= 0:
-        raise UserError(f"bad value {cfg.bottleneck!r} for 'method_args.bottleneck': must be > 0")
-    adapters = nn.ModuleDict()
-    for i in _select(len(blocks), cfg.blocks, "block"):
+    check_bottleneck(cfg)
+    injection = Injection()
+    for i in select_indices(len(blocks), cfg.blocks, "method_args.blocks"):
         block = blocks[i]
         adapter = BottleneckAdapter(model.embed_dim, cfg.bottleneck, cfg.scale, cfg.layernorm)
-        tap = None
-        if cfg.style == "parallel":
-            tap = _Tap()
-            block.norm2.register_forward_pre_hook(tap)
         # ls2 is the last op of the MLP branch (Identity without LayerScale): its output is the
-        # MLP branch, to which the parallel adapter is added / on which the sequential one acts
-        block.ls2.register_forward_hook(_AddAdapter(adapter, tap))
-        adapters[f"block_{i}"] = adapter
-    return adapters
+        # MLP branch, to which the parallel adapter (fed the post-attention stream, i.e. norm2's
+        # input) is added, or to which the sequential one adds its own residual branch
+        tap = block.norm2 if cfg.style == "parallel" else None
+        injection.add(f"blocks.{i}", block.ls2, adapter, tap_input_of=tap)
+    return injection
 
 
 def _residual_units(stage: nn.Module) -> list[nn.Module]:
@@ -160,7 +119,7 @@ def _residual_units(stage: nn.Module) -> list[nn.Module]:
     return list(stage.children()) if isinstance(stage, nn.Sequential) else []
 
 
-def attach_cnn_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.ModuleDict:
+def attach_cnn_adapters(model: nn.Module, cfg: AdapterConfig) -> Injection:
     """Hook ``x + adapter(x)`` after each chosen residual block or stage of a timm CNN."""
     info = getattr(model, "feature_info", None)
     stages = [(f["module"], model.get_submodule(f["module"])) for f in (info or [])]
@@ -187,31 +146,20 @@ def attach_cnn_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.ModuleDict:
         model.train(was_training)
     for h in handles:
         h.remove()
-    adapters = nn.ModuleDict()
-    for i in _select(len(units), cfg.blocks, cfg.cnn_placement):
+    injection = Injection()
+    for i in select_indices(len(units), cfg.blocks, "method_args.blocks", cfg.cnn_placement):
         name, unit = units[i]
-        adapter = ConvAdapter(channels[name], cfg.cnn_norm)
-        unit.register_forward_hook(_AddAdapter(adapter))
-        adapters[name.replace(".", "_")] = adapter
-    return adapters
+        injection.add(name, unit, ConvAdapter(channels[name], cfg.cnn_norm))
+    return injection
 
 
-@register_method(
-    "adapter",
-    config=AdapterConfig,
-    search_space={
-        "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-    },
-)
+@register_method("adapter", config=AdapterConfig, prefixes=("adapter_",))
 def adapter(ctx: BuildContext, cfg: AdapterConfig) -> DMLModel:
     """Frozen backbone with bottleneck adapters (ViT: AdaptFormer; CNN: residual 1x1 convs) and the head."""
     backbone = ctx.backbone.model
     freeze(backbone)
-    if ctx.backbone.family == "vit":
-        adapters = attach_vit_adapters(backbone, cfg)
-    else:
-        adapters = attach_cnn_adapters(backbone, cfg)
-    model = ctx.model(frozen_backbone=True, cls=AdapterModel)
-    model.adapter_modules = adapters
+    attach = attach_vit_adapters if ctx.backbone.family == "vit" else attach_cnn_adapters
+    injection = attach(backbone, cfg)
+    model = ctx.model(frozen_backbone=True)
+    model.adapter_modules = injection.modules
     return model

@@ -17,13 +17,7 @@ def unfreeze_biases(module: nn.Module) -> int:
     return count
 
 
-@register_method(
-    "bitfit",
-    search_space={
-        "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-    },
-)
+@register_method("bitfit", backbone="biases")
 def bitfit(ctx: BuildContext, cfg: object) -> DMLModel:
     """Train the backbone's bias terms (every ``*bias`` parameter) and the head."""
     freeze(ctx.backbone.model)

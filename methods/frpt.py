@@ -62,13 +62,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from harness.core.backbones import Backbone
-from harness.errors import UserError, unknown
+from harness.errors import UserError
 from harness.core.model import BuildContext, DMLModel, freeze
 from harness.core.registry import register_method
 from methods._frpt_parts import (
@@ -81,16 +81,11 @@ from methods._frpt_parts import (
     gem_pool,
 )
 
-VARIANTS = ("paper", "code")
-CROPS = ("none", "cam")
-INITS = ("zero", "default")
-
-
 @dataclass
 class FRPTConfig:
     #: paper (31x31 conv on block 1, CAH r=8, GAP) or code (ReLU + 1x1 conv on stage 3 resized
     #: to a 31x31 grid, CAH r=1 + conv block, GeM pooling, BatchNorm neck)
-    variant: str = "paper"
+    variant: Literal["paper", "code"] = "paper"
     #: discriminative perturbation prompt (saliency-driven zoom of the input)
     use_dpp: bool = True
     #: category-specific awareness head on the last feature map
@@ -98,7 +93,7 @@ class FRPTConfig:
     #: CAH mixes in the instance-normalised map: M_R = W_C*M + (1-W_C)*IN(M); false: W_C*M
     use_in: bool = True
     #: fixed prompt instead of DPP: none | cam (crop to the thresholded activation map's box)
-    crop: str = "none"
+    crop: Literal["none", "cam"] = "none"
     #: relative threshold of the activation map for crop=cam (fraction of its maximum)
     cam_threshold: float = 0.5
     #: index into the backbone's timm feature_info for content parsing; -1 = the variant's
@@ -115,7 +110,7 @@ class FRPTConfig:
     cah_reduction: int = 0
     #: initialisation of the content-parsing convolution: zero (uniform map = identity warp at
     #: the start) or default (PyTorch's conv init, as the released code)
-    parser_init: str = "zero"
+    parser_init: Literal["zero", "default"] = "zero"
     #: learning-rate multiplier of the DPP parser; 0 = auto: 1 with SGD (the paper), 1/k^2 with
     #: AdamW (k = its kernel size). Adam moves each of the k*k*C weights by about lr per step, so
     #: the saliency logits would move k^2 times further than with a 1x1 parser: a 31x31 parser
@@ -156,11 +151,6 @@ def final_feature_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 class FRPTModel(DMLModel):
     """Frozen backbone run twice (parse, then on the prompted image), CAH, pooling, classifier."""
 
-    #: every FRPT-owned parameter starts with one of these (peft style)
-    method_prefixes: tuple[str, ...] = ("dpp_", "cah_")
-    #: BatchNorm statistics of the code variant's CAH block and neck change during training
-    saved_buffer_prefixes = ("cah_", "head.")
-
     def __init__(
         self,
         backbone: Backbone,
@@ -183,13 +173,6 @@ class FRPTModel(DMLModel):
         self.crop = crop
         self.cam_threshold = cam_threshold
         self.dpp_lr_mult = dpp_lr_mult
-
-    def role_of(self, name: str) -> str:
-        """DPP and CAH parameters form their own optimiser groups (``dpp``, ``cah``)."""
-        for prefix in self.method_prefixes:
-            if name.startswith(prefix):
-                return prefix.rstrip("_")
-        return super().role_of(name)
 
     def param_groups(self, optim_cfg: Any, loss_cfg: Any) -> list[dict[str, Any]]:
         groups = super().param_groups(optim_cfg, loss_cfg)
@@ -248,12 +231,6 @@ class BNNeck(nn.Module):
 
 def _check(cfg: FRPTConfig, backbone: Backbone) -> list[dict[str, Any]]:
     """Validate options against the backbone; returns its feature_info."""
-    if cfg.variant not in VARIANTS:
-        raise unknown("method_args.variant", cfg.variant, VARIANTS)
-    if cfg.crop not in CROPS:
-        raise unknown("method_args.crop", cfg.crop, CROPS)
-    if cfg.parser_init not in INITS:
-        raise unknown("method_args.parser_init", cfg.parser_init, INITS)
     if cfg.use_dpp and cfg.crop != "none":
         raise UserError(
             f"method_args.crop={cfg.crop} replaces the DPP; set method_args.use_dpp=false or crop=none"
@@ -364,6 +341,8 @@ SEARCH_SPACE = {
     "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
     "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
 }
+#: DPP and CAH parameters form their own optimiser groups (``dpp``, ``cah``) by prefix
+PREFIXES = ("dpp_", "cah_")
 
 
 def _defaults(**method_args: Any) -> dict[str, Any]:
@@ -378,7 +357,7 @@ def _register(name: str, method_args: dict[str, Any], data: dict[str, Any] | Non
     if data:
         defaults["data"].update(data)
     return register_method(
-        name, config=FRPTConfig, families=("vit", "cnn"), search_space=SEARCH_SPACE,
+        name, config=FRPTConfig, families=("vit", "cnn"), prefixes=PREFIXES, search_space=SEARCH_SPACE,
         defaults=defaults, presets=PRESETS,
     )
 

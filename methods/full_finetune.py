@@ -7,10 +7,8 @@ from harness.core.registry import register_method
 
 @register_method(
     "full_finetune",
-    search_space={
-        "optim.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
-        "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-    },
+    backbone="all",
+    search_space={"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
 )
 def full_finetune(ctx: BuildContext, cfg: object) -> DMLModel:
     """Train the whole backbone and the embedding head."""

@@ -17,10 +17,7 @@ class LinearProbeConfig:
 @register_method(
     "linear_probe",
     config=LinearProbeConfig,
-    search_space={
-        "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-        "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-    },
+    search_space={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
 )
 def linear_probe(ctx: BuildContext, cfg: LinearProbeConfig) -> DMLModel:
     """Frozen backbone; train the embedding head only."""

@@ -141,19 +141,16 @@ def build_vpt(ctx: BuildContext, cfg: VPTShallowConfig, depth: int, block_step: 
     return PromptedViT(ctx.backbone, head, criterion, prompts=prompts, mode=cfg.variant, dropout=cfg.dropout)
 
 
-_SEARCH = {
-    "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-    "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-}
+_SEARCH = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}
 
 
-@register_method("vpt_shallow", config=VPTShallowConfig, search_space=_SEARCH)
+@register_method("vpt_shallow", config=VPTShallowConfig, prefixes=(PREFIX,), search_space=_SEARCH)
 def vpt_shallow(ctx: BuildContext, cfg: VPTShallowConfig) -> DMLModel:
     """VPT-shallow: one set of prompt tokens before the first block (CNN: learnable padding frame)."""
     return build_vpt(ctx, cfg, depth=1, block_step=0, method="vpt_shallow")
 
 
-@register_method("vpt_deep", config=VPTDeepConfig, search_space=_SEARCH)
+@register_method("vpt_deep", config=VPTDeepConfig, prefixes=(PREFIX,), search_space=_SEARCH)
 def vpt_deep(ctx: BuildContext, cfg: VPTDeepConfig) -> DMLModel:
     """VPT-deep: fresh prompt tokens for each of the first ``depth`` blocks (CNN: learnable padding frame)."""
     depth = 0

@@ -121,9 +121,6 @@ def group_by_class(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 class VPTSPGModel(PromptedViT):
     """Shared-prompt ViT (inference path) plus the class-prompt proxy path used in training."""
 
-    training_only_prefixes = ("criterion.", "proxy_")
-    saved_buffer_prefixes = ("proxy_container",)
-
     def __init__(
         self,
         backbone,
@@ -416,21 +413,23 @@ PRESETS = {
 }
 
 _SEARCH = {
-    "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "optim.weight_decay": None,  # the published configs barely use it (0 to 1e-4); tune the proxies instead
     "method_args.lr_proxy": {"type": "float", "low": 1e-3, "high": 0.5, "log": True},
     "method_args.proxy_bias_ratio": {"type": "float", "low": 0.1, "high": 0.9},
 }
+#: shared prompts (inference path) and the proxy path (training only); biases train (BitFit)
+_DECLARED = {"families": ("vit",), "prefixes": ("prompt_", "proxy_"), "training_only": ("proxy_",),
+             "backbone": "biases", "search_space": _SEARCH, "defaults": {"loss.name": "proxy_anchor"},
+             "presets": PRESETS}
 
 
-@register_method("vptsp_g", config=VPTSPGConfig, families=("vit",), search_space=_SEARCH,
-                 defaults={"loss.name": "proxy_anchor"}, presets=PRESETS)
+@register_method("vptsp_g", config=VPTSPGConfig, **_DECLARED)
 def vptsp_g(ctx: BuildContext, cfg: VPTSPGConfig) -> DMLModel:
     """VPTSP-G: shared prompts + semantic proxies from class prompts, integrated by a GRU."""
     return build_vptsp(ctx, cfg, "gru", "vptsp_g")
 
 
-@register_method("vptsp_ema", config=VPTSPEMAConfig, families=("vit",), search_space=_SEARCH,
-                 defaults={"loss.name": "proxy_anchor"}, presets=PRESETS)
+@register_method("vptsp_ema", config=VPTSPEMAConfig, **_DECLARED)
 def vptsp_ema(ctx: BuildContext, cfg: VPTSPEMAConfig) -> DMLModel:
     """VPTSP-G with the paper's EMA integration of the semantic proxies instead of the GRU."""
     return build_vptsp(ctx, cfg, "ema", "vptsp_ema")

@@ -180,13 +180,13 @@ def test_registered_with_paper_recipe(name):
 
 
 def test_bad_options_are_user_errors():
-    with pytest.raises(UserError, match="variant.*valid: code, paper"):
+    with pytest.raises(UserError, match="variant.*valid: paper, code"):
         build("frpt", **{"method_args.variant": "papr"})
     with pytest.raises(UserError, match="parse_stage.*1=layer1"):
         build("frpt", **{"method_args.parse_stage": 9})
     with pytest.raises(UserError, match="crop=cam replaces the DPP"):
         build("frpt", **{"method_args.crop": "cam"})
-    with pytest.raises(UserError, match="parser_init.*valid: default, zero"):
+    with pytest.raises(UserError, match="parser_init.*valid: zero, default"):
         build("frpt", **{"method_args.parser_init": "random"})
     with pytest.raises(UserError, match="sigma"):
         build("frpt", **{"method_args.sigma": 4})

@@ -157,7 +157,7 @@ def test_adapter_is_identity_at_init_on_vit_s(style):
 @pytest.mark.parametrize("style", ["parallel", "sequential"])
 def test_adapter_block_matches_hand_written_formula(style):
     model = build("adapter", style=style, scale=0.5).eval()
-    block, adapter = model.backbone.blocks[0], model.adapter_modules["block_0"]
+    block, adapter = model.backbone.blocks[0], model.adapter_modules["blocks_0"]
     torch.nn.init.normal_(adapter.up.weight, std=0.1)
     x = torch.randn(2, 5, D)
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_adapter_vit_s_parameter_count():
     counts = model.count_parameters()
     assert counts["params_trainable_inference"] == 595_200 + head
     only_one = build("adapter", blocks=[1])
-    assert list(only_one.adapter_modules) == ["block_1"] and n_params(only_one, "adapter_") == per_block
+    assert list(only_one.adapter_modules) == ["blocks_1"] and n_params(only_one, "adapter_") == per_block
 
 
 def test_adapter_bad_block_index_is_a_user_error():

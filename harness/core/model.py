@@ -1,8 +1,9 @@
 """The model every method returns: backbone + method modules + embedding head + criterion.
 
-Methods customise it by freezing parameters, inserting modules (their parameter names share the
-method's prefix, as in peft) or subclassing to change :meth:`features` / :meth:`training_loss`.
-The training loop only talks to this interface.
+Methods customise it by freezing parameters, inserting modules whose attribute names start with
+the method's declared prefixes (as in peft; see :mod:`harness.core.registry`), or subclassing to
+change :meth:`features` / :meth:`training_loss`. Ownership by prefix drives the rest: parameter
+groups, train/eval mode, feature caching, saving and counting. The loop only talks to this class.
 """
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def freeze(module: nn.Module) -> None:
 class DMLModel(nn.Module):
     """Backbone, head and criterion; ``forward`` is the inference path (L2-normalised embedding)."""
 
-    #: parameter-name prefixes that only matter for training (not counted at inference)
-    training_only_prefixes: tuple[str, ...] = ("criterion.",)
+    #: prefixes of the method's own modules (set from the registration by :meth:`declare`)
+    method_prefixes: tuple[str, ...] = ()
+    #: the subset of ``method_prefixes`` used in training only
+    training_only_prefixes: tuple[str, ...] = ()
 
     def __init__(
         self, backbone: Backbone, head: nn.Module, criterion: nn.Module, *, frozen_backbone: bool
@@ -54,6 +57,24 @@ class DMLModel(nn.Module):
         self.frozen_backbone = frozen_backbone
         self.family = backbone.family
         self.feature_dim = backbone.feature_dim
+
+    def declare(self, prefixes: tuple[str, ...], training_only: tuple[str, ...] = ()) -> "DMLModel":
+        """Record the method's registered prefixes (done by the harness after building)."""
+        self.method_prefixes, self.training_only_prefixes = tuple(prefixes), tuple(training_only)
+        return self
+
+    # ------------------------------------------------------------------ ownership
+    def owner(self, name: str) -> str | None:
+        """The method prefix owning parameter/buffer/module ``name`` (any dotted component), or None."""
+        for part in name.split("."):
+            for prefix in self.method_prefixes:
+                if part.startswith(prefix):
+                    return prefix
+        return None
+
+    def is_training_only(self, name: str) -> bool:
+        """Criterion parameters (proxies, classifiers) and training-only method modules."""
+        return name.startswith("criterion.") or self.owner(name) in self.training_only_prefixes
 
     # ------------------------------------------------------------------ forward paths
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -72,10 +93,21 @@ class DMLModel(nn.Module):
 
     @property
     def features_are_frozen(self) -> bool:
-        """True when :meth:`features` has no trainable parameter, so features can be cached."""
-        return type(self).features is DMLModel.features and not any(
-            p.requires_grad for p in self.backbone.parameters()
+        """True when :meth:`features` has no trainable parameter, so features can be cached.
+
+        Features depend on the backbone and on the method's own (not training-only) modules.
+        """
+        return not any(
+            p.requires_grad
+            for n, p in self.named_parameters()
+            if n.startswith("backbone.") or (self.owner(n) and not self.is_training_only(n))
         )
+
+    def merge_(self) -> bool:
+        """Fold the method's modules into the backbone's weights for inference (LoRA, SSF), so the
+        merged model costs what the backbone costs; returns whether anything was merged. The
+        method's parameters are then unused: call it on a model that has finished training."""
+        return False
 
     def after_step(self) -> None:
         """Hook after each optimizer step (e.g. VPTSP-G writes its proxy container)."""
@@ -84,12 +116,11 @@ class DMLModel(nn.Module):
     def train(self, mode: bool = True) -> "DMLModel":
         super().train(mode)
         if mode and self.frozen_backbone:
-            # a frozen backbone keeps its BatchNorm statistics and has no dropout
+            # a frozen backbone keeps its BatchNorm statistics and has no dropout; the method's
+            # own modules (also those injected inside the backbone) train, dropout included
             self.backbone.eval()
-            for name, module in self.backbone.named_modules():
-                if any(p.requires_grad for p in module.parameters(recurse=False)) and not isinstance(
-                    module, nn.modules.batchnorm._BatchNorm
-                ):
+            for name, module in self.named_modules():
+                if self.owner(name):
                     module.train(mode)
         return self
 
@@ -107,9 +138,13 @@ class DMLModel(nn.Module):
         ]
 
     def role_of(self, name: str) -> str:
-        """Group a parameter by its first name component (backbone, head, criterion, ...)."""
+        """Parameter-group role: the owning method prefix (``adapter``, ``lora``, ...), else the
+        top-level part (``backbone``, ``head``, ``criterion``)."""
+        owner = self.owner(name)
+        if owner:
+            return owner.rstrip("_")
         top = name.split(".", 1)[0]
-        return top if top in ("head", "criterion") else ("backbone" if top == "backbone" else "method")
+        return top if top in ("backbone", "head", "criterion") else "method"
 
     # ------------------------------------------------------------------ counting and saving
     def count_parameters(self) -> dict[str, int]:
@@ -118,18 +153,20 @@ class DMLModel(nn.Module):
             total += p.numel()
             if p.requires_grad:
                 trainable += p.numel()
-                if not name.startswith(self.training_only_prefixes):
+                if not self.is_training_only(name):
                     inference += p.numel()
         return {"params_trainable": trainable, "params_trainable_inference": inference, "params_total": total}
 
-    #: buffer-name prefixes saved with the trainable weights (e.g. VPTSP-G's proxy container)
-    saved_buffer_prefixes: tuple[str, ...] = ()
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what training changes: trainable parameters and declared buffers."""
+        """Only what training changes: trainable parameters, and the persistent buffers of the
+        method's modules and the head (BatchNorm statistics, VPTSP-G's proxy container); the
+        backbone's BatchNorm statistics too when the backbone itself trains."""
         state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        persistent = set(self.state_dict(keep_vars=True))
         for n, b in self.named_buffers():
-            if self.saved_buffer_prefixes and n.startswith(self.saved_buffer_prefixes):
+            if n not in persistent:
+                continue
+            if self.owner(n) or n.startswith("head."):
                 state[n] = b.detach()
             elif n.startswith("backbone.") and "running_" in n and not self.frozen_backbone:
                 state[n] = b.detach()  # BatchNorm statistics change under full fine-tuning

@@ -36,8 +36,8 @@ def build_model(cfg: RunConfig, num_classes: int, backbone: Backbone | None = No
             weights=cfg.model.weights,
             kwargs=cfg.model.backbone_kwargs,
         )
-    torch.manual_seed(cfg.seed)
     spec = get_method(cfg.method)
+    torch.manual_seed(cfg.seed)
     return spec.builder(BuildContext(backbone=backbone, num_classes=num_classes, cfg=cfg), cfg.method_args)
 
 
