@@ -1,6 +1,7 @@
 """Every registered method, on every backbone family it applies to (parametrised over the
-registry like timm's model tests): frozen weights stay frozen, the loss goes down, the inference
-path gives unit embeddings, and the saved state holds exactly what trains."""
+registry like timm's model tests), checked against its own registration: the declared backbone
+training and prefixes are exactly what trains, frozen weights stay frozen, the loss goes down,
+the inference path gives unit embeddings, counts, modes, caching and saving follow the prefixes."""
 from __future__ import annotations
 
 import pytest
@@ -34,13 +35,21 @@ def build(method: str, family: str):
 def test_method_is_what_it_says(method, family):
     torch.manual_seed(0)
     cfg, model, original = build(method, family)
-    trainable_backbone = [n for n, p in original.items() if p.requires_grad]
-    if method == "full_finetune":
-        assert len(trainable_backbone) == len(original)
-    else:  # the backbone's own weights are frozen; at most BitFit-style biases train
-        assert all(n.endswith("bias") for n in trainable_backbone), trainable_backbone[:3]
-    if method == "bitfit":
-        assert trainable_backbone and set(trainable_backbone) == {n for n in original if n.endswith("bias")}
+    spec = get_method(method)
+    trainable_backbone = {n for n, p in original.items() if p.requires_grad}
+    expected_backbone = {"none": set(), "all": set(original),
+                         "biases": {n for n in original if n.endswith("bias")}}[spec.backbone]
+    assert trainable_backbone == expected_backbone, sorted(trainable_backbone ^ expected_backbone)[:3]
+    assert model.frozen_backbone == (spec.backbone != "all")
+    assert model.method_prefixes == spec.prefixes and model.training_only_prefixes == spec.training_only
+    owners = set()
+    for n, p in model.named_parameters():
+        if p.requires_grad and not n.startswith(("backbone.", "head.", "criterion.")):
+            assert model.owner(n), f"{n} trains but carries none of the declared prefixes {spec.prefixes}"
+        if p.requires_grad and model.owner(n):
+            owners.add(model.owner(n))
+    assert owners or not spec.prefixes, f"no parameter carries the declared prefixes {spec.prefixes}"
+    assert model.features_are_frozen == (spec.backbone == "none" and not owners - set(spec.training_only))
 
     images = torch.randn(8, 3, 32, 32)
     labels = torch.arange(4).repeat_interleave(2)  # 2 consecutive images per class, as the sampler
@@ -69,13 +78,38 @@ def test_method_is_what_it_says(method, family):
 
     state = model.trainable_state_dict()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    persistent = set(model.state_dict())
+    for key in set(state) - trainable:  # saved buffers: the method's, the head's, or trained BN stats
+        assert key in persistent and (model.owner(key) or key.startswith("head.") or spec.backbone == "all"), key
     assert trainable <= set(state)
     counts = model.count_parameters()
-    assert counts["params_trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not getattr(model, "memory_bank", False):  # the VPTSP-G bank counts CPU-held prompts too
+        assert counts["params_trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        training_only = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and (
+            n.startswith("criterion.") or model.owner(n) in spec.training_only))
+        assert counts["params_trainable_inference"] == counts["params_trainable"] - training_only
     assert counts["params_trainable_inference"] <= counts["params_trainable"] <= counts["params_total"]
+
+    model.train()  # method modules train (dropout active); a frozen backbone stays in eval
+    for name, module in model.named_modules():
+        if model.owner(name):
+            assert module.training, name
+        elif name.startswith("backbone.") and model.frozen_backbone:
+            assert not module.training, name
+
+
+def test_family_is_enforced_for_every_method():
+    """One check in the registry, whichever builder: a ViT-only method on a CNN is a UserError."""
+    from harness.errors import UserError
+
+    vit_only = [m for m in method_names() if not get_method(m).applies_to("cnn")]
+    assert vit_only
+    for method in vit_only:
+        with pytest.raises(UserError, match=f"method '{method}' supports vit backbones.*is a cnn"):
+            build(method, "cnn")
 
 
 def test_registry_covers_the_product():
     expected = {"full_finetune", "linear_probe", "bitfit", "adapter", "vpt_shallow", "vpt_deep",
-                "vptsp_g", "vptsp_ema", "frpt", "frpt_dpp", "frpt_cah", "frpt_no_in", "frpt_bbox", "frpt_cam"}
+                "vptsp_g", "vptsp_ema", "frpt", "frpt_dpp", "frpt_cah", "frpt_no_in", "frpt_bbox", "frpt_cam", "lora", "ssf"}
     assert expected <= set(method_names())

@@ -248,10 +248,13 @@ def final_metrics(run: Run, history: list[dict[str, float]], best: Best) -> dict
         final["best_val_map_at_r"] = row["val_map_at_r"]
     if not has_test(run):
         return final
-    if "epoch_test_recall_at_1" in row:
+    merge = bool(getattr(run.cfg.method_args, "merge", False))
+    if "epoch_test_recall_at_1" in row and not merge:
         test = {k.removeprefix("epoch_test_"): v for k, v in row.items() if k.startswith("epoch_test_")}
     else:
         run.model.load_trainable_state_dict(best.state)
+        if merge:  # LoRA, SSF: the test split sees the merged backbone, at the backbone's own cost
+            final["merged"] = float(run.model.merge_())
         test = {metric_name(k): v for k, v in run.evaluate("test").items()}
     final.update({f"test_{k}": v for k, v in test.items()})
     tested = [h for h in history if "epoch_test_recall_at_1" in h]
