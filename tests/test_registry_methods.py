@@ -113,3 +113,23 @@ def test_registry_covers_the_product():
     expected = {"full_finetune", "linear_probe", "bitfit", "adapter", "vpt_shallow", "vpt_deep",
                 "vptsp_g", "vptsp_ema", "frpt", "frpt_dpp", "frpt_cah", "frpt_no_in", "frpt_bbox", "frpt_cam", "lora", "ssf"}
     assert expected <= set(method_names())
+
+
+def test_readme_example_method_passes_the_registry_checks():
+    """The README's 'Adding a method' example registers and passes the same checks as every method."""
+    import re
+    from pathlib import Path
+
+    from harness.core import registry
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Adding a method"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+        assert "feature_scale" in method_names()
+        for family in ("cnn", "vit"):
+            test_method_is_what_it_says("feature_scale", family)
+    finally:
+        registry._METHODS.pop("feature_scale", None)
