@@ -47,6 +47,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         method=args.method, dataset=args.dataset, backbone=args.backbone,
         overrides=overrides, config_file=args.config, preset=args.preset,
     )
+    if args.print_config:  # the fully resolved config; no data, model or run is touched
+        from harness.core.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
     result = train(cfg)
     print(f"run {result.run_id}  ({cfg.method} on {cfg.dataset} with {cfg.backbone})")
     for key in sorted(result.metrics):
@@ -66,6 +71,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
     else:
         print(f"methods on {args.backbone} ({args.num_classes} training classes)")
         print(_table(rows, ["name", "applies", "params_trainable", "params_trainable_inference", "params_total", "description"]))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from harness.core.registry import get_method, method_names
+
+    rows = [
+        {"method": m, "preset": name, "dataset": str(preset.get("dataset", "any")),
+         "source": str(preset.get("recipe_source", ""))}
+        for m in method_names() for name, preset in sorted(get_method(m).presets.items())
+        if not args.method or m == args.method
+    ]
+    print(json.dumps(rows, indent=2) if args.json else _table(rows, ["method", "preset", "dataset", "source"]))
     return 0
 
 
@@ -171,7 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help="a method's named preset (published configuration)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--tracking-uri", default="")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved run config as YAML and exit (no run is created)")
     t.set_defaults(func=cmd_train)
+
+    rc = sub.add_parser("recipes", help="list every method's presets (published recipes) with their sources")
+    rc.add_argument("--method", default="")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(func=cmd_recipes)
 
     m = sub.add_parser("methods", help="list registered methods with parameter counts")
     m.add_argument("--json", action="store_true")

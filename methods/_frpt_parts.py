@@ -35,8 +35,11 @@ class SaliencySampler(nn.Module):
     No trainable parameters: the Gaussian is a fixed buffer.
     """
 
-    def __init__(self, gaussian_size: int = 61, fwhm: float = 13.0) -> None:
+    def __init__(self, gaussian_size: int = 61, fwhm: float = 13.0, upsample_align_corners: bool = True) -> None:
         super().__init__()
+        #: the coarse grid's upsampling to the image size: corners aligned (paper variant) or not
+        #: (the released code's ``nn.Upsample(mode='bilinear')``, align_corners=False)
+        self.upsample_align_corners = upsample_align_corners
         if gaussian_size < 1 or gaussian_size % 2 == 0:
             raise ValueError(f"gaussian_size must be odd and positive, got {gaussian_size}")
         self.pad = gaussian_size // 2
@@ -61,10 +64,11 @@ class SaliencySampler(nn.Module):
             xy = sums[:, 1:] / sums[:, :1]
             return (xy * 2 - 1).clamp(-1, 1).permute(0, 2, 3, 1)
 
-    @staticmethod
-    def resample(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Upsample the coarse grid to the image size and resample bilinearly (corners aligned)."""
-        full = F.interpolate(grid.permute(0, 3, 1, 2), size=images.shape[-2:], mode="bilinear", align_corners=True)
+    def resample(self, images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Upsample the coarse grid to the image size and resample bilinearly (grid_sample with
+        corners aligned, as the code)."""
+        full = F.interpolate(grid.permute(0, 3, 1, 2), size=images.shape[-2:], mode="bilinear",
+                             align_corners=self.upsample_align_corners)
         full = full.permute(0, 2, 3, 1).to(images.dtype)
         return F.grid_sample(images, full, mode="bilinear", padding_mode="border", align_corners=True)
 
@@ -134,7 +138,7 @@ class CategoryAwareHead(nn.Module):
     ``M_R = W_C * M_P + (1 - W_C) * IN(M_P)``; without IN (Table 1 ablation) ``M_R = W_C * M_P``.
     IN removes instance-specific style (contrast, illumination) from the channels the attention
     deems less category-relevant. ``conv_block`` adds the released code's 1x1 C->C/2 and 3x3
-    C/2->C convolutions (each + BatchNorm + ReLU) after the mixing.
+    C/2->C convolutions (each + BatchNorm with momentum 0.01 + ReLU) after the mixing.
     """
 
     def __init__(self, channels: int, reduction: int, use_in: bool = True, conv_block: bool = False) -> None:
@@ -147,10 +151,10 @@ class CategoryAwareHead(nn.Module):
         self.block = (
             nn.Sequential(
                 nn.Conv2d(channels, channels // 2, 1, bias=False),
-                nn.BatchNorm2d(channels // 2),
+                nn.BatchNorm2d(channels // 2, momentum=0.01),  # the code's BasicConv
                 nn.ReLU(),
                 nn.Conv2d(channels // 2, channels, 3, padding=1, bias=False),
-                nn.BatchNorm2d(channels),
+                nn.BatchNorm2d(channels, momentum=0.01),
                 nn.ReLU(),
             )
             if conv_block

@@ -5,6 +5,7 @@ from torch import nn
 
 from harness.core.model import BuildContext, DMLModel, freeze
 from harness.core.registry import register_method
+from methods import _vptspg_recipes as vptspg_recipes
 
 
 def unfreeze_biases(module: nn.Module) -> int:
@@ -17,7 +18,7 @@ def unfreeze_biases(module: nn.Module) -> int:
     return count
 
 
-@register_method("bitfit", backbone="biases")
+@register_method("bitfit", backbone="biases", presets=vptspg_recipes.presets("bitfit"))
 def bitfit(ctx: BuildContext, cfg: object) -> DMLModel:
     """Train the backbone's bias terms (every ``*bias`` parameter) and the head."""
     freeze(ctx.backbone.model)

@@ -283,7 +283,8 @@ def build_frpt(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
             grid_size=cfg.grid_size if (cfg.grid_size or paper) else 31,
             zero_init=cfg.parser_init == "zero",
         )
-        dpp = DiscriminativePerturbationPrompt(parser, SaliencySampler(cfg.gaussian_size, cfg.gaussian_fwhm))
+        sampler = SaliencySampler(cfg.gaussian_size, cfg.gaussian_fwhm, upsample_align_corners=paper)
+        dpp = DiscriminativePerturbationPrompt(parser, sampler)
     dim = ctx.backbone.feature_dim
     cah = None
     if cfg.use_cah:
@@ -316,24 +317,30 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "optim": {
         "name": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
         "step_epochs": 50, "step_gamma": 0.9, "warmup_epochs": 0.0, "head_lr_mult": 1.0,
+        "grad_clip": 0.0,  # the paper states no clipping (see the module docstring on the DPP)
     },
     "data": {"batch_size": 32, "samples_per_class": 0, "augment": "frpt", "image_size": 224, "resize_size": 256},
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's full schedule
-    "paper": {"optim": {"epochs": 500}},
-    # the released code (configs/base-image_retri.yml + cub.yml): SGD 0.02 without momentum,
-    # wd 5e-4, cosine over 500 epochs, batch 256, ~1000 warmup iterations (about 40 CUB epochs),
-    # label smoothing 0.1 (cub.yml raises it to 0.3), gradient clipping, AMP
+    # the paper's training (Sec. 4.1): the defaults above with the full 500 epochs
+    "paper": {"optim": {"epochs": 500},
+              "recipe_source": "FRPT paper (AAAI 2023) Sec. 4.1: SGD lr 1e-3 momentum 0.9 wd 1e-4, batch 32, "
+                               "500 epochs, lr x0.9 every 50 epochs, no gradient clipping"},
+    # the released code: projects/FastRetri/configs/base-image_retri.yml + cub.yml, fast-reid
+    # defaults for the rest (INPUT.CJ.PROB 0.5, SOLVER.CLIP_GRADIENTS.CLIP_VALUE 5.0 by norm)
     "code": {
         "method_args": {"variant": "code", "parser_init": "default"},
-        "loss": {"label_smoothing": 0.1},
+        "loss": {"label_smoothing": 0.3, "smoothing_form": "fastreid"},
         "optim": {
             "lr": 0.02, "momentum": 0.0, "weight_decay": 5e-4, "schedule": "cosine", "epochs": 500,
-            "warmup_epochs": 40.0, "grad_clip": 1.0,
+            "min_lr": 2e-5, "warmup_epochs": 0.0, "warmup_steps": 1000, "warmup_factor": 0.1, "grad_clip": 5.0,
+            "amp": True,
         },
-        "data": {"batch_size": 256},
+        # INPUT.REA is not enabled in either config (fast-reid's default: off), so no random erasing
+        "data": {"batch_size": 256, "augment": "frpt_code", "test_resize": "square", "random_erasing": 0.0},
+        "recipe_source": "Pual2013/FRPT projects/FastRetri/configs/base-image_retri.yml + cub.yml "
+                         "+ fastreid/config/defaults.py",
     },
 }
 

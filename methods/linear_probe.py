@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from harness.core.model import BuildContext, DMLModel, freeze
 from harness.core.registry import register_method
+from methods import _vptspg_recipes as vptspg_recipes
 
 
 @dataclass
@@ -17,6 +18,7 @@ class LinearProbeConfig:
 @register_method(
     "linear_probe",
     config=LinearProbeConfig,
+    presets=vptspg_recipes.presets("linear_probe"),
     search_space={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
 )
 def linear_probe(ctx: BuildContext, cfg: LinearProbeConfig) -> DMLModel:

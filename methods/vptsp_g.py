@@ -43,6 +43,7 @@ from harness.errors import UserError
 from harness.core.losses import ProxyAnchorLoss
 from harness.core.model import BuildContext, DMLModel, EmbeddingHead, freeze
 from harness.core.registry import register_method
+from methods import _vptspg_recipes as vptspg_recipes
 from methods._vit import (
     check_plain_vit,
     embed_tokens,
@@ -74,9 +75,9 @@ class VPTSPGConfig:
     lr_proxy: float = 0.1
     #: learning-rate schedule of the proxy-bias group (the code: cosine, same period)
     proxy_schedule: Literal["cosine", "constant"] = "cosine"
-    #: Proxy Anchor positive term averaged over proxies with positives in the batch (paper,
-    #: "with_positives") or over all C proxies (VPTSP-G code, "all")
-    positive_average: Literal["with_positives", "all"] = "with_positives"
+    #: dropout on the GRU's output at each integration step, before it reaches the container
+    #: (the code's rnn_dropout: SOP and In-Shop 0.1, CUB and Cars 0)
+    rnn_dropout: float = 0.0
     #: also train every backbone bias (BitFit), as in all published configs
     bitfit: bool = True
     #: keep class prompts and their optimizer state on the CPU, swapping in the batch's classes
@@ -90,10 +91,12 @@ class VPTSPEMAConfig(VPTSPGConfig):
 
 
 class GRUIntegrator(nn.Module):
-    """GRU cell of the paper (ReLU candidate): h <- (1-z)*n + z*h."""
+    """GRU cell of the paper (ReLU candidate): h <- dropout((1-z)*n + z*h), as the code's
+    ``Simple_GRUCell`` (dropout ``rnn_dropout`` on every step's output)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         for gate in ("z", "r", "n"):
             self.register_parameter(f"W_{gate}", nn.Parameter(nn.init.xavier_uniform_(torch.empty(dim, dim))))
             self.register_parameter(f"U_{gate}", nn.Parameter(nn.init.xavier_uniform_(torch.empty(dim, dim))))
@@ -103,7 +106,7 @@ class GRUIntegrator(nn.Module):
         z = torch.sigmoid(x @ self.W_z + h @ self.U_z + self.b_z)
         r = torch.sigmoid(x @ self.W_r + h @ self.U_r + self.b_r)
         n = torch.relu(x @ self.W_n + r * (h @ self.U_n) + self.b_n)
-        return (1 - z) * n + z * h
+        return self.dropout((1 - z) * n + z * h)
 
 
 def group_by_class(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -323,6 +326,8 @@ def _check(cfg: VPTSPGConfig, ctx: BuildContext) -> None:
             raise UserError(f"bad value {getattr(cfg, key)!r} for 'method_args.{key}': must be >= 0")
     if not 0.0 <= cfg.proxy_bias_ratio <= 1.0:
         raise UserError(f"bad value {cfg.proxy_bias_ratio!r} for 'method_args.proxy_bias_ratio': must be in [0, 1]")
+    if not 0.0 <= cfg.rnn_dropout < 1.0:
+        raise UserError(f"bad value {cfg.rnn_dropout!r} for 'method_args.rnn_dropout': must be in [0, 1)")
     if cfg.lr_proxy <= 0:
         raise UserError(f"bad value {cfg.lr_proxy!r} for 'method_args.lr_proxy': must be > 0")
     if isinstance(cfg, VPTSPEMAConfig) and not 0.0 <= cfg.ema_momentum < 1.0:
@@ -345,11 +350,11 @@ def build_vptsp(ctx: BuildContext, cfg: VPTSPGConfig, integration: str, method: 
 
     head, proxy_head = ctx.head(), ctx.head()
     dim = head.out_dim
-    criterion = ProxyAnchorLoss(
-        ctx.num_classes, dim, alpha=ctx.cfg.loss.alpha, margin=ctx.cfg.loss.margin, positive_average=cfg.positive_average
-    )
+    loss = ctx.cfg.loss  # loss.positive_average: one key for every Proxy Anchor method
+    criterion = ProxyAnchorLoss(ctx.num_classes, dim, alpha=loss.alpha, margin=loss.margin,
+                                positive_average=loss.positive_average)
     criterion.register_parameter("proxies", None)  # VPTSP-G passes its own proxies every step
-    integrator = GRUIntegrator(dim) if integration == "gru" else None
+    integrator = GRUIntegrator(dim, cfg.rnn_dropout) if integration == "gru" else None
     data = ctx.cfg.data
     slot_rows = data.batch_size // data.samples_per_class if data.samples_per_class else data.batch_size
     return VPTSPGModel(
@@ -358,60 +363,6 @@ def build_vptsp(ctx: BuildContext, cfg: VPTSPGConfig, integration: str, method: 
     )
 
 
-#: run-config overrides shared by the published ViT-S/16 configs (SPECS section 4)
-_VIT_S = {
-    "backbone": "vit_small_patch16_224.augreg_in21k",  # current timm name of the code's vit_small_patch16_224_in21k
-    "model.embed_dim": 384,
-    "optim.amp": True,
-    "optim.warmup_epochs": 0.0,  # the code has no warmup
-    "optim.grad_clip": 0.0,  # nor gradient clipping
-    "optim.schedule": "cosine",
-    "loss.name": "proxy_anchor",
-    "loss.alpha": 32.0,
-    "loss.margin": 0.1,
-}
-
-
-def _preset(optim: dict, data: tuple[int, int], args: dict) -> dict:
-    return {
-        **_VIT_S,
-        **{f"optim.{k}": v for k, v in optim.items()},
-        "data.batch_size": data[0],
-        "data.samples_per_class": data[1],
-        **{f"method_args.{k}": v for k, v in args.items()},
-    }
-
-
-PRESETS = {
-    "cub": _preset(
-        {"name": "sgd", "lr": 5e-3, "momentum": 0.9, "weight_decay": 1e-6, "epochs": 15, "cosine_epochs": 50},
-        (64, 2),
-        {"num_prompt": 10, "prompt_depth": 12, "prompt_block_step": 0, "num_class_prompt": 3,
-         "class_prompt_depth": 12, "proxy_bias_ratio": 0.5, "lr_proxy": 0.1, "memory_bank": False},
-    ),
-    "cars": _preset(
-        {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0, "epochs": 50, "cosine_epochs": 50},
-        (64, 2),
-        # class_prompt_block_step 2: the code's cars config (prompt_p_block_step)
-        {"num_prompt": 80, "prompt_depth": 11, "prompt_block_step": 2, "num_class_prompt": 50,
-         "class_prompt_depth": 8, "class_prompt_block_step": 2, "proxy_bias_ratio": 0.7, "lr_proxy": 0.01,
-         "memory_bank": False},
-    ),
-    "sop": _preset(
-        {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "epochs": 120, "cosine_epochs": 120},
-        (32, 1),
-        {"num_prompt": 90, "prompt_depth": 12, "prompt_block_step": 0, "num_class_prompt": 5,
-         "class_prompt_depth": 12, "proxy_bias_ratio": 0.2, "lr_proxy": 0.05, "memory_bank": True},
-    ),
-    "inshop": _preset(
-        # cosine period 100 epochs: the code's inshop config (lr_cosine_length)
-        {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-7, "epochs": 80, "cosine_epochs": 100},
-        (32, 1),
-        {"num_prompt": 90, "prompt_depth": 12, "prompt_block_step": 0, "num_class_prompt": 80,
-         "class_prompt_depth": 12, "proxy_bias_ratio": 0.2, "lr_proxy": 0.05, "memory_bank": True},
-    ),
-}
-
 _SEARCH = {
     "optim.weight_decay": None,  # the published configs barely use it (0 to 1e-4); tune the proxies instead
     "method_args.lr_proxy": {"type": "float", "low": 1e-3, "high": 0.5, "log": True},
@@ -419,17 +370,16 @@ _SEARCH = {
 }
 #: shared prompts (inference path) and the proxy path (training only); biases train (BitFit)
 _DECLARED = {"families": ("vit",), "prefixes": ("prompt_", "proxy_"), "training_only": ("proxy_",),
-             "backbone": "biases", "search_space": _SEARCH, "defaults": {"loss.name": "proxy_anchor"},
-             "presets": PRESETS}
+             "backbone": "biases", "search_space": _SEARCH, "defaults": {"loss.name": "proxy_anchor"}}
 
 
-@register_method("vptsp_g", config=VPTSPGConfig, **_DECLARED)
+@register_method("vptsp_g", config=VPTSPGConfig, presets=vptspg_recipes.presets("vptsp_g"), **_DECLARED)
 def vptsp_g(ctx: BuildContext, cfg: VPTSPGConfig) -> DMLModel:
     """VPTSP-G: shared prompts + semantic proxies from class prompts, integrated by a GRU."""
     return build_vptsp(ctx, cfg, "gru", "vptsp_g")
 
 
-@register_method("vptsp_ema", config=VPTSPEMAConfig, **_DECLARED)
+@register_method("vptsp_ema", config=VPTSPEMAConfig, presets=vptspg_recipes.presets("vptsp_ema"), **_DECLARED)
 def vptsp_ema(ctx: BuildContext, cfg: VPTSPEMAConfig) -> DMLModel:
     """VPTSP-G with the paper's EMA integration of the semantic proxies instead of the GRU."""
     return build_vptsp(ctx, cfg, "ema", "vptsp_ema")

@@ -369,15 +369,31 @@ def test_make_loaders(tmp_path, small_split):
     assert all(len(b[0]) == 4 for b in plain)
 
 
-def test_image_cache_decoded_in_worker_processes(tmp_path):
-    """The cache is identical whether decoded here or in worker processes, crops included."""
-    base = make_cub(tmp_path, n_classes=2, per_class=3)
-    paths = sorted(str(p) for p in (base / "images").rglob("*.jpg"))
-    boxes = np.array([[1, 2, 6, 7]] * len(paths), dtype=float)
-    here = data.decode_all(paths, 8, boxes, workers=0)
-    there = data.decode_all(paths, 8, boxes, workers=2)
-    assert len(here) == len(paths) and all(np.array_equal(a, b) for a, b in zip(here, there))
-    assert min(here[0].shape[:2]) == 8
+def test_image_cache_gives_the_same_crops_from_the_original_resolution(tmp_path):
+    """The cache keeps the encoded files: the same seed gives the same random crops, cached or
+    not, from the full-resolution image (not a downsized copy), boxes included."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):  # textured images, so different crops give different pixels
+        paths.append(str(tmp_path / f"img_{i}.jpg"))
+        Image.fromarray(rng.integers(0, 255, (40 + i, 30, 3), dtype=np.uint8)).save(paths[-1])
+    table = data.ImageTable(labels=np.array([0, 0, 0, 1, 1, 1]), class_names=["a", "b"], paths=paths,
+                            boxes=np.array([[1, 2, 6, 7]] * len(paths), dtype=float))
+    cfg = RunConfig()
+    cfg.data.image_size, cfg.data.resize_size = 8, 10
+    tf = data.make_transform(cfg, (0.5,) * 3, (0.25,) * 3, train=True)
+    for crop in (False, True):
+        plain = data.ImageDataset(table, tf, cache=False, crop_to_box=crop)
+        cached = data.ImageDataset(table, tf, cache=True, crop_to_box=crop)
+        assert plain.cache_bytes == 0 and cached.cache_bytes == sum(Path(p).stat().st_size for p in paths)
+        for i in range(len(paths)):
+            torch.manual_seed(i)
+            a = plain[i][0]
+            torch.manual_seed(i)
+            assert torch.equal(a, cached[i][0])
+            assert not torch.equal(a, cached[i][0])  # the crops are random: a different draw differs
+    raw = data.ImageDataset(table, None, cache=True)
+    assert raw[0][0].size == Image.open(paths[0]).size  # full resolution, not resized
     Path(paths[1]).write_bytes(b"garbage")
     with pytest.raises(UserError, match="img_1.jpg"):
-        data.decode_all(paths, 8, None, workers=2)
+        data.ImageDataset(table, None, cache=True)[1]

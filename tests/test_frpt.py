@@ -175,7 +175,8 @@ def test_registered_with_paper_recipe(name):
     assert cfg.data.batch_size == 32 and cfg.data.augment == "frpt"
     assert cfg.data.crop_to_box == (name == "frpt_bbox")
     code = resolve(method=name, dataset=cfg.dataset, preset="code")
-    assert code.method_args.variant == "code" and code.loss.label_smoothing == 0.1
+    assert code.method_args.variant == "code" and code.loss.label_smoothing == 0.3
+    assert cfg.optim.grad_clip == 0.0 and code.optim.grad_clip == 5.0  # paper: none; code: fast-reid's 5.0
     assert cfg.method_args.parser_init == "zero" and code.method_args.parser_init == "default"
 
 

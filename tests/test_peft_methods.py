@@ -176,8 +176,9 @@ def test_adapter_cnn_is_identity_at_init_and_counts(norm):
         reference = bb.model.eval()(x)
         model = build("adapter", bb, cnn_norm=norm).train()  # train mode: BN on batch statistics
         assert torch.equal(model.features(x), reference)
-    # resnet10t: 4 basic blocks with 64, 128, 256, 512 channels; conv + BN (2c) or conv + bias (c)
-    assert n_params(model, "adapter_") == sum(c * c + (2 * c if norm else c) for c in (64, 128, 256, 512))
+    # resnet10t: 4 basic blocks with 64, 128, 256, 512 channels; C -> C/16 -> C 1x1 convs, then
+    # BN (2C) or the up-projection's bias (C)
+    assert n_params(model, "adapter_") == sum(c * c // 8 + (2 * c if norm else c) for c in (64, 128, 256, 512))
     state = model.trainable_state_dict()
     assert ("adapter_modules.layer1_0.norm.running_mean" in state) == norm  # BN statistics are saved
     x2 = x.clone()

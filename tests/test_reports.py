@@ -97,12 +97,13 @@ def test_report_is_logged_to_a_study_run(finished_study, tmp_path):
 # ----------------------------------------------------------------------------- published numbers
 
 
-def fake_mlflow_runs(entry: str, dataset: str, r1: list[float], shots: int = 0) -> pd.DataFrame:
+def fake_mlflow_runs(entry: str, dataset: str, r1: list[float], shots: int = 0, protocol: str = "paper") -> pd.DataFrame:
     """Rows shaped like mlflow.search_runs output for reproduction runs (input to the pairing logic)."""
     return pd.DataFrame([{
         "run_id": f"{entry}-{seed}", "start_time": pd.Timestamp(2024, 1, 1) + pd.Timedelta(seconds=seed),
         "tags.dmlbench.role": "reproduction", "tags.dmlbench.status": "finished", "tags.dmlbench.dataset": dataset,
         "tags.dmlbench.entry": entry, "tags.dmlbench.seed": str(seed), "params.data.shots": str(shots),
+        "params.protocol": protocol,
         "metrics.test_recall_at_1": value, "metrics.test_selected_recall_at_1": value + 0.01,
         "metrics.params_trainable": 2.9e6, "metrics.params_total": 26.4e6,
     } for seed, value in enumerate(r1)])
@@ -122,6 +123,16 @@ def test_published_cells_pair_with_our_runs():
     assert list(r1["published"]) == ["74.3"] and list(r1["delta"]) == ["-3.3"]
     assert list(r1["ours_test_selected"]) == ["72.0"]
     assert r"$\pm$" in tex
+
+
+def test_fair_protocol_rows_show_published_numbers_without_a_difference():
+    spec = load_spec(REPO / "studies" / "frpt_ablation.yaml")
+    df, md, tex = published_tables(spec, matches(spec, fake_mlflow_runs("frpt", "cub200", [0.70, 0.72], protocol="fair")))
+    r1 = df[(df["metric"] == "R@1") & (df["method"] == "DPP + PT + CAH")]
+    assert list(r1["published"]) == ["74.3"] and list(r1["delta"]) == ["—"] and list(r1["protocol"]) == ["fair"]
+    counts = df[df["unit"] == "M"]
+    assert len(counts) and all(d != "—" for d in counts["delta"])  # parameter counts compare under any protocol
+    assert "only for paper-protocol runs" in md and "only for paper-protocol runs" in tex.replace("\n", " ")
 
 
 def test_few_shot_cells_need_the_same_shots():

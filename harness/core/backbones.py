@@ -176,3 +176,20 @@ def create_backbone(
         std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
         weight_source=source,
     )
+
+
+def feature_dim_of(name: str, kwargs: dict | None = None) -> int:
+    """The pooled feature width of backbone ``name``, from a model built on the meta device
+    (no memory, no weights: cheap enough for config resolution)."""
+    check_name(name)
+    kwargs = {**(kwargs or {}), "num_classes": 0}
+    try:
+        with torch.device("meta"):
+            return int(timm.create_model(name, pretrained=False, **kwargs).num_features)
+    except TypeError as exc:
+        raise UserError(f"bad value {kwargs!r} for 'model.backbone_kwargs' of '{name}': {exc}") from None
+
+
+def auto_embed_dim(feature_dim: int) -> int:
+    """The papers' embedding width for a backbone: its own up to 512 (ViT-S 384, ViT-B 512)."""
+    return min(feature_dim, 512)

@@ -35,12 +35,20 @@ class DataConfig:
     max_per_class: int = 0
     #: keep N seeded classes of each split (quick runs; 0 = all)
     max_classes: int = 0
-    #: train augmentation: "standard" (RandomResizedCrop + flip), "frpt" (256 resize, crop,
-    #: flip, colour jitter 0.25) or "none" (test transform)
-    augment: Literal["standard", "frpt", "none"] = "standard"
+    #: train augmentation: "standard" (RandomResizedCrop + flip), "frpt" (FRPT paper: 256x256
+    #: resize, random crop, flip, colour jitter 0.25), "frpt_code" (FRPT's released fast-reid
+    #: config: 256x256 bicubic resize, RandomResizedCrop(scale 0.16-1), flip, colour jitter 0.25
+    #: with p=0.5) or "none" (test transform)
+    augment: Literal["standard", "frpt", "frpt_code", "none"] = "standard"
+    #: probability of torchvision's RandomErasing after normalisation (0 = off)
+    random_erasing: float = 0.0
+    #: test resize: "short" (shorter side to resize_size, SPECS 1) or "square" (resize_size x
+    #: resize_size, FRPT's released code), then the centre crop
+    test_resize: Literal["short", "square"] = "short"
     #: decode every image once before the run starts (a corrupt file fails up front, by name)
     verify_images: bool = True
-    #: decode and resize every image once and keep it in memory as uint8
+    #: keep every image's encoded file bytes in memory (read once; decoded per use, so crops come
+    #: from the original resolution exactly as without the cache; costs the files' size)
     cache_images: bool = False
     #: DataLoader worker processes (-1 = min(8, CPU cores): JPEG decoding feeds a GPU only with
     #: several workers)
@@ -53,8 +61,12 @@ class ModelConfig:
     pretrained: bool = True
     #: local weights file (.safetensors / .pth / .bin); overrides the hub
     weights: str = ""
-    #: embedding dimension of the shared head (0 = backbone feature dim)
-    embed_dim: int = 512
+    #: embedding dimension of the shared head: -1 = follow the backbone, min(feature dim, 512)
+    #: (ViT-S 384, ViT-B 512, as in the papers); 0 = the backbone features, no projection
+    embed_dim: int = -1
+    #: head initialisation: "default" (PyTorch's Linear) or "xavier" (xavier-uniform weight, zero
+    #: bias: the VPTSP-G code)
+    head_init: Literal["default", "xavier"] = "default"
     #: extra keyword arguments for timm.create_model (e.g. depth, img_size for tiny test ViTs)
     backbone_kwargs: dict = field(default_factory=dict)
 
@@ -73,8 +85,17 @@ class LossConfig:
     temperature: float = 0.05
     #: label smoothing for cross-entropy losses
     label_smoothing: float = 0.0
+    #: "torch": (1-eps) + eps/C on the true class, eps/C elsewhere; "fastreid": 1-eps and
+    #: eps/(C-1) (FRPT's released code)
+    smoothing_form: Literal["torch", "fastreid"] = "torch"
     #: learning-rate multiplier for loss parameters (proxies, class weights)
     lr_mult: float = 100.0
+    #: Proxy Anchor proxies: "kaiming" (kaiming-normal, the Proxy Anchor code) or "xavier_div8"
+    #: (xavier-uniform / 8, the VPTSP-G code)
+    proxy_init: Literal["kaiming", "xavier_div8"] = "kaiming"
+    #: absolute learning rate of the loss parameters (> 0 replaces lr * lr_mult; the VPTSP-G
+    #: code's lr_proxy); they keep their own group and follow the schedule
+    proxy_lr: float = 0.0
 
 
 @dataclass
@@ -88,6 +109,14 @@ class OptimConfig:
     #: cosine schedule period in epochs (0 = epochs); VPTSP-G CUB uses 50 with 15 epochs
     cosine_epochs: int = 0
     warmup_epochs: float = 1.0
+    #: warmup length in optimiser steps; > 0 replaces warmup_epochs (fast-reid's WARMUP_ITERS)
+    warmup_steps: int = 0
+    #: warmup starts at this fraction of the lr (fast-reid's WARMUP_FACTOR; 0 = from lr/steps)
+    warmup_factor: float = 0.0
+    #: learning-rate floor of every schedule and parameter group (CosineAnnealingLR's eta_min)
+    min_lr: float = 0.0
+    #: the schedule moves every optimiser "step", or once per "epoch" (the released codes)
+    schedule_unit: Literal["step", "epoch"] = "step"
     #: schedule: cosine | step (multiply by step_gamma every step_epochs) | constant
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_epochs: int = 50
@@ -129,6 +158,10 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
+    #: "fair": validation classes held out, checkpoint selected on validation (studies);
+    #: "paper": all training classes, every epoch tested, the best test epoch reported (both
+    #: papers' protocol; labelled as such wherever it is shown)
+    protocol: Literal["fair", "paper"] = "fair"
     method: str = "linear_probe"
     dataset: str = "fashion_mnist"
     backbone: str = "tf_efficientnet_lite0"
@@ -141,6 +174,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    #: the preset applied ("<method>:<name>", empty if none) and the source it follows
+    recipe: str = ""
+    recipe_source: str = ""
     #: method-specific options (the method's config dataclass, resolved by name)
     method_args: Any = None
 

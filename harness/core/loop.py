@@ -91,7 +91,7 @@ def train(
             evaluated = epoch % cfg.eval.every == 0 or epoch == run.epochs
             if evaluated:
                 row.update(evaluate_epoch(run, epoch))
-                best.offer(run.model, epoch, row, cfg.eval.select)
+                best.offer(run.model, epoch, row, selection_key(cfg))
             history.append({"epoch": float(epoch), **row})
             mlflow.log_metrics(row, step=epoch)
             if on_epoch is not None and evaluated:
@@ -135,6 +135,9 @@ def prepare(cfg: RunConfig) -> Run:
         for p in model.parameters():
             p.requires_grad_(False)
     counts = model.count_parameters()
+    backbone_params = sum(p.numel() for p in backbone.model.parameters())
+    for key in ("params_trainable", "params_trainable_inference"):  # share of the backbone's size
+        counts[f"{key}_share"] = counts[key] / backbone_params
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loaders["train"])) if optimizer else None
     return Run(
@@ -158,6 +161,10 @@ def log_run_start(run: Run, tags: dict[str, str] | None) -> None:
         "dmlbench.weight_source": run.backbone.weight_source,
         "dmlbench.device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "dmlbench.status": "running",
+        "dmlbench.protocol": cfg.protocol,
+        "dmlbench.selection": "best test R@1 epoch (paper protocol)" if cfg.protocol == "paper"
+        else f"best validation {cfg.eval.select} epoch",
+        **({"dmlbench.recipe": cfg.recipe, "dmlbench.recipe_source": cfg.recipe_source} if cfg.recipe else {}),
         **(tags or {}),
     })
     mlflow.log_text(to_yaml(cfg), "config.yaml")
@@ -220,6 +227,11 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, float]:
     return row
 
 
+def selection_key(cfg: RunConfig) -> str:
+    """The metric that picks the reported epoch: validation (fair) or test R@1 (paper protocol)."""
+    return "epoch_test_recall_at_1" if cfg.protocol == "paper" else f"val_{metric_name(cfg.eval.select)}"
+
+
 def has_test(run: Run) -> bool:
     return run.cfg.eval.test and (run.splits.test is not None or run.splits.query is not None)
 
@@ -232,8 +244,8 @@ class Best:
     epoch: int = 0
     state: dict[str, torch.Tensor] | None = None
 
-    def offer(self, model: DMLModel, epoch: int, row: dict[str, float], select: str) -> None:
-        score = row.get(f"val_{metric_name(select)}", float(epoch))  # no val split: last epoch
+    def offer(self, model: DMLModel, epoch: int, row: dict[str, float], key: str) -> None:
+        score = row.get(key, float(epoch))  # no val split (fair protocol): the last epoch
         if score > self.score:
             self.score, self.epoch = score, epoch
             self.state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}

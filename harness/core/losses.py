@@ -51,14 +51,18 @@ class ProxyAnchorLoss(nn.Module):
     AVERAGES = ("with_positives", "all")
 
     def __init__(self, num_classes: int, embed_dim: int, alpha: float = 32.0, margin: float = 0.1,
-                 positive_average: str = "with_positives") -> None:
+                 positive_average: str = "with_positives", proxy_init: str = "kaiming") -> None:
         super().__init__()
         if positive_average not in self.AVERAGES:
             raise unknown("positive_average", positive_average, self.AVERAGES)
         self.num_classes, self.alpha, self.margin = num_classes, float(alpha), float(margin)
         self.positive_average = positive_average
         self.proxies = nn.Parameter(torch.empty(num_classes, embed_dim))
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")  # as in the original code
+        if proxy_init == "xavier_div8":  # the VPTSP-G code's proxies_bias
+            with torch.no_grad():
+                self.proxies.copy_(nn.init.xavier_uniform_(torch.empty(num_classes, embed_dim)) / 8.0)
+        else:
+            nn.init.kaiming_normal_(self.proxies, mode="fan_out")  # as in the Proxy Anchor code
 
     @full_precision
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
@@ -100,16 +104,27 @@ class NormSoftmaxLoss(nn.Module):
 
 
 class CrossEntropyLoss(nn.Module):
-    """Bias-free linear classifier + cross-entropy, as FRPT trains its embedding."""
+    """Bias-free linear classifier + cross-entropy, as FRPT trains its embedding.
 
-    def __init__(self, num_classes: int, embed_dim: int, label_smoothing: float = 0.0) -> None:
+    ``smoothing_form="fastreid"`` puts 1 - eps on the true class and eps / (C - 1) on each other
+    (fast-reid's ``cross_entropy_loss``, FRPT's released code); "torch" is PyTorch's
+    (1 - eps + eps / C and eps / C).
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, label_smoothing: float = 0.0,
+                 smoothing_form: str = "torch") -> None:
         super().__init__()
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing, self.smoothing_form = float(label_smoothing), smoothing_form
         self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
 
     @full_precision
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = F.linear(_float32(embeddings), _float32(self.classifier.weight))
+        if self.smoothing_form == "fastreid" and self.label_smoothing > 0:
+            eps, classes = self.label_smoothing, logits.shape[1]
+            targets = torch.full_like(logits, eps / (classes - 1))
+            targets.scatter_(1, labels.long()[:, None], 1.0 - eps)
+            return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
         return F.cross_entropy(logits, labels.long(), label_smoothing=self.label_smoothing)
 
 
@@ -120,10 +135,11 @@ def build_loss(name: str, num_classes: int, embed_dim: int, cfg) -> nn.Module:
     """Instantiate a loss from a :class:`harness.config.LossConfig`; unknown names are a UserError."""
     if name == "proxy_anchor":
         return ProxyAnchorLoss(num_classes, embed_dim, alpha=cfg.alpha, margin=cfg.margin,
-                               positive_average=cfg.positive_average)
+                               positive_average=cfg.positive_average, proxy_init=cfg.proxy_init)
     if name == "norm_softmax":
         return NormSoftmaxLoss(num_classes, embed_dim, temperature=cfg.temperature,
                                label_smoothing=cfg.label_smoothing)
     if name == "cross_entropy":
-        return CrossEntropyLoss(num_classes, embed_dim, label_smoothing=cfg.label_smoothing)
+        return CrossEntropyLoss(num_classes, embed_dim, label_smoothing=cfg.label_smoothing,
+                                smoothing_form=cfg.smoothing_form)
     raise unknown("loss", name, LOSSES)

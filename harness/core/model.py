@@ -132,10 +132,14 @@ class DMLModel(nn.Module):
             if p.requires_grad:
                 roles.setdefault(self.role_of(name), []).append(p)
         mult = {"head": optim_cfg.head_lr_mult, "criterion": loss_cfg.lr_mult}
-        return [
+        groups = [
             {"name": role, "params": params, "lr": optim_cfg.lr * mult.get(role, 1.0)}
             for role, params in roles.items()
         ]
+        for g in groups:  # the VPTSP-G code's lr_proxy: an absolute lr for the proxies
+            if g["name"] == "criterion" and loss_cfg.proxy_lr > 0:
+                g["lr"] = loss_cfg.proxy_lr
+        return groups
 
     def role_of(self, name: str) -> str:
         """Parameter-group role: the owning method prefix (``adapter``, ``lora``, ...), else the
@@ -197,7 +201,11 @@ class BuildContext:
     def head(self, in_dim: int | None = None, norm: bool | None = None) -> EmbeddingHead:
         in_dim = in_dim or self.backbone.feature_dim
         norm = (self.backbone.family == "vit") if norm is None else norm
-        return EmbeddingHead(in_dim, self.cfg.model.embed_dim, norm)
+        head = EmbeddingHead(in_dim, self.cfg.model.embed_dim, norm)
+        if self.cfg.model.head_init == "xavier" and isinstance(head.proj, nn.Linear):
+            nn.init.xavier_uniform_(head.proj.weight)  # the VPTSP-G code's _init_weights
+            nn.init.zeros_(head.proj.bias)
+        return head
 
     def criterion(self, embed_dim: int) -> nn.Module:
         from harness.core.losses import build_loss

@@ -5,14 +5,16 @@ values raise a :class:`UserError` before anything is created.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from harness.core.config import RunConfig, flat_get, flatten, to_dict
 from harness.core.overrides import load_yaml, set_key
-from harness.core.registry import get_method
+from harness.core.backbones import auto_embed_dim, feature_dim_of
+from harness.core.registry import get_method, method_names
 from harness.data.specs import get_spec
-from harness.errors import UserError, unknown
+from harness.errors import UserError
 
 #: devices besides "cuda:N"
 DEVICES = ("", "cpu", "cuda", "mps")
@@ -43,22 +45,43 @@ def resolve(
         return str(value)
 
     method = get_method(pick("method", RunConfig.method))
-    dataset = get_spec(pick("dataset", RunConfig.dataset))
+    recipe = check_preset(method, preset)
+    dataset = get_spec(pick("dataset", recipe.get("dataset", RunConfig.dataset)))
+    if "dataset" in recipe and dataset.name != recipe["dataset"]:
+        raise UserError(f"preset '{preset}' of method '{method.name}' is the recipe for dataset "
+                        f"'{recipe['dataset']}', not '{dataset.name}'; drop --dataset or pick its preset")
     cfg = RunConfig(method=method.name, dataset=dataset.name)
     cfg.method_args = method.config_cls()
 
     base_layers: list[dict[str, Any]] = [flatten(dataset.defaults), flatten(method.defaults)]
     if preset:
-        if preset not in method.presets:
-            raise unknown(f"preset of method '{method.name}'", preset, method.presets)
-        base_layers.append(flatten(method.presets[preset]))
+        recipe = {k: v for k, v in flatten(recipe).items() if k != "dataset"}
+        base_layers.append({**recipe, "recipe": f"{method.name}:{preset}"})
     for layer in base_layers + layers:
         for key, value in layer.items():
             set_key(cfg, key, value)
     if cfg.method != method.name or cfg.dataset != dataset.name:  # pragma: no cover - defensive
         raise UserError("method/dataset changed while resolving the config")
+    if cfg.protocol == "paper":  # both papers: all training classes, test every epoch, pick on test
+        cfg.data.val_fraction = 0.0
+        cfg.eval.test = cfg.eval.test_every_epoch = True
+        cfg.eval.every = 1
+    if cfg.model.embed_dim == -1:
+        cfg.model.embed_dim = auto_embed_dim(feature_dim_of(cfg.backbone, cfg.model.backbone_kwargs))
     validate(cfg)
     return cfg
+
+
+def check_preset(method: Any, preset: str | None) -> dict[str, Any]:
+    """The preset's overrides ({} for none); an unknown one names the valid presets."""
+    if not preset:
+        return {}
+    if preset not in method.presets:
+        covered = sorted(m for m in method_names() if preset in get_method(m).presets)
+        hint = f" (preset '{preset}' exists for: {', '.join(covered)})" if covered else ""
+        raise UserError(f"unknown preset '{preset}' of method '{method.name}'; valid: "
+                        f"{', '.join(sorted(method.presets)) or 'none'}{hint}")
+    return dict(method.presets[preset])
 
 
 def validate(cfg: RunConfig) -> None:
@@ -76,8 +99,17 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"bad value {cfg.data.val_fraction!r} for 'data.val_fraction': must be in [0, 1)")
     if cfg.data.num_workers < -1:
         raise UserError(f"bad value {cfg.data.num_workers!r} for 'data.num_workers': must be >= 0, or -1 for auto")
-    if cfg.optim.lr <= 0:
-        raise UserError(f"bad value {cfg.optim.lr!r} for 'optim.lr': must be > 0")
+    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
+        raise UserError(f"bad value {cfg.optim.lr!r} for 'optim.lr': must be a finite number > 0")
+    if not (math.isfinite(cfg.optim.min_lr) and 0 <= cfg.optim.min_lr < cfg.optim.lr):
+        raise UserError(f"bad value {cfg.optim.min_lr!r} for 'optim.min_lr': must be in [0, optim.lr={cfg.optim.lr})")
+    if not (math.isfinite(cfg.loss.proxy_lr) and cfg.loss.proxy_lr >= 0):
+        raise UserError(f"bad value {cfg.loss.proxy_lr!r} for 'loss.proxy_lr': must be >= 0 (0 = lr * loss.lr_mult)")
+    for key in ("data.random_erasing", "optim.warmup_factor", "loss.label_smoothing"):
+        if not 0.0 <= flat_get(flat, key) <= 1.0:
+            raise UserError(f"bad value {flat_get(flat, key)!r} for '{key}': must be in [0, 1]")
+    if cfg.model.embed_dim < 0:
+        raise UserError(f"bad value {cfg.model.embed_dim!r} for 'model.embed_dim': must be >= 0, or -1 for the backbone's")
     m = cfg.data.samples_per_class
     if m < 0 or (m and cfg.data.batch_size % m):
         raise UserError(

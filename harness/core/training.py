@@ -53,22 +53,33 @@ def make_optimizer(model: DMLModel, cfg: RunConfig) -> torch.optim.Optimizer | N
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step multipliers: linear warmup, then each group's schedule (cosine, step or constant)."""
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    period = max(1, (cfg.optim.cosine_epochs or cfg.optim.epochs) * steps_per_epoch - warmup)
+    """Per-group multipliers of each group's own lr: linear warmup (from ``warmup_factor``), then the
+    group's schedule (cosine, step or constant) with the floor ``min_lr`` (CosineAnnealingLR's
+    ``eta_min``: cosine anneals to it, step never goes below it). ``schedule_unit="epoch"`` moves
+    the schedule once per epoch, as the released codes' per-epoch ``scheduler.step()`` does."""
+    o = cfg.optim
+    warmup = o.warmup_steps or int(o.warmup_epochs * steps_per_epoch)
+    epochs = o.cosine_epochs or o.epochs
+    period = max(1, epochs * steps_per_epoch - warmup)
 
-    def factor(kind: str) -> Callable[[int], float]:
+    def factor(kind: str, base: float) -> Callable[[int], float]:
+        floor = min(o.min_lr, base) / base if base > 0 else 0.0
+
         def f(step: int) -> float:
             if step < warmup:
-                return (step + 1) / warmup
+                return o.warmup_factor + (1.0 - o.warmup_factor) * (step + 1) / warmup
             if kind == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / period)))
+                if o.schedule_unit == "epoch":
+                    t = (step // steps_per_epoch) / max(1, epochs)
+                else:
+                    t = (step - warmup) / period
+                return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
             if kind == "step":
-                return cfg.optim.step_gamma ** ((step // steps_per_epoch) // cfg.optim.step_epochs)
+                return max(floor, o.step_gamma ** ((step // steps_per_epoch) // o.step_epochs))
             return 1.0
 
         return f
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["schedule"]) for g in optimizer.param_groups])
-
-
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [factor(g["schedule"], g["lr"]) for g in optimizer.param_groups]
+    )

@@ -6,16 +6,23 @@ class-disjoint train/test split into the run's splits (SPECS 1). Modules, bottom
 ``table`` (ImageTable, Splits) <- ``readers`` <- ``specs`` <- ``splits``; ``sampler``,
 ``transforms`` and ``images`` are independent; ``loaders`` puts them together.
 """
-from harness.data.images import ImageDataset, crop_box, decode_all
+from harness.data.images import ImageDataset, crop_box, read_all
 from harness.data.loaders import loader_workers, make_loaders, set_epoch
 from harness.data.sampler import ClassBalancedBatchSampler
 from harness.data.specs import DatasetSpec, get_spec, resolve_root, spec_names
-from harness.data.splits import check_dataset, class_groups, load_splits, n_val_classes, verify_splits, verify_tables
+from harness.data.splits import (
+    check_dataset,
+    class_groups,
+    load_splits,
+    n_val_classes,
+    verify_splits,
+    verify_tables,
+)
 from harness.data.table import ImageTable, Splits
 from harness.data.transforms import make_transform
 
 __all__ = [
     "ClassBalancedBatchSampler", "DatasetSpec", "ImageDataset", "ImageTable", "Splits", "check_dataset",
-    "class_groups", "crop_box", "decode_all", "get_spec", "load_splits", "loader_workers", "make_loaders",
+    "class_groups", "crop_box", "read_all", "get_spec", "load_splits", "loader_workers", "make_loaders",
     "make_transform", "n_val_classes", "resolve_root", "set_epoch", "spec_names", "verify_splits", "verify_tables",
 ]

@@ -1,35 +1,32 @@
 """Decoding images (optionally cropped to a box) and the dataset of one split, with its cache."""
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from harness.data.specs import one_line
 from harness.data.table import ImageTable
 from harness.errors import UserError
 
-def _decode(path: str, short_side: int = 0, box: Sequence[float] | None = None) -> Any:
-    """PIL RGB image, optionally cropped to ``box`` (x0, y0, x1, y1 pixels), then optionally
-    resized so the shorter side is ``short_side``."""
+
+def _decode(source: str | bytes, box: Sequence[float] | None = None, name: str = "") -> Any:
+    """PIL RGB image from a path or the file's bytes, optionally cropped to ``box``
+    (x0, y0, x1, y1 pixels). Bytes decode to exactly the pixels the file does."""
     from PIL import Image
 
+    name = name or str(source)
     try:
-        with Image.open(path) as im:
-            if short_side and box is None:
-                im.draft("RGB", (short_side, short_side))
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             img = im.convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
-        raise UserError(f"unreadable image {path} ({type(exc).__name__}: {one_line(exc)})") from None
-    if box is not None:
-        img = crop_box(img, box)
-    if short_side:
-        w, h = img.size
-        s = short_side / min(w, h)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
-    return img
+        raise UserError(f"unreadable image {name} ({type(exc).__name__}: {one_line(exc)})") from None
+    return crop_box(img, box) if box is not None else img
 
 
 def crop_box(img: Any, box: Sequence[float]) -> Any:
@@ -43,40 +40,30 @@ def crop_box(img: Any, box: Sequence[float]) -> Any:
     return img[y0:y1, x0:x1] if isinstance(img, np.ndarray) else img.crop((x0, y0, x1, y1))
 
 
-class _DecodeOnly(Dataset):
-    """Images as resized uint8 arrays: what the cache holds, decoded in worker processes."""
+def read_all(paths: Sequence[str], workers: int = 8) -> list[bytes]:
+    """Every file's encoded bytes, read once (threads: file reads release the GIL)."""
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise UserError(f"unreadable image {path} ({type(exc).__name__}: {one_line(exc)})") from None
 
-    def __init__(self, paths: Sequence[str], short_side: int, boxes: np.ndarray | None) -> None:
-        self.paths, self.short_side, self.boxes = paths, short_side, boxes
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        box = None if self.boxes is None else self.boxes[i]
-        return np.asarray(_decode(self.paths[i], self.short_side, box))
-
-
-def decode_all(paths: Sequence[str], short_side: int, boxes: np.ndarray | None, workers: int) -> list[np.ndarray]:
-    """Decode every image once, in ``workers`` processes: PIL holds the GIL for much of a JPEG
-    decode and resize, so threads gave almost no speed-up on a 16-core GPU host."""
-    dataset = _DecodeOnly(paths, short_side, boxes)
-    if workers <= 0:
-        return [dataset[i] for i in range(len(dataset))]
-    loader = DataLoader(dataset, batch_size=32, num_workers=workers, collate_fn=list)
-    return [image for batch in loader for image in batch]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(read, paths, chunksize=256))
 
 
 class ImageDataset(Dataset):
     """``(image_tensor, label, index)`` items of one table.
 
-    ``cache_size > 0`` decodes every image once up front (shorter side resized to
-    ``cache_size``) and keeps uint8 arrays, shared copy-on-write with forked workers.
-    A file that fails to decode raises a UserError naming it; nothing is skipped.
+    ``cache=True`` reads every file's encoded bytes once and keeps them (shared copy-on-write
+    with forked workers); each use decodes them, so the transforms see exactly the pixels of the
+    file (the released pipelines crop from the original JPEG) at the cost of the files' size in
+    memory (:attr:`cache_bytes`), not of their decoded pixels. A file that fails to decode raises
+    a UserError naming it; nothing is skipped.
     """
 
-    def __init__(self, table: ImageTable, transform: Any = None, cache_size: int = 0,
-                 crop_to_box: bool = False, decode_workers: int = 0) -> None:
+    def __init__(self, table: ImageTable, transform: Any = None, cache: bool = False,
+                 crop_to_box: bool = False, read_workers: int = 8) -> None:
         if table.paths is None and table.array is None:
             raise ValueError("ImageTable needs paths or array")
         if crop_to_box and table.boxes is None:
@@ -87,10 +74,14 @@ class ImageDataset(Dataset):
         self.table = table
         self.transform = transform
         self.crop_to_box = crop_to_box
-        self.cache: list[np.ndarray] | None = None
-        if cache_size and table.array is None:
-            boxes = table.boxes if crop_to_box else None
-            self.cache = decode_all(table.paths, cache_size, boxes, decode_workers)
+        self.cache: list[bytes] | None = None
+        if cache and table.array is None:
+            self.cache = read_all(table.paths, read_workers)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory the cache holds (the encoded files), 0 without a cache."""
+        return sum(len(b) for b in self.cache) if self.cache is not None else 0
 
     def _box(self, i: int) -> Any:
         return self.table.boxes[i] if self.crop_to_box else None
@@ -104,7 +95,7 @@ class ImageDataset(Dataset):
             if self.crop_to_box:
                 img = crop_box(img, self.table.boxes[i])
         elif self.cache is not None:
-            img = self.cache[i]
+            img = _decode(self.cache[i], box=self._box(i), name=self.table.paths[i])
         else:
             img = _decode(self.table.paths[i], box=self._box(i))
         if self.transform is not None:

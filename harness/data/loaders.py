@@ -15,6 +15,7 @@ from harness.data.sampler import ClassBalancedBatchSampler
 from harness.data.table import Splits
 from harness.data.transforms import make_transform
 
+
 def _worker_init(worker_id: int) -> None:
     """Seed numpy and random in each worker from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
@@ -32,7 +33,7 @@ def make_loaders(splits: Splits, cfg: Any, mean: Sequence[float], std: Sequence[
     """``train`` plus one loader per evaluation split present (test transform, no shuffle)."""
     d = cfg.data
     workers = loader_workers(d.num_workers)
-    cache = int(d.resize_size) if d.cache_images else 0
+    cache = bool(d.cache_images)
     common: dict[str, Any] = dict(
         num_workers=workers,
         pin_memory=device_type == "cuda",

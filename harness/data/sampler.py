@@ -9,6 +9,7 @@ from torch.utils.data import Sampler
 from harness.data.splits import class_groups
 from harness.errors import UserError
 
+
 class ClassBalancedBatchSampler(Sampler[list[int]]):
     """Batches of ``batch_size // m`` classes x ``m`` images, each class's images consecutive.
 

@@ -16,6 +16,7 @@ from harness.data.specs import get_spec, one_line, read_raw, resolve_root
 from harness.data.table import ImageTable, Splits
 from harness.errors import UserError
 
+
 def _rng(seed: int, step: int) -> np.random.Generator:
     """Independent stream per step, so e.g. changing ``shots`` leaves the val split unchanged."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, step])

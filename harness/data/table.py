@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 @dataclass
 class ImageTable:
     """One split: contiguous labels 0..C-1 plus either image paths or an in-memory array."""

@@ -89,7 +89,8 @@ def matches(spec: StudySpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
             if cell["metric"] == "recall_at_1":
                 sel = mean_std(column(rep, "test_selected_recall_at_1") * scale)[0]
             out.append({**cell, "entry": entry.name, "label": entry.label, "ours_mean": mean, "ours_std": std,
-                        "ours_test_selected": sel, "seeds": len(rep)})
+                        "ours_test_selected": sel, "seeds": len(rep),
+                        "protocol": _run_setting(rep, "protocol") or "fair"})
     return out
 
 
@@ -103,23 +104,31 @@ def published_tables(spec: StudySpec, paired: list[dict[str, Any]]) -> tuple[pd.
             continue
         seen.add(key)
         digits = 3 if p["unit"] == "fraction" else (2 if p["unit"] == "M" else 1)
-        delta = p["ours_mean"] - float(p["value"])
+        # a difference only where our protocol is the papers' (counts do not depend on it)
+        comparable = p["protocol"] == "paper" or p["unit"] == "M"
+        delta = p["ours_mean"] - float(p["value"]) if comparable else float("nan")
         rows.append({
             "dataset": p["dataset"], "method": p["label"], "metric": metric_label(p["metric"]), "unit": p["unit"],
+            "protocol": p["protocol"],
             "ours": fmt_pm(p["ours_mean"], p["ours_std"], digits),
             "ours_test_selected": fmt_pm(p["ours_test_selected"], float("nan"), digits),
             "published": f"{float(p['value']):.{digits}f}",
             "delta": DASH if not math.isfinite(delta) else f"{delta:+.{digits}f}",
             "source": f"{p['source']} {p['table']}",
         })
-    df = pd.DataFrame(rows, columns=["dataset", "method", "metric", "unit", "ours", "ours_test_selected",
+    df = pd.DataFrame(rows, columns=["dataset", "method", "metric", "unit", "protocol", "ours", "ours_test_selected",
                                      "published", "delta", "source"])
-    headers = ["Dataset", "Method", "Metric", "Unit", "Ours (val-sel.)", "Ours (test-sel.)", "Published", "Δ", "Source"]
+    headers = ["Dataset", "Method", "Metric", "Unit", "Protocol", "Ours", "Ours (test-sel.)", "Published", "Δ",
+               "Source"]
     body = df.values.tolist()
     notes = "\n".join(f"- `{k}`: {v}" for k, v in sorted(sources.items()) if any(r["source"].startswith(k) for r in rows))
     md = md_table(headers, body) + ("\n" + notes + "\n" if notes else "")
-    tex = tex_table(headers, body, f"{spec.name}: ours (mean ± std over seeds) beside published numbers; "
-                                   "both papers select checkpoints on the test set")
+    caption = (f"{spec.name}: ours (mean ± std over seeds) beside published numbers. Δ is given only for "
+               "paper-protocol runs (all training classes, the best test epoch, as both papers select); "
+               "fair-protocol rows (validation classes held out, checkpoint selected on validation) show the "
+               "published number for reference only")
+    md = f"{caption}.\n\n{md}"
+    tex = tex_table(headers, body, caption)
     return df, md, tex
 
 

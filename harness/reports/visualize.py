@@ -97,7 +97,6 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
     from harness.core.resolve import resolve
     from harness.core.training import build_model, seed_everything
     from harness.tracking.store import resolve_uri
-    from methods._frpt_parts import SaliencySampler
 
     if n < 1:
         raise UserError(f"bad value {n!r} for --n: must be >= 1")
@@ -128,7 +127,7 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
         out = model.prompt(images)
         h, w = images.shape[-2:]
         lines = grid_lines(h, w)
-        warped_lines = SaliencySampler.resample(lines.expand(len(images), -1, -1, -1), out["grid"])
+        warped_lines = model.dpp_prompt.sampler.resample(lines.expand(len(images), -1, -1, -1), out["grid"])
         saliency = F.interpolate(out["saliency"], size=(h, w), mode="bilinear", align_corners=False)
     mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std).view(1, 3, 1, 1)
