@@ -1,8 +1,10 @@
 """Recipes of the VPTSP-G comparison set: each dataset's settings as the released code runs them.
 
 Source: Noahsark/ParameterEfficient-DML, ``config/<dataset>_small.yaml`` (ViT-S/16 in21k, the
-published ViT-S numbers) with ``params.py``'s defaults for keys a config leaves out, and the
-training script ``main.py``. Every method of the comparison set (full fine-tune, linear probe,
+published ViT-S numbers: presets ``cub``, ``cars``, ``sop``, ``inshop``) and
+``config/<dataset>_basic.yaml`` (ViT-B/16 in21k: presets ``cub_b``, ``cars_b``, ``sop_b``,
+``inshop_b``, ``inaturalist_b``) with ``params.py``'s defaults for keys a config leaves out, and
+the training script ``main.py``. Every method of the comparison set (full fine-tune, linear probe,
 BitFit, adapter, VPT, VPTSP-G) runs with the same dataset settings; the code switches methods by
 flags (``--full_fine_tune``, ``--vit_head``, ``--vit_bitfit``, ``--adapter``, ``--vit_prompt``,
 ``--vit_proxy_net``), which :func:`method_overrides` translates.
@@ -44,6 +46,22 @@ DATASETS: dict[str, dict[str, Any]] = {
     "inshop": {"config": "config/inshop_small.yaml", "dataset": "inshop", "optim": "adamw", "lr": 1e-4,
                "weight_decay": 1e-7, "epochs": 80, "cosine_epochs": 100, "min_lr": 5e-6, "batch": 32, "k": 1,
                "lr_proxy": 0.05},
+    # ViT-B/16 (config/*_basic.yaml); missing decay: 0, missing lr_cosine_length: 50
+    "cub_b": {"config": "config/cub200_basic.yaml", "dataset": "cub200", "optim": "sgd", "lr": 1e-3,
+              "weight_decay": 1e-6, "epochs": 60, "cosine_epochs": 100, "min_lr": 1e-7, "batch": 64, "k": 2,
+              "lr_proxy": 0.01},
+    "cars_b": {"config": "config/cars_basic.yaml", "dataset": "cars196", "optim": "adamw", "lr": 5e-4,
+               "weight_decay": 0.0, "epochs": 60, "cosine_epochs": 50, "min_lr": 1e-6, "batch": 64, "k": 2,
+               "lr_proxy": 0.01},
+    "sop_b": {"config": "config/sop_basic.yaml", "dataset": "sop", "optim": "adamw", "lr": 1e-4,
+              "weight_decay": 1e-4, "epochs": 120, "cosine_epochs": 120, "min_lr": 1e-7, "batch": 32, "k": 1,
+              "lr_proxy": 0.05},
+    "inshop_b": {"config": "config/inshop_basic.yaml", "dataset": "inshop", "optim": "adamw", "lr": 1e-4,
+                 "weight_decay": 0.0, "epochs": 75, "cosine_epochs": 100, "min_lr": 1e-6, "batch": 32, "k": 1,
+                 "lr_proxy": 0.05},
+    "inaturalist_b": {"config": "config/inaturalist_basic.yaml", "dataset": "inaturalist", "optim": "adamw",
+                      "lr": 1e-4, "weight_decay": 0.0, "epochs": 40, "cosine_epochs": 50, "min_lr": 1e-6,
+                      "batch": 64, "k": 1, "lr_proxy": 0.05},
 }
 
 #: per dataset, the prompt settings of the configs: shared prompts (num_prompt, prompt_depth,
@@ -62,6 +80,21 @@ PROMPTS: dict[str, dict[str, Any]] = {
     "inshop": {"num_prompt": 90, "prompt_depth": 12, "prompt_block_step": 0, "num_class_prompt": 80,
                "class_prompt_depth": 12, "class_prompt_block_step": 0, "proxy_bias_ratio": 0.2,
                "rnn_dropout": 0.1, "memory_bank": True},
+    "cub_b": {"num_prompt": 20, "prompt_depth": 12, "prompt_block_step": 0, "num_class_prompt": 5,
+              "class_prompt_depth": 4, "class_prompt_block_step": 5, "proxy_bias_ratio": 0.4,
+              "rnn_dropout": 0.0, "memory_bank": False},
+    "cars_b": {"num_prompt": 80, "prompt_depth": 10, "prompt_block_step": 2, "num_class_prompt": 50,
+               "class_prompt_depth": 8, "class_prompt_block_step": 2, "proxy_bias_ratio": 0.1,
+               "rnn_dropout": 0.0, "memory_bank": False},
+    "sop_b": {"num_prompt": 90, "prompt_depth": 12, "prompt_block_step": 5, "num_class_prompt": 5,
+              "class_prompt_depth": 8, "class_prompt_block_step": 0, "proxy_bias_ratio": 0.2,
+              "rnn_dropout": 0.5, "memory_bank": True},
+    "inshop_b": {"num_prompt": 90, "prompt_depth": 12, "prompt_block_step": 0, "num_class_prompt": 60,
+                 "class_prompt_depth": 12, "class_prompt_block_step": 0, "proxy_bias_ratio": 0.3,
+                 "rnn_dropout": 0.0, "memory_bank": True},
+    "inaturalist_b": {"num_prompt": 90, "prompt_depth": 12, "prompt_block_step": 5, "num_class_prompt": 10,
+                      "class_prompt_depth": 12, "class_prompt_block_step": 0, "proxy_bias_ratio": 0.2,
+                      "rnn_dropout": 0.0, "memory_bank": True},
 }
 
 #: the flags by which the code selects each method
@@ -80,9 +113,11 @@ FLAGS = {
 def dataset_overrides(name: str) -> dict[str, Any]:
     """Run-config overrides every method shares on dataset ``name``."""
     d = DATASETS[name]
+    base = name.endswith("_b")
     return {
-        "backbone": "vit_small_patch16_224.augreg_in21k",  # current timm name of vit_small_patch16_224_in21k
-        "model.embed_dim": 384,
+        # current timm names of the code's vit_{small,base}_patch16_224_in21k
+        "backbone": "vit_base_patch16_224.augreg_in21k" if base else "vit_small_patch16_224.augreg_in21k",
+        "model.embed_dim": 512 if base else 384,
         "model.head_init": "xavier",
         "optim.name": d["optim"], "optim.lr": d["lr"], "optim.weight_decay": d["weight_decay"],
         "optim.momentum": 0.9, "optim.epochs": d["epochs"], "optim.cosine_epochs": d["cosine_epochs"],

@@ -18,7 +18,12 @@ class LinearProbeConfig:
 @register_method(
     "linear_probe",
     config=LinearProbeConfig,
-    presets=vptspg_recipes.presets("linear_probe"),
+    presets={
+        **vptspg_recipes.presets("linear_probe"),
+        # FRPT Table 1 "PT (pre-trained only)": the frozen backbone's pooled features, untrained
+        "untrained": {"optim": {"epochs": 0}, "model": {"embed_dim": 0},
+                      "recipe_source": "FRPT paper (AAAI 2023) Table 1 'PT': the pre-trained backbone, no training"},
+    },
     search_space={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
 )
 def linear_probe(ctx: BuildContext, cfg: LinearProbeConfig) -> DMLModel:

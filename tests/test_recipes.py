@@ -40,6 +40,27 @@ RELEASED = {
                    lr_cosine_min=5.0e-06, batch_size=32, samples_per_class=1, lr_proxy=0.05, embed_dim=384,
                    num_prompt=90, prompt_depth=12, prompt_block_step=0, num_p_prompt=80, p_prompt_depth=12,
                    prompt_p_block_step=0, proxy_bias_ratio=0.2, rnn_dropout=0.1, memory_bank=True),
+    # ViT-B/16, config/<dataset>_basic.yaml
+    "cub_b": dict(optim="sgd", lr=0.001, decay=1.0e-06, n_epochs=60, lr_cosine_length=100, lr_cosine_min=1.0e-07,
+                  batch_size=64, samples_per_class=2, lr_proxy=0.01, embed_dim=512, num_prompt=20, prompt_depth=12,
+                  prompt_block_step=0, num_p_prompt=5, p_prompt_depth=4, prompt_p_block_step=5,
+                  proxy_bias_ratio=0.4, rnn_dropout=0, memory_bank=False),
+    "cars_b": dict(optim="adamw", lr=0.0005, decay=0, n_epochs=60, lr_cosine_length=50, lr_cosine_min=1.0e-06,
+                   batch_size=64, samples_per_class=2, lr_proxy=0.01, embed_dim=512, num_prompt=80, prompt_depth=10,
+                   prompt_block_step=2, num_p_prompt=50, p_prompt_depth=8, prompt_p_block_step=2,
+                   proxy_bias_ratio=0.1, rnn_dropout=0, memory_bank=False),
+    "sop_b": dict(optim="adamw", lr=0.0001, decay=0.0001, n_epochs=120, lr_cosine_length=120, lr_cosine_min=1.0e-07,
+                  batch_size=32, samples_per_class=1, lr_proxy=0.05, embed_dim=512, num_prompt=90, prompt_depth=12,
+                  prompt_block_step=5, num_p_prompt=5, p_prompt_depth=8, prompt_p_block_step=0,
+                  proxy_bias_ratio=0.2, rnn_dropout=0.5, memory_bank=True),
+    "inshop_b": dict(optim="adamw", lr=0.0001, decay=0, n_epochs=75, lr_cosine_length=100, lr_cosine_min=1.0e-06,
+                     batch_size=32, samples_per_class=1, lr_proxy=0.05, embed_dim=512, num_prompt=90, prompt_depth=12,
+                     prompt_block_step=0, num_p_prompt=60, p_prompt_depth=12, prompt_p_block_step=0,
+                     proxy_bias_ratio=0.3, rnn_dropout=0, memory_bank=True),
+    "inaturalist_b": dict(optim="adamw", lr=0.0001, decay=0, n_epochs=40, lr_cosine_length=50, lr_cosine_min=1.0e-06,
+                          batch_size=64, samples_per_class=1, lr_proxy=0.05, embed_dim=512, num_prompt=90,
+                          prompt_depth=12, prompt_block_step=5, num_p_prompt=10, p_prompt_depth=12,
+                          prompt_p_block_step=0, proxy_bias_ratio=0.2, rnn_dropout=0, memory_bank=True),
 }
 COMPARISON_SET = ["full_finetune", "linear_probe", "bitfit", "adapter", "vpt_shallow", "vpt_deep", "vptsp_g", "vptsp_ema"]
 
@@ -63,8 +84,10 @@ def test_preset_prints_the_released_config(capsys, dataset, method, tracking_uri
     assert (m["embed_dim"], m["head_init"]) == (r["embed_dim"], "xavier")
     assert (loss["name"], loss["alpha"], loss["margin"], loss["positive_average"]) == ("proxy_anchor", 32.0, 0.1, "all")
     assert loss["proxy_init"] == "xavier_div8" and loss["proxy_lr"] == r["lr_proxy"]
-    assert cfg["backbone"] == "vit_small_patch16_224.augreg_in21k" and cfg["recipe"] == f"{method}:{dataset}"
-    assert "Noahsark/ParameterEfficient-DML" in cfg["recipe_source"] and "_small.yaml" in cfg["recipe_source"]
+    size = "base" if dataset.endswith("_b") else "small"
+    assert cfg["backbone"] == f"vit_{size}_patch16_224.augreg_in21k" and cfg["recipe"] == f"{method}:{dataset}"
+    assert "Noahsark/ParameterEfficient-DML" in cfg["recipe_source"]
+    assert ("_basic.yaml" if size == "base" else "_small.yaml") in cfg["recipe_source"]
     args = cfg["method_args"]
     if method in ("vptsp_g", "vptsp_ema"):
         assert (args["num_prompt"], args["prompt_depth"], args["prompt_block_step"]) == (
@@ -290,3 +313,24 @@ def test_optimizer_groups_keep_their_lr_floor_ratio():
     cfg = resolve(method="bitfit", overrides={"model.pretrained": False, "optim.min_lr": 1e-6})
     opt = make_optimizer(build_model(cfg, 4), cfg)
     assert {g["name"] for g in opt.param_groups} == {"backbone", "head", "criterion"}
+
+
+def test_readme_lists_every_published_number_with_a_command_that_resolves(capsys):
+    """The README table is the generated one (one row per published number), and each command
+    resolves to a run config (paper protocol) without creating anything."""
+    import shlex
+    from pathlib import Path
+
+    from harness.reports.published import load_published
+    from harness.reports.reproduce import reproduce_table
+
+    table = reproduce_table()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme
+    commands = [line.split("`")[1] for line in table.splitlines()[2:]]
+    assert len(commands) == len(load_published()[0])
+    for cmd in sorted(set(commands)):
+        args = shlex.split(cmd)[1:]
+        assert main([*args, "--print-config"]) == 0, cmd
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        assert cfg["protocol"] == "paper" and cfg["data"]["val_fraction"] == 0.0 and cfg["recipe"], cmd

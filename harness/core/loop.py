@@ -138,6 +138,8 @@ def prepare(cfg: RunConfig) -> Run:
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     for key in ("params_trainable", "params_trainable_inference"):  # share of the backbone's size
         counts[f"{key}_share"] = counts[key] / backbone_params
+    # what data.cache_images costs: the encoded files held in memory (0 without the cache)
+    counts["data_cache_gb"] = sum(getattr(ld.dataset, "cache_bytes", 0) for ld in loaders.values()) / 1e9
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loaders["train"])) if optimizer else None
     return Run(

@@ -69,11 +69,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_e
             if step < warmup:
                 return o.warmup_factor + (1.0 - o.warmup_factor) * (step + 1) / warmup
             if kind == "cosine":
-                if o.schedule_unit == "epoch":
+                if o.schedule_unit == "epoch":  # as torch's CosineAnnealingLR: past T_max it rises again
                     t = (step // steps_per_epoch) / max(1, epochs)
                 else:
-                    t = (step - warmup) / period
-                return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+                    t = min(1.0, (step - warmup) / period)
+                return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
             if kind == "step":
                 return max(floor, o.step_gamma ** ((step // steps_per_epoch) // o.step_epochs))
             return 1.0
