@@ -288,3 +288,15 @@ def test_shrunken_shipped_spec_runs(tmp_path, tracking_uri, name, keep, backbone
     assert list(status["reproductions"]) == ["1/1"] * len(keep)
     tuned = status[status["budget"] != "fixed"]
     assert list(tuned["complete"]) == [1] * len(tuned)
+
+
+def test_study_protocol_applies_to_reproductions_only(tmp_path, tracking_uri):
+    path = write_spec(tmp_path, tracking_uri, protocol="paper")
+    spec = load_spec(path)
+    dataset, entry = spec.units()[0]
+    assert spec.protocol == "paper"
+    assert spec.resolve(dataset, entry).protocol == "fair"  # tuning trials: validation classes
+    repro = spec.resolve(dataset, entry, seed=1)
+    assert repro.protocol == "paper" and repro.data.val_fraction == 0.0
+    with pytest.raises(UserError, match="'protocol'.*valid: fair, paper"):
+        load_spec(write_spec(tmp_path, tracking_uri, protocol="papr"))

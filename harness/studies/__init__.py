@@ -37,6 +37,9 @@ Spec format (every key is checked; a typo names the closest valid key)::
     pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}
                                      # median | hyperband | threshold (lower/upper) | none
     reproduce: {seeds: [0, 1, 2]}    # seeds of the test runs of each entry's best config ([] = none)
+    protocol: fair                   # fair | paper: how reproductions select and report (trials always
+                                     # select on validation classes; paper = all training classes, best
+                                     # test epoch, the only rows reports compare with published numbers)
     storage: ""                      # Optuna storage: SQLAlchemy URL (several machines) or journal
                                      # file path; '' = <dir of mlflow.db>/<name>.optuna.journal;
                                      # --storage wins

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _TOP_KEYS = (
     "name", "description", "backbone", "datasets", "methods", "exclude", "references", "overrides", "objective",
-    "budget", "sampler", "pruner", "reproduce", "storage",
+    "budget", "sampler", "pruner", "reproduce", "storage", "protocol",
 )
 _ENTRY_KEYS = ("method", "name", "label", "backbone", "preset", "overrides", "search_space", "fixed", "published_as")
 _BUDGET_KEYS = ("n_trials", "epochs", "timeout_s")
@@ -77,6 +77,8 @@ class StudySpec:
     pruner: dict[str, Any]
     seeds: list[int]
     storage: str = ""
+    #: protocol of the reproductions (tuning trials always select on validation classes)
+    protocol: str = "fair"
     #: tracking URI / experiment per dataset, from the resolved configs
     experiments: dict[str, str] = field(default_factory=dict)
     tracking_uri: str = ""
@@ -111,8 +113,9 @@ class StudySpec:
             out["optim.epochs"] = self.budget.epochs
         out["eval.select"] = OBJECTIVES[self.objective][2]
         out.update(params or {})
-        if seed is not None:
+        if seed is not None:  # a reproduction: the study's protocol (trials stay on validation)
             out["seed"] = seed
+            out["protocol"] = self.protocol
         return out
 
     def resolve(self, dataset: str, entry: Entry, params: dict[str, Any] | None = None,
@@ -334,6 +337,7 @@ def load_spec(path: str | Path) -> StudySpec:
         name=name, path=path, description=str(raw.get("description") or "").strip(), backbone=backbone,
         datasets=datasets, entries=entries, overrides=overrides, objective=objective, budget=budget,
         sampler=sampler, pruner=pruner, seeds=seeds, storage=str(raw.get("storage") or ""),
+        protocol=_protocol(raw.get("protocol", "fair"), where),
     )
     # -- every run config must resolve; every search-space key must be a config key
     for dataset, entry in spec.units():
@@ -343,6 +347,12 @@ def load_spec(path: str | Path) -> StudySpec:
         spec.experiments[dataset] = cfg.tracking.experiment or cfg.dataset
         spec.tracking_uri = resolve_uri(cfg.tracking.uri)
     return spec
+
+
+def _protocol(value: Any, where: str) -> str:
+    if value not in ("fair", "paper"):
+        raise UserError(f"bad value {value!r} for 'protocol' of {where}; valid: fair, paper")
+    return str(value)
 
 
 def _find_spec(path: str | Path) -> Path:
