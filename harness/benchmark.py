@@ -10,10 +10,15 @@ from typing import Any
 
 import torch
 
-from harness.core.resolve import resolve
-from harness.core.measure import autocast_for, peak_memory_gb, reset_peak_memory, synchronize
-from harness.core.training import build_model, make_optimizer, pick_device
+from harness.core.measure import (
+    autocast_for,
+    peak_memory_gb,
+    reset_peak_memory,
+    synchronize,
+)
 from harness.core.registry import get_method
+from harness.core.resolve import resolve
+from harness.core.training import build_model, make_optimizer, pick_device
 
 
 def benchmark_method(

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from harness.errors import UserError
+from harness.errors import RunFailure, UserError
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -36,13 +36,18 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from harness.core.loop import train
     from harness.core.overrides import parse_overrides
     from harness.core.resolve import resolve
-    from harness.core.loop import train
 
     overrides = parse_overrides(args.set)
     if args.tracking_uri:
         overrides["tracking.uri"] = args.tracking_uri
+    if args.resume:
+        cfg = resumable_config(args.resume, args.tracking_uri)
+        result = train(cfg, resume=args.resume)
+        print(f"run {result.run_id} resumed and finished ({cfg.method} on {cfg.dataset})")
+        return 0
     cfg = resolve(
         method=args.method, dataset=args.dataset, backbone=args.backbone,
         overrides=overrides, config_file=args.config, preset=args.preset,
@@ -72,6 +77,32 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"methods on {args.backbone} ({args.num_classes} training classes)")
         print(_table(rows, ["name", "applies", "params_trainable", "params_trainable_inference", "params_total", "description"]))
     return 0
+
+
+def resumable_config(run_id: str, tracking_uri: str) -> Any:
+    """The resolved config of a killed or failed run, from its own ``config.yaml`` artifact."""
+    import tempfile
+
+    import mlflow
+
+    from harness.core.resolve import resolve
+    from harness.tracking.store import check_writable, resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    check_writable(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no run {run_id!r} in the MLflow store {uri}") from None
+    if run.info.status == "FINISHED":
+        raise UserError(f"run {run_id} already finished; nothing to resume")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp)
+        except Exception:  # noqa: BLE001 - any store error means the config is not there
+            raise UserError(f"run {run_id} has no config.yaml artifact; it cannot be resumed") from None
+        return resolve(config_file=path, overrides={"tracking.uri": uri})
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -179,6 +210,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dmlbench", description="PEFT benchmark for deep metric learning")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failed run or study")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one method on one dataset (one MLflow run)")
@@ -189,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help="a method's named preset (published configuration)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--tracking-uri", default="")
+    t.add_argument("--resume", metavar="RUN_ID", default="",
+                   help="continue a killed or failed run from its last completed epoch, in the same MLflow run")
     t.add_argument("--print-config", action="store_true",
                    help="print the fully resolved run config as YAML and exit (no run is created)")
     t.set_defaults(func=cmd_train)
@@ -277,7 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"dmlbench: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except RunFailure as exc:
+        if args.debug:
+            raise
+        print(f"dmlbench: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        print(f"dmlbench: {exc or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -1,8 +1,10 @@
 """User-facing errors.
 
 Anything the user can fix (a typo in a key, a missing folder, a corrupt image) raises
-:class:`UserError`. The CLI prints its one-line message and exits with status 2; everything
-else is a bug and keeps its traceback.
+:class:`UserError`: the CLI prints its one-line message and exits with status 2. Failures while
+running are :class:`RunFailure` subclasses with their own exit codes (3 diverged, 4 study
+aborted) and :class:`RunInterrupted` (Ctrl-C, exit 130); anything else is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -12,6 +14,28 @@ from collections.abc import Iterable
 
 class UserError(Exception):
     """Bad input: printed as one line by the CLI, exit code 2."""
+
+
+class RunFailure(Exception):
+    """A run or study that failed while running (not bad input): one line, a distinct exit code."""
+
+    exit_code = 1
+
+
+class TrainingDiverged(RunFailure):
+    """The training loss became NaN or infinite; the MLflow run is ended FAILED."""
+
+    exit_code = 3
+
+
+class StudyAborted(RunFailure):
+    """A study gave up on an entry after repeated failed trials."""
+
+    exit_code = 4
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the MLflow run was ended KILLED; the message says what was saved."""
 
 
 def closest(value: str, choices: Iterable[str]) -> str:

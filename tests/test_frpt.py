@@ -37,6 +37,8 @@ def build_with_cfg(method: str, backbone: str = SMALL, num_classes: int = 4, dat
     ov = {"model.pretrained": False, **overrides}
     if backbone_kwargs:
         ov["model.backbone_kwargs"] = backbone_kwargs
+        if "img_size" in backbone_kwargs:  # the run's image size is the ViT's
+            ov.setdefault("data.image_size", backbone_kwargs["img_size"])
     if method == "frpt_bbox":
         dataset = "cub200"  # the builder needs data.crop_to_box, which resolve sets; no data is read
     cfg = resolve(method=method, dataset=dataset, backbone=backbone, overrides=ov)

@@ -178,16 +178,22 @@ def create_backbone(
     )
 
 
-def feature_dim_of(name: str, kwargs: dict | None = None) -> int:
-    """The pooled feature width of backbone ``name``, from a model built on the meta device
-    (no memory, no weights: cheap enough for config resolution)."""
+def describe(name: str, kwargs: dict | None = None) -> tuple[str, int, tuple[int, int] | None]:
+    """``(family, feature width, fixed input size or None)`` of backbone ``name``, from a model
+    built on the meta device (no memory, no weights: cheap enough for config resolution)."""
     check_name(name)
     kwargs = {**(kwargs or {}), "num_classes": 0}
     try:
         with torch.device("meta"):
-            return int(timm.create_model(name, pretrained=False, **kwargs).num_features)
+            model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as exc:
         raise UserError(f"bad value {kwargs!r} for 'model.backbone_kwargs' of '{name}': {exc}") from None
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return family_of(model), int(model.num_features), tuple(size) if size else None
+
+
+def feature_dim_of(name: str, kwargs: dict | None = None) -> int:
+    return describe(name, kwargs)[1]
 
 
 def auto_embed_dim(feature_dim: int) -> int:

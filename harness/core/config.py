@@ -154,6 +154,10 @@ class TrackingConfig:
     run_name: str = ""
     #: log the curves PNG and the trainable weights
     log_artifacts: bool = True
+    #: where per-epoch checkpoints go ('' = <dir of mlflow.db>/checkpoints, or ~/.cache/dmlbench)
+    checkpoint_dir: str = ""
+    #: keep the last checkpoint of a finished run (default: deleted when the run finishes)
+    keep_checkpoints: bool = False
 
 
 @dataclass

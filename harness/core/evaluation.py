@@ -12,6 +12,7 @@ from harness.core.config import RunConfig
 from harness.core.metrics import evaluate_retrieval
 from harness.core.model import DMLModel
 
+
 @torch.inference_mode()
 def embed(model: DMLModel, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()

@@ -11,20 +11,36 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from harness import data
+from harness.core import checkpoint
 from harness.core.backbones import Backbone, create_backbone
 from harness.core.config import RunConfig, flatten, to_dict, to_yaml
 from harness.core.evaluation import FeatureCache, evaluate, metric_name
-from harness.core.measure import autocast_for, peak_memory_gb, reset_peak_memory, synchronize
+from harness.core.measure import (
+    autocast_for,
+    peak_memory_gb,
+    reset_peak_memory,
+    synchronize,
+)
 from harness.core.model import DMLModel
-from harness.core.training import build_model, make_optimizer, make_scheduler, pick_device, seed_everything
+from harness.core.training import (
+    build_model,
+    make_optimizer,
+    make_scheduler,
+    pick_device,
+    seed_everything,
+)
+from harness.errors import RunInterrupted, TrainingDiverged
 from harness.tracking import store as tracking
 from harness.tracking.artifacts import log_artifacts
 
@@ -67,23 +83,42 @@ def train(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     tags: dict[str, str] | None = None,
     nested: bool = False,
+    resume: str | None = None,
 ) -> RunResult:
-    """Train ``cfg.method`` and log everything to MLflow; returns the run's final metrics."""
+    """Train ``cfg.method`` and log everything to MLflow; returns the run's final metrics.
+
+    ``resume``: the id of a killed or failed run of this config; it continues from its last
+    checkpoint (the epoch after the last completed one) in the same MLflow run.
+    """
     import mlflow  # imported here so the benchmark runs where MLflow is not installed
 
     t_start = time.perf_counter()
     run = prepare(cfg)  # every input error is raised here, before an MLflow run exists
-    mlflow_run = mlflow.start_run(run_name=cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}",
-                                  nested=nested)
+    ckpt_path = resumed = None
+    if resume:
+        ckpt_path = Path(mlflow.get_run(resume).data.tags.get("dmlbench.checkpoint", ""))
+        resumed = checkpoint.load(ckpt_path, resume)
+    mlflow_run = mlflow.start_run(run_id=resume, nested=nested) if resume else mlflow.start_run(
+        run_name=cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}", nested=nested)
     history: list[dict[str, float]] = []
     try:
-        log_run_start(run, tags)
+        if resumed is None:
+            log_run_start(run, tags)
+            ckpt_path = checkpoint.checkpoint_dir(mlflow.get_tracking_uri(), cfg.tracking.checkpoint_dir) / (
+                f"{mlflow_run.info.run_id}.pt")
+            mlflow.set_tag("dmlbench.checkpoint", str(ckpt_path))
+        mlflow.set_tag("dmlbench.status", "running")
         reset_peak_memory(run.device)
         if getattr(cfg.method_args, "cache_features", False) and run.model.features_are_frozen:
             run.cache = FeatureCache(run.model, run.splits, cfg, run.device, run.amp(), run.backbone)
         best = Best()
-        train_images, train_seconds = 0, 0.0
-        for epoch in range(0 if run.epochs == 0 else 1, run.epochs + 1):  # epochs=0: evaluate only
+        train_images, train_seconds, first = 0, 0.0, 0 if run.epochs == 0 else 1
+        if resumed is not None:
+            history, train_images, train_seconds = resumed["history"], resumed["images"], resumed["seconds"]
+            best = Best(resumed["best_score"], resumed["best_epoch"], resumed["best_state"] or None)
+            restore(run, resumed)
+            first = resumed["epoch"] + 1
+        for epoch in range(first, run.epochs + 1):  # epochs=0: evaluate only
             row: dict[str, float] = {}
             if epoch > 0:
                 images, seconds, row = train_epoch(run, epoch)
@@ -94,6 +129,8 @@ def train(
                 best.offer(run.model, epoch, row, selection_key(cfg))
             history.append({"epoch": float(epoch), **row})
             mlflow.log_metrics(row, step=epoch)
+            if epoch > 0:
+                checkpoint.save(ckpt_path, snapshot(run, epoch, history, best, train_images, train_seconds))
             if on_epoch is not None and evaluated:
                 on_epoch(epoch, row)
         final = final_metrics(run, history, best)
@@ -109,8 +146,18 @@ def train(
             log_artifacts(best.state or {}, history)
         mlflow.set_tag("dmlbench.status", "finished")
         mlflow.end_run("FINISHED")
+        if ckpt_path is not None and not cfg.tracking.keep_checkpoints:
+            ckpt_path.unlink(missing_ok=True)
     except BaseException as exc:
         end_failed_run(exc)
+        where = f"run {mlflow_run.info.run_id} ({cfg.method} on {cfg.dataset})"
+        if isinstance(exc, FloatingPointError):
+            raise TrainingDiverged(f"training diverged: {exc} in {where}; the run is FAILED in MLflow "
+                                   "(tag dmlbench.error); lower optim.lr or set optim.grad_clip") from exc
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
+            done = max((int(h["epoch"]) for h in history), default=0)
+            raise RunInterrupted(f"interrupted {where} after {done} completed epoch(s); the run is KILLED "
+                                 "in MLflow with the metrics of those epochs") from exc
         raise
     return RunResult(run_id=mlflow_run.info.run_id, metrics=final, history=history, config=cfg)
 
@@ -135,6 +182,12 @@ def prepare(cfg: RunConfig) -> Run:
         for p in model.parameters():
             p.requires_grad_(False)
     counts = model.count_parameters()
+    m = cfg.data.samples_per_class  # classes smaller than m are sampled with replacement: say so
+    small = int((np.bincount(splits.train.labels) < m).sum()) if m else 0
+    counts["classes_below_samples_per_class"] = small
+    if small:
+        warnings.warn(f"{small} training classes have fewer than data.samples_per_class={m} images; "
+                      "their images are drawn with replacement (logged as classes_below_samples_per_class)")
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     for key in ("params_trainable", "params_trainable_inference"):  # share of the backbone's size
         counts[f"{key}_share"] = counts[key] / backbone_params
@@ -147,6 +200,26 @@ def prepare(cfg: RunConfig) -> Run:
         ks=tuple(cfg.eval.ks) or tuple(splits.ks), amp=autocast_for(device, cfg.optim.amp), counts=counts,
         optimizer=optimizer, scheduler=scheduler, epochs=cfg.optim.epochs if optimizer is not None else 0,
     )
+
+
+def snapshot(run: Run, epoch: int, history: list, best: "Best", images: int, seconds: float) -> dict[str, Any]:
+    """Everything the next epoch depends on (see :mod:`harness.core.checkpoint`)."""
+    return {
+        "epoch": epoch, "history": history, "images": images, "seconds": seconds,
+        "model": {k: v.detach().cpu() for k, v in run.model.trainable_state_dict().items()},
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "rng": checkpoint.rng_state(run.loaders["train"].generator),
+        "best_score": best.score, "best_epoch": best.epoch,
+        "best_state": {k: v.cpu() for k, v in (best.state or {}).items()},
+    }
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Load a :func:`snapshot` into the freshly prepared run."""
+    run.model.load_trainable_state_dict({k: v.to(run.device) for k, v in state["model"].items()})
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"], run.loaders["train"].generator)
 
 
 def log_run_start(run: Run, tags: dict[str, str] | None) -> None:
@@ -284,10 +357,11 @@ def end_failed_run(exc: BaseException) -> None:
     import mlflow
 
     pruned = type(exc).__name__ == "TrialPruned"
-    mlflow.set_tag("dmlbench.status", "pruned" if pruned else "failed")
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    mlflow.set_tag("dmlbench.status", "pruned" if pruned else ("interrupted" if interrupted else "failed"))
     if not pruned:
         mlflow.set_tag("dmlbench.error", f"{type(exc).__name__}: {exc}"[:500])
-    mlflow.end_run("KILLED" if pruned else "FAILED")
+    mlflow.end_run("KILLED" if pruned or interrupted else "FAILED")
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

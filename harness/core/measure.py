@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

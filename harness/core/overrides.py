@@ -16,6 +16,7 @@ import yaml
 from harness.core.config import RunConfig
 from harness.errors import UserError, closest
 
+
 def _type_of(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 

@@ -9,9 +9,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from harness.core.backbones import auto_embed_dim, describe
 from harness.core.config import RunConfig, flat_get, flatten, to_dict
 from harness.core.overrides import load_yaml, set_key
-from harness.core.backbones import auto_embed_dim, feature_dim_of
 from harness.core.registry import get_method, method_names
 from harness.data.specs import get_spec
 from harness.errors import UserError
@@ -66,8 +68,17 @@ def resolve(
         cfg.data.val_fraction = 0.0
         cfg.eval.test = cfg.eval.test_every_epoch = True
         cfg.eval.every = 1
+    family, width, fixed_size = describe(cfg.backbone, cfg.model.backbone_kwargs)
     if cfg.model.embed_dim == -1:
-        cfg.model.embed_dim = auto_embed_dim(feature_dim_of(cfg.backbone, cfg.model.backbone_kwargs))
+        cfg.model.embed_dim = auto_embed_dim(width)
+    size = (cfg.data.image_size, cfg.data.image_size)
+    if family == "vit" and fixed_size and fixed_size != size:
+        if "img_size" in cfg.model.backbone_kwargs:
+            raise UserError(f"model.backbone_kwargs.img_size={cfg.model.backbone_kwargs['img_size']} does not match "
+                            f"data.image_size={cfg.data.image_size}; set one of them to the other")
+        # a ViT is built for one input size: build it for the run's (timm resamples the
+        # pretrained position embedding) instead of failing inside the first forward pass
+        cfg.model.backbone_kwargs = {**cfg.model.backbone_kwargs, "img_size": cfg.data.image_size}
     validate(cfg)
     return cfg
 
@@ -89,6 +100,17 @@ def validate(cfg: RunConfig) -> None:
     flat = to_dict(cfg)
     if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
         raise UserError(f"bad value {cfg.device!r} for 'device'; valid: '' (auto), cpu, cuda, cuda:N, mps")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"bad value {cfg.device!r} for 'device': this machine has no CUDA device; valid: '' (auto), cpu")
+    bad_ks = [k for k in cfg.eval.ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad_ks:
+        raise UserError(f"bad value {bad_ks[0]!r} in 'eval.ks': Recall@K needs positive integers")
+    if cfg.data.resize_size < cfg.data.image_size:
+        raise UserError(f"bad value {cfg.data.resize_size!r} for 'data.resize_size': must be >= "
+                        f"data.image_size={cfg.data.image_size} (the test centre crop is taken from it)")
+    for key in ("data.shots", "data.max_per_class", "data.max_classes"):
+        if flat_get(flat, key) < 0:
+            raise UserError(f"bad value {flat_get(flat, key)!r} for '{key}': must be >= 0 (0 = all)")
     positive = ["data.image_size", "data.batch_size", "eval.batch_size", "eval.every"]
     if cfg.optim.epochs < 0:
         raise UserError(f"bad value {cfg.optim.epochs!r} for 'optim.epochs': must be >= 0 (0 = evaluate only)")

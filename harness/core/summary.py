@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from harness.core.backbones import create_backbone
+from harness.core.registry import get_method, method_names
 from harness.core.resolve import resolve
 from harness.core.training import build_model
-from harness.core.registry import get_method, method_names
 
 
 def describe_methods(
@@ -24,6 +24,7 @@ def describe_methods(
     keeps each method's default; ``image_size`` matters for VPT's padding prompts on CNNs. Methods that do not apply to the backbone family get no counts.
     """
     overrides: dict[str, Any] = {"model.pretrained": pretrained, "data.image_size": image_size,
+                                 "data.resize_size": image_size,
                                  "model.backbone_kwargs": dict(backbone_kwargs or {})}
     if embed_dim is not None:
         overrides["model.embed_dim"] = embed_dim

@@ -13,6 +13,7 @@ from harness.core.config import RunConfig
 from harness.core.model import BuildContext, DMLModel
 from harness.core.registry import get_method
 
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

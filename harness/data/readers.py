@@ -50,6 +50,25 @@ def _lines(path: Path) -> list[str]:
         return [ln.strip() for ln in fh if ln.strip()]
 
 
+def _records(path: Path, expected: str, types: Sequence[type], rest: bool = False) -> list[list]:
+    """Each non-empty line split into ``len(types)`` fields converted by ``types``; ``rest``: the
+    last field takes the rest of the line. A malformed line is a UserError naming the file, the
+    line number and what was expected."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            parts = line.split(maxsplit=len(types) - 1) if rest else line.split()
+            try:
+                if len(parts) < len(types):
+                    raise ValueError
+                out.append([typ(v) for typ, v in zip(types, parts)])
+            except ValueError:
+                raise UserError(f"{path}:{number}: expected '{expected}', got {line.strip()[:80]!r}") from None
+    return out
+
+
 def _table(
     ids: np.ndarray,
     names: dict | None = None,
@@ -144,18 +163,24 @@ def read_cub200(root: Path, split_spec: dict) -> dict[str, ImageTable]:
     hint = "CUB-200-2011 needs images.txt, image_class_labels.txt, classes.txt, images/"
     for f in _CUB_META:
         _need(base / f, hint)
-    rows = [ln.split(maxsplit=1) for ln in _lines(base / "images.txt")]
+    rows = _records(base / "images.txt", "<image id> <relative path>", (str, str), rest=True)
     img_ids = [r[0] for r in rows]
-    paths = [str(base / "images" / r[1]) for r in rows]
-    label_of = dict(ln.split()[:2] for ln in _lines(base / "image_class_labels.txt"))
-    try:
-        ids = np.asarray([int(label_of[i]) for i in img_ids], dtype=np.int64)
-    except KeyError as exc:
-        raise UserError(f"image id {exc} of images.txt has no label in image_class_labels.txt") from None
-    names = {int(a): b for a, b in (ln.split(maxsplit=1) for ln in _lines(base / "classes.txt"))}
+    paths = [str(base / "images" / r[1].strip()) for r in rows]
+    labels = _records(base / "image_class_labels.txt", "<image id> <integer class id>", (str, int))
+    label_of = {r[0]: r[1] for r in labels}
+    missing = next((i for i in img_ids if i not in label_of), None)
+    if missing is not None:
+        raise UserError(f"image id {missing!r} of images.txt has no label in {base / 'image_class_labels.txt'}")
+    ids = np.asarray([label_of[i] for i in img_ids], dtype=np.int64)
+    classes = _records(base / "classes.txt", "<integer class id> <class name>", (int, str), rest=True)
+    names = {r[0]: r[1].strip() for r in classes}
     boxes = None
-    if (base / "bounding_boxes.txt").exists():
-        box_of = {r[0]: r[1:5] for r in (ln.split() for ln in _lines(base / "bounding_boxes.txt"))}
+    box_file = base / "bounding_boxes.txt"
+    if box_file.exists():
+        box_of = {r[0]: r[1:] for r in _records(box_file, "<image id> <x> <y> <width> <height>", (str,) + (float,) * 4)}
+        missing = next((i for i in img_ids if i not in box_of), None)
+        if missing is not None:
+            raise UserError(f"image id {missing!r} of images.txt has no box in {box_file}")
         xywh = np.asarray([box_of[i] for i in img_ids], dtype=np.float64).reshape(-1, 4)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     return _split_by_ranges(ids, split_spec, names, paths=paths, boxes=boxes)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import UserError
 from harness.reports.figures import (
     bars_figure,
     curves_figure,
@@ -45,10 +46,14 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
     import mlflow
 
     spec = load_spec(spec_path)
-    mlflow.set_tracking_uri(tracking_uri or spec.tracking_uri)
+    uri = tracking_uri or spec.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    runs = fetch_runs(spec)
+    if runs.empty:  # checked before anything is written
+        raise UserError(f"no runs of study '{spec.name}' in the MLflow store {uri}; run "
+                        f"'dmlbench study run {spec.path}' first, or pass the store with --tracking-uri")
     out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    runs = fetch_runs(spec)
     written: list[Path] = []
     notes: list[str] = []
 

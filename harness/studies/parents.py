@@ -8,7 +8,6 @@ from harness.studies.spec import Entry, StudySpec
 from harness.studies.storage import budget_of
 
 
-
 def _quote(value: str) -> str:
     return "'" + str(value).replace("'", "\\'") + "'"
 
@@ -28,7 +27,11 @@ def parent_run(spec: StudySpec, dataset: str, entry: Entry) -> str:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from harness.tracking.store import check_writable, ensure_experiment, environment_tags
+    from harness.tracking.store import (
+        check_writable,
+        ensure_experiment,
+        environment_tags,
+    )
 
     check_writable(spec.tracking_uri)
     mlflow.set_tracking_uri(spec.tracking_uri)

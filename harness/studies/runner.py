@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
-from harness.studies.parents import base_tags, inside_parent, tag_filter, parent_run
+from harness.errors import StudyAborted, UserError
+from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
 from harness.studies.recovery import heartbeat, recover_stale
 from harness.studies.spec import Entry, StudySpec, distributions, load_spec
 from harness.studies.storage import budget_of, open_storage, open_study, storage_url
@@ -81,7 +81,7 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         study.tell(trial, state=TrialState.PRUNED)
         progress(f"{study.study_name} trial {trial.number}: pruned ({time.monotonic() - started:.0f} s)")
         return "pruned"
-    except UserError:
+    except (UserError, KeyboardInterrupt):  # bad input, or Ctrl-C: the trial must not stay RUNNING
         study.tell(trial, state=TrialState.FAIL)
         raise
     except Exception as exc:  # noqa: BLE001 - a diverging trial must not end the study
@@ -138,7 +138,9 @@ def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: s
         outcome = run_trial(spec, dataset, entry, study, trial, parent_id, train)
         failures = failures + 1 if outcome == "failed" else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
-            raise RuntimeError(f"{failures} trials in a row failed in study {study.study_name}; see the MLflow runs")
+            last = study.get_trials(deepcopy=False)[-1].user_attrs.get("dmlbench.error", "")
+            raise StudyAborted(f"{failures} trials in a row failed in study {study.study_name} (last: {last}); "
+                               f"their MLflow runs are tagged dmlbench.study={spec.name}")
 
 
 def _reproduction_params(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> tuple[dict, str] | None:

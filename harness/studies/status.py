@@ -10,7 +10,6 @@ from harness.studies.spec import StudySpec, load_spec
 from harness.studies.storage import budget_of, open_storage, open_study, storage_url
 
 
-
 def study_status(spec_path: str | Path, storage: str | None = None) -> Any:
     """One row per (dataset, entry): trials by state vs budget, best value, reproductions done."""
     import optuna

@@ -7,7 +7,6 @@ from typing import Any
 from harness.studies.spec import REPO_ROOT, Entry, StudySpec, grid_size
 
 
-
 def storage_url(spec: StudySpec, storage: str | None = None) -> str:
     """The Optuna storage to use: argument, spec, else a journal file beside the MLflow store
     (``<dir of mlflow.db>/<study>.optuna.journal``; the repo root for a non-sqlite store)."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+
 def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]]) -> None:
     """Trainable weights only (safetensors) and a curves figure."""
     import mlflow

@@ -40,12 +40,39 @@ def check_writable(uri: str) -> None:
             except sqlite3.Error as exc:
                 raise UserError(f"cannot open MLflow store {uri}: {exc}") from None
     elif parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme == "file" else uri)
-        probe = path
-        while not probe.exists():
-            probe = probe.parent
-        if not os.access(probe, os.W_OK):
-            raise UserError(f"cannot write MLflow store {uri}: {probe} is not writable (use --tracking-uri)")
+        raise UserError(
+            f"MLflow tracking URI {uri!r} is a file store, which MLflow 3 no longer writes; valid: "
+            "sqlite:///PATH/mlflow.db, http(s)://HOST:PORT of an 'mlflow server', or a database URL"
+        )
+    elif parsed.scheme in ("http", "https"):
+        check_server(uri)
+    elif parsed.scheme.split("+")[0] not in DATABASE_SCHEMES:
+        raise UserError(
+            f"bad MLflow tracking URI {uri!r}; valid: sqlite:///PATH/mlflow.db, http(s)://HOST:PORT, "
+            f"or a database URL ({', '.join(DATABASE_SCHEMES)})"
+        )
+
+
+#: SQLAlchemy database schemes MLflow's tracking store accepts (besides sqlite)
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An MLflow tracking server must answer its ``/health`` endpoint within ``timeout_s``
+    (MLflow's own client retries for minutes before giving up)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as reply:
+            if reply.status != 200:
+                raise UserError(f"MLflow server {uri} answered {reply.status} on /health; is it an MLflow server?")
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"MLflow server {uri} answered {exc.code} on /health; is it an MLflow server?") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"MLflow server {uri} does not answer within {timeout_s:.0f} s ({reason}); "
+                        "start it ('mlflow server --host 127.0.0.1 --port 5000') or pick another --tracking-uri") from None
 
 
 def configure(uri: str, experiment: str) -> str:
