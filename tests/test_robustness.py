@@ -188,3 +188,15 @@ def test_report_without_runs_writes_nothing(tmp_path, tracking_uri, capsys):
     out = tmp_path / "report"
     assert main(["report", str(REPO / "studies" / "demo.yaml"), "--out", str(out), "--tracking-uri", tracking_uri]) == 2
     assert "no runs of study 'demo'" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("storage, text", [
+    ("nosuchdriver://x/y", "bad --storage"),
+    ("postgresql+psycopg://u@127.0.0.1:1/db", "cannot open Optuna storage"),
+])
+def test_bad_storage_urls_are_refused_before_any_run_or_trial(storage, text, tracking_uri, capsys):
+    spec = REPO / "studies" / "demo.yaml"
+    assert main(["study", "run", str(spec), "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert text in err and len(err.strip().splitlines()) == 1
+    assert store_runs(tracking_uri) == []

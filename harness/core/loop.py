@@ -98,8 +98,11 @@ def train(
     if resume:
         ckpt_path = Path(mlflow.get_run(resume).data.tags.get("dmlbench.checkpoint", ""))
         resumed = checkpoint.load(ckpt_path, resume)
+    # the identifying tags go in with the run itself: a kill right after start_run leaves a run
+    # that study recovery can still find by its tags
     mlflow_run = mlflow.start_run(run_id=resume, nested=nested) if resume else mlflow.start_run(
-        run_name=cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}", nested=nested)
+        run_name=cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}", nested=nested,
+        tags={**(tags or {}), "dmlbench.status": "running"})
     history: list[dict[str, float]] = []
     try:
         if resumed is None:

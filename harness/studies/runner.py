@@ -16,6 +16,7 @@ from typing import Any
 from harness.errors import StudyAborted, UserError
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
 from harness.studies.recovery import heartbeat, recover_stale
+from harness.studies.reproductions import open_reproductions, recover_seeds, run_seeds
 from harness.studies.spec import Entry, StudySpec, distributions, load_spec
 from harness.studies.storage import budget_of, open_storage, open_study, storage_url
 
@@ -171,27 +172,22 @@ def finished_reproductions(spec: StudySpec, dataset: str, entry: Entry, source: 
     return {int(r.data.tags["dmlbench.seed"]): r.info.run_id for r in runs}
 
 
-def reproduce(spec: StudySpec, dataset: str, entry: Entry, seed: int, storage: Any, parent_id: str,
-              train: TrainFn | None = None) -> str | None:
-    """Retrain the entry's best config with ``seed`` unless that run exists; returns its run id."""
-    found = _reproduction_params(spec, dataset, entry, storage)
-    if found is None:
-        warnings.warn(f"no completed trial for {spec.study_name(dataset, entry)}: no reproduction", stacklevel=2)
-        return None
-    params, source = found
-    done = finished_reproductions(spec, dataset, entry, source)
-    if seed in done:
-        return done[seed]
-    cfg = spec.resolve(dataset, entry, params, seed=seed)
-    cfg.tracking.run_name = f"{entry.name}-seed{seed}"
-    tags = {**base_tags(spec, dataset, entry, "reproduction"), "dmlbench.seed": str(seed),
-            "dmlbench.config_source": source}
-    started = time.monotonic()
-    with inside_parent(spec, parent_id):
-        result = (train or _train_fn())(cfg, tags=tags, nested=True)
-    progress(f"{spec.study_name(dataset, entry)} seed {seed}: test R@1 "
-             f"{result.metrics.get('test_recall_at_1', float('nan')):.4f} ({time.monotonic() - started:.0f} s)")
-    return result.run_id
+def reproduce_all(spec: StudySpec, storage: Any, parents: dict[str, str], train: TrainFn | None = None) -> None:
+    """Run every entry's seeds that no process has claimed yet (see :mod:`.reproductions`)."""
+    train = train or _train_fn()
+    for dataset, entry in spec.units():
+        study = open_reproductions(
+            spec, dataset, entry, storage,
+            best=lambda: _reproduction_params(spec, dataset, entry, storage),
+            done=lambda source: finished_reproductions(spec, dataset, entry, source),
+        )
+        if study is None:
+            if not finished_reproductions(spec, dataset, entry):
+                warnings.warn(f"no completed trial for {spec.study_name(dataset, entry)}: no reproduction",
+                              stacklevel=2)
+            continue
+        recover_seeds(spec, dataset, entry, study)
+        run_seeds(spec, dataset, entry, study, parents[f"{dataset}/{entry.name}"], train, progress)
 
 
 def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[str, str], workers: int) -> None:
@@ -204,12 +200,11 @@ def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[s
         tune(spec, dataset, entry, storage, parents[f"{dataset}/{entry.name}"], worker=worker)
 
 
-def _reproduce_main(args: tuple[str, str, str, str, int, str, int]) -> str | None:
-    spec_path, storage_url_, dataset, entry_name, seed, parent_id, workers = args
+def _reproduce_main(spec_path: str, storage_url_: str, parents: dict[str, str], workers: int) -> None:
+    """Entry point of a reproduction worker process (spawned)."""
     _share_cores(workers)
     quiet_optuna()
-    spec = load_spec(spec_path)
-    return reproduce(spec, dataset, spec.entry(entry_name), seed, open_storage(storage_url_), parent_id)
+    reproduce_all(load_spec(spec_path), open_storage(storage_url_), parents)
 
 
 def _share_cores(workers: int) -> None:
@@ -248,38 +243,40 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
         for dataset, entry in spec.units():
             tune(spec, dataset, entry, store, parents[f"{dataset}/{entry.name}"], train=train)
     else:
-        ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_worker_main, args=(str(spec.path), url, w, parents, workers), name=f"dmlbench-worker-{w}")
-                 for w in range(workers)]
-        for p in procs:
-            p.start()
+        _spawn_tuners(spec, url, parents, workers)
+
+    if workers == 1:
+        reproduce_all(spec, store, parents, train=train)
+    else:
+        _spawn(_reproduce_main, (str(spec.path), url, parents, workers), workers, "reproduce")
+
+
+def _spawn_tuners(spec: StudySpec, url: str, parents: dict[str, str], workers: int) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(str(spec.path), url, w, parents, workers), name=f"dmlbench-worker-{w}")
+             for w in range(workers)]
+    _join(procs)
+
+
+def _spawn(target: Callable, args: tuple, workers: int, role: str) -> None:
+    """``workers`` spawned processes running ``target(*args)``; a failed one fails the study."""
+    ctx = multiprocessing.get_context("spawn")
+    _join([ctx.Process(target=target, args=args, name=f"dmlbench-{role}-{w}") for w in range(workers)])
+
+
+def _join(procs: list) -> None:
+    for p in procs:
+        p.start()
+    try:
         for p in procs:
             p.join()
-        bad = [f"{p.name} exit code {p.exitcode}" for p in procs if p.exitcode != 0]
-        if bad:
-            raise RuntimeError("study workers failed: " + "; ".join(bad))
-
-    jobs = [(dataset, entry.name, seed) for dataset, entry in spec.units() for seed in spec.seeds]
-    if workers == 1 or len(jobs) <= 1:
-        for dataset, name, seed in jobs:
-            reproduce(spec, dataset, spec.entry(name), seed, store, parents[f"{dataset}/{name}"], train=train)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        pool = ctx.Pool(min(workers, len(jobs)))
-        try:
-            pool.map(_reproduce_main, [(str(spec.path), url, d, n, s, parents[f"{d}/{n}"], workers) for d, n, s in jobs],
-                     chunksize=1)
-        except BaseException:
-            pool.terminate()
-            raise
-        else:
-            pool.close()  # let workers exit cleanly (terminate() can leak their semaphores)
-        finally:
-            pool.join()
-
-
-
-
+    except KeyboardInterrupt:  # the children got the same Ctrl-C: let them tell their trials FAIL
+        for p in procs:
+            p.join(timeout=30)
+        raise
+    bad = [f"{p.name} exit code {p.exitcode}" for p in procs if p.exitcode != 0]
+    if bad:
+        raise StudyAborted("study worker processes failed: " + "; ".join(bad) + " (their output is above)")
 
 
 def run_demo(spec: str | Path = "studies/demo.yaml", workers: int = 1) -> Path:

@@ -1,9 +1,11 @@
 """Optuna storage, samplers, pruners and the per-(study, dataset, entry) Optuna study."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+from harness.errors import UserError
 from harness.studies.spec import REPO_ROOT, Entry, StudySpec, grid_size
 
 
@@ -22,12 +24,40 @@ def open_storage(url: str) -> Any:
     import optuna
 
     if "://" in url and not url.startswith("journal:"):
-        return optuna.storages.RDBStorage(url)
+        return open_rdb(url)
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(url.removeprefix("journal:")).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_rdb(url: str, attempts: int = 10) -> Any:
+    """An Optuna RDBStorage; bad URLs, missing drivers and unreachable servers are one-line errors.
+
+    Several processes starting on a fresh database race to create Optuna's tables and enum types
+    (PostgreSQL answers the loser with a duplicate-object error): retry until the schema exists.
+    """
+    import optuna
+    import sqlalchemy.exc as sa
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (ImportError, ModuleNotFoundError) as exc:
+            raise UserError(f"bad --storage {url!r}: its database driver is missing ({exc}); for PostgreSQL "
+                            "install the extra: pip install 'dmlbench[postgres]'") from None
+        except (sa.ArgumentError, ValueError) as exc:
+            raise UserError(f"bad --storage {url!r}: {exc}; valid: a SQLAlchemy URL "
+                            "(postgresql+psycopg://USER@HOST:PORT/DB, sqlite:///PATH) or a journal file path") from None
+        except sa.OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            raise UserError(f"cannot open Optuna storage {url!r}: {reason}") from None
+        except sa.DBAPIError:  # another process is creating the schema right now
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def make_sampler(spec: StudySpec, entry: Entry, offset: int = 0) -> Any:

@@ -1,0 +1,143 @@
+"""Reproductions claimed through the shared Optuna storage, so any number of ``study run``
+processes, on any number of machines, run each (dataset, entry, seed) exactly once.
+
+Each (study, dataset, entry) gets a second Optuna study, ``<study>/<dataset>/<entry>/reproductions``,
+whose trials are the seeds. The process that creates it enqueues one trial per seed, carrying the
+configuration to reproduce (the tuning study's best parameters, fixed at that moment, and their
+source), then marks the study ready; others wait for the mark. Workers take seeds with ``ask()``,
+which hands a waiting trial to exactly one caller (the storage serialises it), and ``tell`` the
+test R@1. A RUNNING seed whose worker died (dead pid, stale heartbeat) is failed, its MLflow run
+ended FAILED, and the seed enqueued again.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from harness.studies.parents import inside_parent, tag_filter
+from harness.studies.recovery import heartbeat, is_stale
+from harness.studies.spec import Entry, StudySpec
+
+#: how long a process waits for another one to finish enqueueing the seeds
+READY_TIMEOUT_S = 120.0
+
+
+def open_reproductions(spec: StudySpec, dataset: str, entry: Entry, storage: Any,
+                       best: Callable[[], tuple[dict, str] | None],
+                       done: Callable[[str], dict[int, str]]) -> Any | None:
+    """The seeds' study, created and filled by the first caller (seeds without a finished run of
+    the same config); None without a config to reproduce."""
+    import optuna
+
+    name = f"{spec.study_name(dataset, entry)}/reproductions"
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "dmlbench.ready" not in study.user_attrs and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return study if study.user_attrs.get("dmlbench.ready") else None
+    found = best()
+    if found is not None:
+        params, source = found
+        finished = done(source)
+        for seed in (s for s in spec.seeds if s not in finished):
+            study.enqueue_trial({"seed": seed}, user_attrs={
+                "dmlbench.config_source": source, "dmlbench.params": json.dumps(params, sort_keys=True)})
+    study.set_user_attr("dmlbench.ready", found is not None)
+    return study if found is not None else None
+
+
+def recover_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> list[int]:
+    """Fail the seeds whose worker died, end their MLflow runs FAILED, and enqueue them again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    again = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t):
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue
+        seed = int(t.params["seed"])
+        study.enqueue_trial({"seed": seed}, user_attrs={k: v for k, v in t.user_attrs.items()
+                                                        if k in ("dmlbench.config_source", "dmlbench.params")})
+        fail_run(spec, dataset, entry, seed, t.user_attrs.get("mlflow_run_id"))
+        again.append(seed)
+    return again
+
+
+def fail_run(spec: StudySpec, dataset: str, entry: Entry, seed: int, run_id: str | None) -> None:
+    """End a dead reproduction's MLflow run FAILED (found by id, or by its RUNNING reproduction tags)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    client = MlflowClient()
+    ids = [run_id] if run_id else [
+        r.info.run_id for r in mlflow.search_runs(
+            experiment_names=[spec.experiments[dataset]], output_format="list",
+            filter_string=tag_filter(spec, dataset, entry, role="reproduction", **{"dmlbench.seed": str(seed)})
+            + " and attributes.status = 'RUNNING'")
+    ] if mlflow.get_experiment_by_name(spec.experiments[dataset]) else []
+    for rid in ids:
+        if client.get_run(rid).info.status == "RUNNING":
+            client.set_tag(rid, "dmlbench.status", "failed")
+            client.set_tag(rid, "dmlbench.error", "worker process died (stale reproduction)")
+            client.set_terminated(rid, "FAILED")
+
+
+def claim(study: Any) -> Any | None:
+    """A waiting seed for this process, or None when every seed is taken."""
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState
+
+    while waiting := {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}:
+        trial = study.ask({"seed": IntDistribution(-(2**31), 2**31 - 1)})
+        if trial.number in waiting and "dmlbench.params" in trial.user_attrs:  # an enqueued seed
+            return trial
+        # another process took the last waiting seed between the check and the ask
+        trial.set_user_attr("dmlbench.surplus", True)
+        study.tell(trial, state=TrialState.FAIL)
+    return None
+
+
+def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id: str, train: Callable,
+              progress: Callable[[str], None]) -> None:
+    """Claim and run seeds until none is left; each result is told to the seeds' study."""
+    from optuna.trial import TrialState
+
+    from harness.errors import UserError
+    from harness.studies.parents import base_tags
+
+    while (trial := claim(study)) is not None:
+        seed = int(trial.params["seed"])
+        params = json.loads(trial.user_attrs["dmlbench.params"])
+        source = trial.user_attrs["dmlbench.config_source"]
+        cfg = spec.resolve(dataset, entry, params, seed=seed)
+        cfg.tracking.run_name = f"{entry.name}-seed{seed}"
+        tags = {**base_tags(spec, dataset, entry, "reproduction"), "dmlbench.seed": str(seed),
+                "dmlbench.config_source": source, "dmlbench.optuna_study": study.study_name,
+                "dmlbench.trial": str(trial.number)}
+        started = time.monotonic()
+        try:
+            with heartbeat(study, trial), inside_parent(spec, parent_id):
+                result = train(cfg, tags=tags, nested=True)
+        except (UserError, KeyboardInterrupt):
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failed seed must not stop the others
+            trial.set_user_attr("dmlbench.error", f"{type(exc).__name__}: {exc}"[:300])
+            study.tell(trial, state=TrialState.FAIL)
+            progress(f"{spec.study_name(dataset, entry)} seed {seed}: failed ({type(exc).__name__}: {exc})")
+            continue
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        value = result.metrics.get("test_recall_at_1", float("nan"))
+        study.tell(trial, value if value == value else 0.0)
+        progress(f"{spec.study_name(dataset, entry)} seed {seed}: test R@1 {value:.4f} "
+                 f"({time.monotonic() - started:.0f} s)")

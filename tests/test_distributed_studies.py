@@ -1,0 +1,188 @@
+"""Studies across processes and machines: two ``study run`` processes on one storage finish the
+budget exactly, run every reproduction once, and leave nothing RUNNING; a killed reproduction is
+recovered. The PostgreSQL + ``mlflow server`` case uses real servers started here on loopback."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = [0, 1, 2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_spec(folder: Path, name: str) -> Path:
+    spec = {
+        "name": name, "backbone": "tf_efficientnet_lite0", "datasets": ["fashion_mnist"],
+        "methods": ["linear_probe", "bitfit"], "objective": "val_map_at_r",
+        "overrides": {"data.max_per_class": 16, "data.image_size": 32, "data.resize_size": 32,
+                      "data.batch_size": 32, "data.samples_per_class": 8, "data.num_workers": 0,
+                      "model.pretrained": False, "model.embed_dim": 16, "optim.warmup_epochs": 0,
+                      "tracking.log_artifacts": False},
+        "budget": {"n_trials": 2, "epochs": 1}, "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"}, "reproduce": {"seeds": SEEDS},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_two(spec: Path, env: dict, storage: str | None) -> None:
+    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(spec)] + (["--storage", storage] if storage else [])
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+
+
+def check_exactly_once(spec_path: Path, tracking_uri: str, storage: str) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.studies.spec import load_spec
+    from harness.studies.storage import open_storage
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    spec = load_spec(spec_path)
+    store = open_storage(storage)
+    for dataset, entry in spec.units():
+        trials = optuna.load_study(study_name=spec.study_name(dataset, entry), storage=store).get_trials()
+        states = Counter(t.state for t in trials if not t.user_attrs.get("dmlbench.surplus"))
+        assert states[TrialState.COMPLETE] == spec.budget.n_trials and not states[TrialState.RUNNING], states
+        seeds = optuna.load_study(study_name=f"{spec.study_name(dataset, entry)}/reproductions", storage=store)
+        done = sorted(int(t.params["seed"]) for t in seeds.get_trials(states=(TrialState.COMPLETE,)))
+        assert done == SEEDS, done
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    repro = Counter((r.data.tags["dmlbench.entry"], r.data.tags["dmlbench.seed"]) for r in runs
+                    if r.data.tags.get("dmlbench.role") == "reproduction" and r.info.status == "FINISHED")
+    assert set(repro.values()) == {1} and len(repro) == 2 * len(SEEDS), repro
+
+
+def test_two_processes_on_one_journal_run_each_reproduction_once(tmp_path, tracking_uri):
+    spec = write_spec(tmp_path, "twoproc")
+    run_two(spec, {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, None)
+    journal = Path(tracking_uri.removeprefix("sqlite:///")).parent / "twoproc.optuna.journal"
+    check_exactly_once(spec, tracking_uri, str(journal))
+
+
+def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, tracking_uri):
+    """A worker dies (SIGKILL) during a reproduction: its trial and MLflow run stay RUNNING; the
+    rerun fails both, runs the seed again, and finishes with every seed done once."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.studies.spec import load_spec
+    from harness.studies.storage import open_storage, storage_url
+
+    spec_path = write_spec(tmp_path, "killed")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(spec_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = mlflow.MlflowClient(tracking_uri)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        if any(r.data.tags.get("dmlbench.role") == "reproduction" and r.info.status == "RUNNING" for r in runs):
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    spec = load_spec(spec_path)
+    store = open_storage(storage_url(spec))
+    dataset, entry = spec.units()[0]
+    seeds = optuna.load_study(study_name=f"{spec.study_name(dataset, entry)}/reproductions", storage=store)
+    assert seeds.get_trials(states=(TrialState.RUNNING,))  # the dead worker's seed
+    assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600).returncode == 0
+    check_exactly_once(spec_path, tracking_uri, storage_url(spec))
+
+
+# ----------------------------------------------------------------------------- PostgreSQL + mlflow server
+
+
+def pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def as_postgres(args: list[str]) -> list[str]:
+    """The server refuses to run as root: run its tools as the 'postgres' user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.fixture
+def postgres_url():
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql; .ci/run installs it)")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root without runuser: cannot start PostgreSQL as the postgres user")
+    folder = Path(tempfile.mkdtemp(prefix="dmlbench-pg-", dir="/tmp"))
+    os.chmod(folder, 0o777)
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run(as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+                   check=True, capture_output=True)
+    subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
+                                f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"]),
+                   check=True, capture_output=True)
+    try:
+        subprocess.run(as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                                    "dmlbench"]), check=True, capture_output=True)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/dmlbench"
+    finally:
+        subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start within 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_two_processes_on_postgresql_and_an_mlflow_server(tmp_path, postgres_url, mlflow_server, monkeypatch):
+    pytest.importorskip("psycopg")
+    spec = write_spec(tmp_path, "pgstudy")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    run_two(spec, {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}, postgres_url)
+    check_exactly_once(spec, mlflow_server, postgres_url)
