@@ -200,3 +200,24 @@ def test_bad_storage_urls_are_refused_before_any_run_or_trial(storage, text, tra
     err = capsys.readouterr().err
     assert text in err and len(err.strip().splitlines()) == 1
     assert store_runs(tracking_uri) == []
+
+
+@pytest.mark.parametrize("space, text", [
+    ({"optim.lr": {"type": "float", "low": "abc", "high": 1}}, "finite numbers low <= high"),
+    ({"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "log scale needs low > 0"),
+    ({"optim.name": {"type": "categorical", "choices": ["adamw", "sgdd"]}}, "bad value 'sgdd' for 'optim.name'"),
+    ({"method_args.style": {"type": "categorical", "choices": ["parallel", "seqential"]}}, "'seqential'"),
+    ([1], "must be a mapping"),
+])
+def test_study_search_spaces_are_checked_before_anything_exists(space, text, tmp_path, tracking_uri, capsys):
+    import yaml
+
+    spec = {"name": "bad", "backbone": "tf_efficientnet_lite0", "datasets": ["fashion_mnist"],
+            "methods": [{"method": "adapter", "search_space": space}], "budget": {"n_trials": 1, "epochs": 1}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert text in err and len(err.strip().splitlines()) == 1
+    assert store_runs(tracking_uri) == [] and not list(tmp_path.glob("*.journal"))
+    assert not list(Path(tracking_uri.removeprefix("sqlite:///")).parent.glob("*.journal"))

@@ -143,8 +143,12 @@ def _as_list(value: Any, where: str) -> list:
     return value
 
 
-def _check_space(space: dict, where: str) -> dict[str, dict[str, Any]]:
+def _check_space(space: Any, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(space, dict):
+        raise UserError(f"{where} must be a mapping of run-config keys to distributions, got {space!r}")
     for key, dist in space.items():
+        if not isinstance(dist, dict):
+            raise UserError(f"{where} '{key}' must be a mapping like {{type: float, low: 1e-4, high: 1e-2, log: true}}")
         _check_keys(dist, _SPACE_KEYS, f"{where} '{key}'")
         kind = dist.get("type")
         if kind not in ("float", "int", "categorical"):
@@ -152,9 +156,22 @@ def _check_space(space: dict, where: str) -> dict[str, dict[str, Any]]:
         if kind == "categorical":
             if not isinstance(dist.get("choices"), list) or not dist["choices"]:
                 raise UserError(f"{where} '{key}' needs a non-empty 'choices' list")
-        elif "low" not in dist or "high" not in dist or not dist["low"] <= dist["high"]:
-            raise UserError(f"{where} '{key}' needs numbers low <= high")
+            continue
+        low, high = dist.get("low"), dist.get("high")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
+        if not numbers or not low <= high:
+            raise UserError(f"{where} '{key}' needs finite numbers low <= high, got low={low!r} high={high!r}")
+        if dist.get("log") and low <= 0:
+            raise UserError(f"{where} '{key}': a log scale needs low > 0, got low={low!r}")
+        if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+            raise UserError(f"{where} '{key}': an int distribution needs integer bounds, got {low!r}, {high!r}")
     return space
+
+
+def _check_mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a mapping of run-config keys to distributions, got {value!r}")
+    return value
 
 
 def distributions(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -310,7 +327,7 @@ def load_spec(path: str | Path) -> StudySpec:
         if "optim.epochs" in entry_overrides and not fixed:
             raise UserError(f"'optim.epochs' in {ewhere}: budget.epochs sets it for every tuned method")
         space = {k: dict(v) for k, v in spec.search_space.items()}
-        for key, dist in (raw_entry.get("search_space") or {}).items():
+        for key, dist in _check_mapping(raw_entry.get("search_space") or {}, f"search space of {ewhere}").items():
             if dist is None:
                 space.pop(key, None)
             else:
@@ -342,8 +359,12 @@ def load_spec(path: str | Path) -> StudySpec:
     # -- every run config must resolve; every search-space key must be a config key
     for dataset, entry in spec.units():
         cfg = spec.resolve(dataset, entry)
-        for key, dist in entry.search_space.items():
-            set_key(cfg, key, dist["choices"][0] if dist["type"] == "categorical" else dist["low"])
+        for key, dist in entry.search_space.items():  # every value a trial can draw is a valid value
+            for value in dist["choices"] if dist["type"] == "categorical" else (dist["low"], dist["high"]):
+                try:
+                    set_key(cfg, key, value)
+                except UserError as exc:
+                    raise UserError(f"search space of entry '{entry.name}' in {path}: {exc}") from None
         spec.experiments[dataset] = cfg.tracking.experiment or cfg.dataset
         spec.tracking_uri = resolve_uri(cfg.tracking.uri)
     return spec
