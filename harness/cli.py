@@ -143,9 +143,50 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from harness.tracking.store import resolve_uri
 
     uri = resolve_uri(args.tracking_uri or "")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
-    return subprocess.call(cmd)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    proc = subprocess.Popen(cmd)
+    try:
+        if not wait_for(base + "/health", proc, timeout_s=args.timeout):
+            proc.terminate()
+            raise UserError(f"the MLflow UI did not answer on {base} within {args.timeout:.0f} s "
+                            f"(port {args.port} in use? try --port)")
+        print(f"MLflow UI for {uri}: {base}/{runs_view(uri)}", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+        return 0
+
+
+def wait_for(url: str, proc: Any, timeout_s: float) -> bool:
+    """Poll ``url`` until it answers 200 (True), the process exits or time runs out (False)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def runs_view(uri: str) -> str:
+    """The runs table of the most recently updated experiment (the UI otherwise opens elsewhere)."""
+    import mlflow
+
+    try:
+        experiments = mlflow.MlflowClient(uri).search_experiments()
+    except Exception:  # noqa: BLE001 - an empty or foreign store: the UI's home page
+        return ""
+    if not experiments:
+        return ""
+    latest = max(experiments, key=lambda e: (e.last_update_time or 0, e.experiment_id))
+    return f"#/experiments/{latest.experiment_id}/runs?workflowType=machine_learning"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -171,7 +212,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.action == "run":
         run_study(args.spec, workers=args.workers, storage=args.storage)
     status = study_status(args.spec, storage=args.storage)
-    print(status.to_string(index=False))
+    if args.json:
+        print(status.to_json(orient="records", indent=2))
+    else:
+        print(status.to_string(index=False))
     return 0
 
 
@@ -249,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_datasets)
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the store")
+    u.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0: every interface)")
     u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server to answer")
     u.add_argument("--tracking-uri", default="")
     u.set_defaults(func=cmd_ui)
 
@@ -263,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("spec")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
+    s.add_argument("--json", action="store_true", help="status as JSON records")
     s.add_argument("--tracking-uri", default="")
     s.set_defaults(func=cmd_study)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import sqlite3
 import subprocess
 import sys
@@ -111,12 +112,37 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr
 
 
-def test_ui_serves_the_store_on_loopback(capsys, monkeypatch, tracking_uri):
-    calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    code, out, _ = cli(capsys, "ui", "--port", "5123")
-    assert code == 0 and "http://127.0.0.1:5123" in out
-    cmd = calls[0]
-    assert cmd[1:4] == ["-m", "mlflow", "ui"]
-    assert cmd[cmd.index("--backend-store-uri") + 1] == tracking_uri
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+def test_ui_serves_the_store_and_prints_the_runs_view(capsys, tracking_uri):
+    """A real MLflow UI on loopback: it answers, and the printed URL opens the latest experiment's runs."""
+    import socket
+    import threading
+    import urllib.request
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.create_experiment("ui_check")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = {}
+
+    def serve():
+        result["code"] = main(["ui", "--port", str(port), "--timeout", "120"])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    deadline = time.time() + 150
+    out = ""
+    while time.time() < deadline and "MLflow UI for" not in out:
+        time.sleep(0.5)
+        out += capsys.readouterr().out
+    assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning" in out
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+        assert reply.status == 200
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):  # stop the server like Ctrl-C's terminate
+        child.terminate()
+    thread.join(timeout=60)
+    assert result.get("code") is not None

@@ -221,3 +221,10 @@ def test_study_search_spaces_are_checked_before_anything_exists(space, text, tmp
     assert text in err and len(err.strip().splitlines()) == 1
     assert store_runs(tracking_uri) == [] and not list(tmp_path.glob("*.journal"))
     assert not list(Path(tracking_uri.removeprefix("sqlite:///")).parent.glob("*.journal"))
+
+
+def test_weights_are_not_saved_when_log_weights_is_off(tiny_overrides):
+    result = train(resolve(method="linear_probe", overrides={**tiny_overrides, "optim.epochs": 1,
+                                                             "tracking.log_weights": False}))
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert "curves.png" in names and "trainable.safetensors" not in names

@@ -300,3 +300,34 @@ def test_study_protocol_applies_to_reproductions_only(tmp_path, tracking_uri):
     assert repro.protocol == "paper" and repro.data.val_fraction == 0.0
     with pytest.raises(UserError, match="'protocol'.*valid: fair, paper"):
         load_spec(write_spec(tmp_path, tracking_uri, protocol="papr"))
+
+
+def test_results_roll_up_onto_parents_and_the_optuna_side_is_labelled(tiny_study, capsys, monkeypatch):
+    from harness.cli import main
+
+    uri = f"sqlite:///{Path(tiny_study).parent / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for entry in ("linear_probe", "bitfit"):
+        study = optuna_study(tiny_study, entry)
+        (parent,) = [r for r in runs_of("tiny", "parent") if r.data.tags["dmlbench.entry"] == entry]
+        (repro,) = [r for r in runs_of("tiny", "reproduction") if r.data.tags["dmlbench.entry"] == entry]
+        m = parent.data.metrics
+        assert m["best_trial_best_val_map_at_r"] == pytest.approx(study.best_value) and m["seeds"] == 1
+        assert m["test_recall_at_1_mean"] == repro.data.metrics["test_recall_at_1"]
+        assert m["params_trainable"] == repro.data.metrics["params_trainable"]
+        assert parent.data.tags["mlflow.note.content"].startswith("Study `tiny`")
+        assert all(parent.data.tags[f"best_param.{k}"] == str(v) for k, v in study.best_params.items())
+        assert study.metric_names == ["best_val_map_at_r"] and study.user_attrs["method"] == entry
+        assert "mlflow.source.git.commit" in repro.data.tags and "protocol" in repro.data.tags["mlflow.note.content"]
+        trial_runs = [r for r in runs_of("tiny", "trial") if r.data.tags["dmlbench.entry"] == entry]
+        assert {r.data.params["tracking.log_weights"] for r in trial_runs} == {"False"}  # weights: reproductions
+        assert repro.data.params["tracking.log_weights"] == "True"
+    (summary,) = runs_of("tiny", "study")
+    assert "bitfit/test_recall_at_1_mean" in summary.data.metrics
+    # status reads, never writes: the journal is byte-identical afterwards, and --json parses
+    journal = Path(tiny_study).parent / "tiny.optuna.journal"
+    before = journal.read_bytes()
+    assert main(["study", "status", str(tiny_study), "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)
+    assert {r["entry"] for r in rows} == {"linear_probe", "bitfit"} and journal.read_bytes() == before

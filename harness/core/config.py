@@ -154,6 +154,11 @@ class TrackingConfig:
     run_name: str = ""
     #: log the curves PNG and the trainable weights
     log_artifacts: bool = True
+    #: save the trainable weights of study tuning trials too (default: reproductions only, which
+    #: retrain the best trial's configuration; a ViT study would otherwise store GBs of trials)
+    trial_weights: bool = False
+    #: save this run's trainable weights (set false by studies for tuning trials)
+    log_weights: bool = True
     #: where per-epoch checkpoints go ('' = <dir of mlflow.db>/checkpoints, or ~/.cache/dmlbench)
     checkpoint_dir: str = ""
     #: keep the last checkpoint of a finished run (default: deleted when the run finishes)

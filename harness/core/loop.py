@@ -146,7 +146,7 @@ def train(
         })
         mlflow.log_metrics(final)
         if cfg.tracking.log_artifacts:
-            log_artifacts(best.state or {}, history)
+            log_artifacts(best.state or {}, history, weights=cfg.tracking.log_weights)
         mlflow.set_tag("dmlbench.status", "finished")
         mlflow.end_run("FINISHED")
         if ckpt_path is not None and not cfg.tracking.keep_checkpoints:
@@ -205,6 +205,18 @@ def prepare(cfg: RunConfig) -> Run:
     )
 
 
+def describe_run(cfg: RunConfig, weights: str, tags: dict[str, str]) -> str:
+    """The run's description in the MLflow UI (Markdown)."""
+    role = tags.get("dmlbench.role", "single run")
+    study = f" of study `{tags['dmlbench.study']}`" if "dmlbench.study" in tags else ""
+    recipe = f"`{cfg.recipe}` ({cfg.recipe_source})" if cfg.recipe else "none (harness defaults and overrides)"
+    return (f"**{cfg.method}** on **{cfg.dataset}** with `{cfg.backbone}` ({weights}): {role}{study}, seed "
+            f"{cfg.seed}.\n\n- recipe: {recipe}\n- protocol: `{cfg.protocol}` (" + (
+                "all training classes, the best test epoch reported" if cfg.protocol == "paper"
+                else "validation classes held out, checkpoint selected on validation") + ")\n"
+            f"- optimiser: {cfg.optim.name}, lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}")
+
+
 def snapshot(run: Run, epoch: int, history: list, best: "Best", images: int, seconds: float) -> dict[str, Any]:
     """Everything the next epoch depends on (see :mod:`harness.core.checkpoint`)."""
     return {
@@ -243,6 +255,7 @@ def log_run_start(run: Run, tags: dict[str, str] | None) -> None:
         "dmlbench.selection": "best test R@1 epoch (paper protocol)" if cfg.protocol == "paper"
         else f"best validation {cfg.eval.select} epoch",
         **({"dmlbench.recipe": cfg.recipe, "dmlbench.recipe_source": cfg.recipe_source} if cfg.recipe else {}),
+        "mlflow.note.content": describe_run(cfg, run.backbone.weight_source, tags or {}),
         **(tags or {}),
     })
     mlflow.log_text(to_yaml(cfg), "config.yaml")

@@ -51,6 +51,12 @@ def parent_run(spec: StudySpec, dataset: str, entry: Entry) -> str:
         "dmlbench.study": spec.name, "dmlbench.dataset": dataset, "dmlbench.entry": entry.name,
         "dmlbench.method": entry.method, "dmlbench.backbone": entry.backbone, "dmlbench.role": "parent",
         "dmlbench.label": entry.label, "dmlbench.objective": spec.metric,
+        "mlflow.note.content": (
+            f"Study `{spec.name}`: **{entry.label}** (`{entry.method}`, recipe `{entry.preset or 'none'}`) on "
+            f"**{dataset}** with `{entry.backbone}`. {budget_of(spec, entry)} tuning trials x {spec.budget.epochs} "
+            f"epochs on validation classes (objective {spec.metric}), then seeds {spec.seeds} on the test split, "
+            f"protocol `{spec.protocol}`. The children are the trials and reproductions; this run's metrics "
+            "roll them up."),
     }
     run = client.create_run(exp_id, tags=tags)
     client.log_param(run.info.run_id, "n_trials", budget_of(spec, entry))

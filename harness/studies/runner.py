@@ -17,6 +17,7 @@ from harness.errors import StudyAborted, UserError
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
 from harness.studies.recovery import heartbeat, recover_stale
 from harness.studies.reproductions import open_reproductions, recover_seeds, run_seeds
+from harness.studies.rollup import rollup
 from harness.studies.spec import Entry, StudySpec, distributions, load_spec
 from harness.studies.storage import budget_of, open_storage, open_study, storage_url
 
@@ -61,6 +62,7 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         raise
     cfg.tracking.run_name = f"{entry.name}-trial{trial.number}"
     cfg.eval.test = False  # tuning selects on validation classes only; test is for reproductions
+    cfg.tracking.log_weights = cfg.tracking.trial_weights
     tags = {**base_tags(spec, dataset, entry, "trial"), "dmlbench.trial": str(trial.number),
             "dmlbench.optuna_study": study.study_name, "dmlbench.seed": str(cfg.seed)}
 
@@ -249,6 +251,7 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
         reproduce_all(spec, store, parents, train=train)
     else:
         _spawn(_reproduce_main, (str(spec.path), url, parents, workers), workers, "reproduce")
+    rollup(spec, store, parents)  # parents and a summary run carry the results in the MLflow UI
 
 
 def _spawn_tuners(spec: StudySpec, url: str, parents: dict[str, str], workers: int) -> None:

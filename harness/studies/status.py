@@ -7,7 +7,7 @@ from typing import Any
 
 from harness.studies.runner import finished_reproductions, quiet_optuna, trial_counts
 from harness.studies.spec import StudySpec, load_spec
-from harness.studies.storage import budget_of, open_storage, open_study, storage_url
+from harness.studies.storage import budget_of, open_storage, storage_url
 
 
 def study_status(spec_path: str | Path, storage: str | None = None) -> Any:
@@ -17,8 +17,10 @@ def study_status(spec_path: str | Path, storage: str | None = None) -> Any:
 
     quiet_optuna()
     spec = load_spec(spec_path)
-    store = open_storage(storage_url(spec, storage))
-    existing = {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
+    url = storage_url(spec, storage)
+    # read-only: a missing journal is not created, existing studies are loaded, never created
+    store = None if "://" not in url and not Path(url.removeprefix("journal:")).expanduser().exists() else open_storage(url)
+    existing = set() if store is None else {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
     rows = []
     for dataset, entry in spec.units():
         row: dict[str, Any] = {"dataset": dataset, "entry": entry.name, "method": entry.method,
@@ -26,7 +28,7 @@ def study_status(spec_path: str | Path, storage: str | None = None) -> Any:
         counts = {k: 0 for k in ("complete", "pruned", "failed", "running")}
         best, best_trial, source = float("nan"), "", "fixed" if entry.fixed else None
         if not entry.fixed and spec.study_name(dataset, entry) in existing:
-            study = open_study(spec, dataset, entry, store)
+            study = optuna.load_study(study_name=spec.study_name(dataset, entry), storage=store)
             counts.update({k: v for k, v in trial_counts(study).items() if k in counts})
             try:
                 best, best_trial = study.best_value, str(study.best_trial.number)

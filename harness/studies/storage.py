@@ -110,9 +110,18 @@ def budget_of(spec: StudySpec, entry: Entry) -> int:
 def open_study(spec: StudySpec, dataset: str, entry: Entry, storage: Any, offset: int = 0) -> Any:
     import optuna
 
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.study_name(dataset, entry), storage=storage, direction="maximize",
         sampler=make_sampler(spec, entry, offset), pruner=make_pruner(spec), load_if_exists=True,
     )
+    if study.metric_names is None:  # optuna-dashboard then says what is maximised, once per study
+        study.set_metric_names([spec.metric])
+        labels = {"dataset": dataset, "method": entry.method, "entry": entry.name, "backbone": entry.backbone,
+                  "recipe": entry.preset or "", "protocol": spec.protocol, "objective": spec.metric,
+                  "budget": f"{budget_of(spec, entry)} trials x {spec.budget.epochs} epochs",
+                  "mlflow_experiment": spec.experiments.get(dataset, dataset)}
+        for key, value in labels.items():
+            study.set_user_attr(key, value)
+    return study
 
 

@@ -7,15 +7,16 @@ from pathlib import Path
 import torch
 
 
-def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]]) -> None:
-    """Trainable weights only (safetensors) and a curves figure."""
+def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]], weights: bool = True) -> None:
+    """Trainable weights only (safetensors, unless ``weights`` is false) and a curves figure."""
     import mlflow
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "trainable.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(weights))
-        mlflow.log_artifact(str(weights))
+        if weights:
+            path = Path(tmp) / "trainable.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+            mlflow.log_artifact(str(path))
         curves = Path(tmp) / "curves.png"
         plot_curves(history, curves)
         mlflow.log_artifact(str(curves))

@@ -126,7 +126,9 @@ def git_commit() -> str:
 
 def environment_tags() -> dict[str, str]:
     """Versions of everything that changes numbers, plus the code revision."""
-    tags = {"git_commit": git_commit(), "python": sys.version.split()[0], "platform": platform.platform()}
+    commit = git_commit()
+    tags = {"git_commit": commit, "python": sys.version.split()[0], "platform": platform.platform(),
+            "mlflow.source.git.commit": commit.removesuffix("-dirty")}  # shown by the MLflow UI
     for pkg in ("dmlbench", "torch", "torchvision", "timm", "mlflow", "optuna", "numpy", "faiss-cpu"):
         try:
             tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
