@@ -57,11 +57,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(to_yaml(cfg), end="")
         return 0
-    result = train(cfg)
+    result = train(cfg, on_epoch=epoch_line(cfg.optim.epochs))
     print(f"run {result.run_id}  ({cfg.method} on {cfg.dataset} with {cfg.backbone})")
     for key in sorted(result.metrics):
         print(f"  {key:32s} {_fmt(result.metrics[key])}")
+    print(f"in the MLflow UI: {run_url(result.run_id)}")
     return 0
+
+
+def epoch_line(epochs: int) -> Any:
+    """One summary line per epoch: loss, validation (or test) R@1 and MAP@R, seconds."""
+    def show(epoch: int, row: dict[str, float]) -> None:
+        split = "val" if "val_recall_at_1" in row else "epoch_test"
+        parts = [f"epoch {epoch}/{epochs}"]
+        if "train_loss" in row:
+            parts.append(f"loss {row['train_loss']:.4f}")
+        if f"{split}_recall_at_1" in row:
+            name = "val" if split == "val" else "test"
+            parts.append(f"{name} R@1 {100 * row[f'{split}_recall_at_1']:.1f}  MAP@R {100 * row[f'{split}_map_at_r']:.1f}")
+        if "epoch_time_s" in row:
+            parts.append(f"{row['epoch_time_s']:.1f} s")
+        print("  ".join(parts), flush=True)
+
+    return show
+
+
+def run_url(run_id: str) -> str:
+    """The run's page: on the tracking server, or via 'dmlbench ui' for a local store."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    uri = mlflow.get_tracking_uri()
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"start 'dmlbench ui', then http://127.0.0.1:5000/{page}"
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -105,6 +135,38 @@ def resumable_config(run_id: str, tracking_uri: str) -> Any:
         return resolve(config_file=path, overrides={"tracking.uri": uri})
 
 
+COMPARE_METRICS = ("test_recall_at_1", "test_map_at_r", "test_r_precision", "test_selected_recall_at_1",
+                   "best_val_recall_at_1", "best_val_map_at_r", "params_trainable", "params_trainable_inference",
+                   "peak_memory_gb", "throughput_img_s", "wall_time_s")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Runs side by side: headline metrics, then every config key on which they differ."""
+    import mlflow
+
+    from harness.tracking.store import resolve_uri
+
+    mlflow.set_tracking_uri(resolve_uri(args.tracking_uri or ""))
+    runs = []
+    for run_id in args.runs:
+        try:
+            runs.append(mlflow.get_run(run_id))
+        except mlflow.exceptions.MlflowException:
+            raise UserError(f"no run {run_id!r} in the MLflow store {mlflow.get_tracking_uri()}") from None
+    names = [f"{r.info.run_name} ({r.info.run_id[:8]})" for r in runs]
+    rows = [{"": "method", **{n: r.data.tags.get("dmlbench.method", "") for n, r in zip(names, runs)}},
+            {"": "status", **{n: r.info.status for n, r in zip(names, runs)}}]
+    for key in COMPARE_METRICS:
+        if any(key in r.data.metrics for r in runs):
+            rows.append({"": key, **{n: r.data.metrics.get(key, "-") for n, r in zip(names, runs)}})
+    for key in sorted(set().union(*(r.data.params for r in runs))):
+        values = [r.data.params.get(key, "-") for r in runs]
+        if len(set(values)) > 1:
+            rows.append({"": f"config {key}", **dict(zip(names, values))})
+    print(json.dumps(rows, indent=2) if args.json else _table(rows, ["", *names]))
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from harness.core.registry import get_method, method_names
 
@@ -131,11 +193,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             for split, info in report.items():
                 print(f"{split:8s} {info['images']:>8,} images  {info['classes']:>6,} classes")
         return 0
+    from harness.data.specs import found_at
+
     rows = [
-        {"name": s.name, "reader": s.reader, "Recall@K": ",".join(map(str, s.ks)), "description": s.description}
+        {"name": s.name, "on disk": str(found_at(s) or "no (--set data.root=DIR)"), "Recall@K": ",".join(map(str, s.ks)),
+         "description": s.description}
         for s in (data.get_spec(n) for n in data.spec_names())
     ]
-    print(json.dumps(rows, indent=2) if args.json else _table(rows, ["name", "reader", "Recall@K", "description"]))
+    print(json.dumps(rows, indent=2) if args.json else _table(rows, ["name", "on disk", "Recall@K", "description"]))
     return 0
 
 
@@ -271,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the fully resolved run config as YAML and exit (no run is created)")
     t.set_defaults(func=cmd_train)
 
+    cp = sub.add_parser("compare", help="runs side by side: metrics and the config keys that differ",
+                        description="example: dmlbench compare 3f2a... 9be1... --tracking-uri sqlite:///mlflow.db")
+    cp.add_argument("runs", nargs="+", metavar="RUN_ID")
+    cp.add_argument("--tracking-uri", default="")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
+
     rc = sub.add_parser("recipes", help="list every method's presets (published recipes) with their sources")
     rc.add_argument("--method", default="")
     rc.add_argument("--json", action="store_true")
@@ -339,7 +411,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_benchmark)
+    for name, parser in sub.choices.items():  # every subcommand's --help ends with an example
+        parser.epilog = "example:\n  " + EXAMPLES[name]
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        for action in parser._actions:
+            action.help = action.help or OPTION_HELP.get(action.dest, action.help)
     return p
+
+
+EXAMPLES = {
+    "train": "dmlbench train --method vptsp_g --preset cub --set data.root=~/data/CUB_200_2011 --set protocol=paper",
+    "recipes": "dmlbench recipes --method adapter",
+    "compare": "dmlbench compare RUN_A RUN_B",
+    "methods": "dmlbench methods --backbone vit_small_patch16_224 --no-pretrained --num-classes 100",
+    "datasets": "dmlbench datasets check cub200 --root ~/data/CUB_200_2011",
+    "ui": "dmlbench ui --port 5001",
+    "demo": "dmlbench demo",
+    "study": "dmlbench study run studies/peft_vit_s.yaml --workers 2 && dmlbench study status studies/peft_vit_s.yaml --json",
+    "report": "dmlbench report studies/demo.yaml --out /tmp/demo-report",
+    "visualize": "dmlbench visualize dpp --run RUN_ID --n 8",
+    "benchmark": "dmlbench benchmark --methods full_finetune,bitfit,lora --backbone vit_small_patch16_224 --batch-size 64",
+}
+OPTION_HELP = {
+    "method": "registered method (dmlbench methods)", "dataset": "dataset name (dmlbench datasets)",
+    "backbone": "timm model name", "tracking_uri": "MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
+    "json": "print JSON", "spec": "study spec YAML", "action": "what to do", "workers": "worker processes",
+    "out": "output folder", "run": "MLflow run id", "n": "number of images", "what": "figure kind",
+    "name": "dataset name", "root": "dataset folder", "methods": "comma-separated method names",
+    "image_size": "input size in pixels", "batch_size": "images per step", "samples_per_class": "images per class in a batch",
+    "steps": "timed steps", "warmup": "untimed warm-up steps", "device": "cpu | cuda | '' (auto)",
+    "no_amp": "disable bf16 autocast", "set": "override a config key (repeatable)", "num_classes": "training classes",
+    "backbone_kwargs": "JSON kwargs for timm.create_model", "runs": "MLflow run ids", "port": "port to serve on",
+}
 
 
 def one_line(exc: UserError) -> str:

@@ -146,3 +146,23 @@ def test_ui_serves_the_store_and_prints_the_runs_view(capsys, tracking_uri):
         child.terminate()
     thread.join(timeout=60)
     assert result.get("code") is not None
+
+def test_train_prints_a_line_per_epoch_and_the_run_url_and_compare_puts_runs_side_by_side(capsys, tiny_overrides):
+    sets = sum((["--set", f"{k}={v}"] for k, v in tiny_overrides.items() if k != "model.backbone_kwargs"), [])
+    code, out, _ = cli(capsys, "train", "--method", "linear_probe", *sets)
+    assert code == 0
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 2 and "loss" in lines[0] and "val R@1" in lines[0] and lines[1].startswith("epoch 2/2")
+    assert "#/experiments/" in out and "/runs/" in out
+    first = out.split("run ", 1)[1].split()[0]
+    code, out, _ = cli(capsys, "train", "--method", "bitfit", *sets)
+    second = out.split("\nrun ", 1)[1].split()[0]
+    code, out, _ = cli(capsys, "compare", first, second)
+    assert code == 0 and "test_recall_at_1" in out and "config method" in out and "linear_probe" in out
+    assert cli(capsys, "compare", first, "nope")[0] == 2
+
+
+def test_datasets_say_which_are_on_disk(capsys):
+    code, out, _ = cli(capsys, "datasets", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and "on disk" in rows["cub200"]

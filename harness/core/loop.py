@@ -146,7 +146,8 @@ def train(
         })
         mlflow.log_metrics(final)
         if cfg.tracking.log_artifacts:
-            log_artifacts(best.state or {}, history, weights=cfg.tracking.log_weights)
+            log_artifacts(best.state or {}, history, weights=cfg.tracking.log_weights,
+                          title=f"{mlflow_run.info.run_name}: {cfg.method} on {cfg.dataset} ({cfg.backbone})")
         mlflow.set_tag("dmlbench.status", "finished")
         mlflow.end_run("FINISHED")
         if ckpt_path is not None and not cfg.tracking.keep_checkpoints:

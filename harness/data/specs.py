@@ -116,6 +116,16 @@ def _resolve_fashion() -> Path:
     return found
 
 
+def found_at(spec: DatasetSpec) -> Path | None:
+    """Where dataset ``spec`` already is on disk (no download, no error), or None."""
+    if spec.reader == "fashion_mnist":
+        return next((found for c in _fashion_candidates() if (found := fashion_dir(c)) is not None), None)
+    rel = Path(spec.default_root)
+    cands = ([Path(os.environ["DMLBENCH_DATA"]) / rel.name] if os.environ.get("DMLBENCH_DATA") else []) + [
+        rel if rel.is_absolute() else REPO / rel]
+    return next((c for c in cands if c.exists()), None)
+
+
 def resolve_root(spec: DatasetSpec, root: str = "") -> Path:
     """Where dataset ``spec`` lives; a missing folder raises a UserError listing what was tried."""
     how = f"get it from: {one_line(spec.how_to_get)}"

@@ -107,19 +107,41 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
         if n < len(spec.seeds):
             notes.append(f"{dataset}/{entry.label}: {n} of {len(spec.seeds)} reproduction seeds finished")
 
-    report = _report_md(spec, results_md, published_md if paired else "", shaped, tuning, figures, notes, out)
+    written += [p.with_suffix(".pdf") for p in list(written) if p.suffix == ".png" and p.with_suffix(".pdf").exists()]
+    report = _report_md(spec, results_md, published_md if paired else "", shaped, tuning, figures, notes, out,
+                        untrained_verdicts(spec, summary))
     _write(out, "report.md", report, written)
     _prune_stale(out, written)
     _log_to_mlflow(spec, out)
     return out
 
 
+def untrained_verdicts(spec: StudySpec, summary: pd.DataFrame) -> list[str]:
+    """Per dataset, plainly: does any trained method beat the untrained reference rows on test R@1?"""
+    out = []
+    untrained = {e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0}
+    for dataset in spec.datasets:
+        part = summary[summary["dataset"] == dataset].dropna(subset=["test_recall_at_1_mean"])
+        refs, trained = part[part["entry"].isin(untrained)], part[~part["entry"].isin(untrained)]
+        if refs.empty or trained.empty:
+            continue
+        ref, best = refs.loc[refs["test_recall_at_1_mean"].idxmax()], trained.loc[trained["test_recall_at_1_mean"].idxmax()]
+        a, b = best["test_recall_at_1_mean"] * 100, ref["test_recall_at_1_mean"] * 100
+        verdict = "beats" if a > b else "does not beat"
+        out.append(f"{dataset}: the best trained method ({best['label']}, test R@1 {a:.1f}) {verdict} the best "
+                   f"untrained row ({ref['label']}, {b:.1f}); with this budget and data"
+                   + (" tuning buys something." if a > b else ", training does not improve on the backbone."))
+    return out
+
+
 def _report_md(spec: StudySpec, results_md: str, published_md: str, shaped: list, tuning: pd.DataFrame,
-               figures: list[tuple[str, Path]], notes: list[str], out: Path) -> str:
+               figures: list[tuple[str, Path]], notes: list[str], out: Path, verdicts: list[str]) -> str:
     b = spec.budget
     lines = [f"# Study `{spec.name}`", ""]
     if spec.description:
         lines += [spec.description, ""]
+    if verdicts:
+        lines += ["**Trained vs untrained:** " + " ".join(verdicts), ""]
     lines += [
         f"- datasets: {', '.join(spec.datasets)}; backbone: {spec.backbone}",
         f"- objective: maximise `{spec.metric}` (validation split, class-disjoint from training)",

@@ -26,8 +26,12 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
+    """PNG at 200 dpi for reading and a vector PDF beside it for papers, both without dates, so a
+    rebuild gives the same bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(path, dpi=200, metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), metadata={"Creator": None, "Producer": None, "CreationDate": None},
+                bbox_inches="tight")
     _plt().close(fig)
 
 

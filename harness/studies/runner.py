@@ -120,7 +120,7 @@ def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: s
     offset = 7919 * worker + len(probe.get_trials(deepcopy=False))
     study = open_study(spec, dataset, entry, storage, offset=offset)
     dists = distributions(entry.search_space)
-    started, failures = time.monotonic(), 0
+    started, failures, ran = time.monotonic(), 0, 0
     while True:
         c = trial_counts(study)
         if c["complete"] + c["pruned"] + c["running"] >= budget:
@@ -140,6 +140,11 @@ def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: s
             return
         outcome = run_trial(spec, dataset, entry, study, trial, parent_id, train)
         failures = failures + 1 if outcome == "failed" else 0
+        ran += 1
+        c = trial_counts(study)
+        done, elapsed = c["complete"] + c["pruned"], time.monotonic() - started
+        eta = elapsed / ran * max(0, budget - done - c["running"])
+        progress(f"{study.study_name}: {done}/{budget} trials, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
         if failures >= MAX_CONSECUTIVE_FAILURES:
             last = study.get_trials(deepcopy=False)[-1].user_attrs.get("dmlbench.error", "")
             raise StudyAborted(f"{failures} trials in a row failed in study {study.study_name} (last: {last}); "

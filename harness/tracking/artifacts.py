@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 
-def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]], weights: bool = True) -> None:
+def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]], weights: bool = True,
+                  title: str = "") -> None:
     """Trainable weights only (safetensors, unless ``weights`` is false) and a curves figure."""
     import mlflow
     from safetensors.torch import save_file
@@ -18,28 +19,35 @@ def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
             mlflow.log_artifact(str(path))
         curves = Path(tmp) / "curves.png"
-        plot_curves(history, curves)
+        plot_curves(history, curves, title)
         mlflow.log_artifact(str(curves))
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> None:
+    """Training loss, R@1 and MAP@R per epoch, each on its own axis (percent for retrieval)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    epochs = [h["epoch"] for h in history if "train_loss" in h]
-    axes[0].plot(epochs, [h["train_loss"] for h in history if "train_loss" in h], marker="o")
-    axes[0].set(title="training loss", xlabel="epoch")
-    for key, label in (("val_recall_at_1", "val R@1"), ("val_map_at_r", "val MAP@R"), ("epoch_test_recall_at_1", "test R@1")):
-        pts = [(h["epoch"], h[key]) for h in history if key in h]
-        if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=label)
-    axes[1].set(title="retrieval", xlabel="epoch")
-    axes[1].legend()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    panels = [
+        (axes[0], "training loss", [("train_loss", "train", 1.0)]),
+        (axes[1], "R@1 (%)", [("val_recall_at_1", "validation", 100.0), ("epoch_test_recall_at_1", "test", 100.0)]),
+        (axes[2], "MAP@R (%)", [("val_map_at_r", "validation", 100.0), ("epoch_test_map_at_r", "test", 100.0)]),
+    ]
+    for ax, name, series in panels:
+        for key, label, scale in series:
+            pts = [(h["epoch"], h[key] * scale) for h in history if key in h]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        ax.set(title=name, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(frameon=False, fontsize="small")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90, metadata={"Software": None})
+    fig.savefig(path, dpi=150, metadata={"Software": None})
     plt.close(fig)
-
-
