@@ -44,6 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         overrides["tracking.uri"] = args.tracking_uri
     if args.resume:
+        from harness.core.resume import resumable_config
+
         cfg = resumable_config(args.resume, args.tracking_uri)
         result = train(cfg, resume=args.resume)
         print(f"run {result.run_id} resumed and finished ({cfg.method} on {cfg.dataset})")
@@ -61,6 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run {result.run_id}  ({cfg.method} on {cfg.dataset} with {cfg.backbone})")
     for key in sorted(result.metrics):
         print(f"  {key:32s} {_fmt(result.metrics[key])}")
+    from harness.tracking.links import run_url
+
     print(f"in the MLflow UI: {run_url(result.run_id)}")
     return 0
 
@@ -82,16 +86,7 @@ def epoch_line(epochs: int) -> Any:
     return show
 
 
-def run_url(run_id: str) -> str:
-    """The run's page: on the tracking server, or via 'dmlbench ui' for a local store."""
-    import mlflow
 
-    run = mlflow.get_run(run_id)
-    uri = mlflow.get_tracking_uri()
-    page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"start 'dmlbench ui', then http://127.0.0.1:5000/{page}"
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -109,60 +104,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def resumable_config(run_id: str, tracking_uri: str) -> Any:
-    """The resolved config of a killed or failed run, from its own ``config.yaml`` artifact."""
-    import tempfile
-
-    import mlflow
-
-    from harness.core.resolve import resolve
-    from harness.tracking.store import check_writable, resolve_uri
-
-    uri = resolve_uri(tracking_uri)
-    check_writable(uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        run = mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise UserError(f"no run {run_id!r} in the MLflow store {uri}") from None
-    if run.info.status == "FINISHED":
-        raise UserError(f"run {run_id} already finished; nothing to resume")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp)
-        except Exception:  # noqa: BLE001 - any store error means the config is not there
-            raise UserError(f"run {run_id} has no config.yaml artifact; it cannot be resumed") from None
-        return resolve(config_file=path, overrides={"tracking.uri": uri})
-
-
-COMPARE_METRICS = ("test_recall_at_1", "test_map_at_r", "test_r_precision", "test_selected_recall_at_1",
-                   "best_val_recall_at_1", "best_val_map_at_r", "params_trainable", "params_trainable_inference",
-                   "peak_memory_gb", "throughput_img_s", "wall_time_s")
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     """Runs side by side: headline metrics, then every config key on which they differ."""
-    import mlflow
+    from harness.tracking.compare import compare_rows
 
-    from harness.tracking.store import resolve_uri
-
-    mlflow.set_tracking_uri(resolve_uri(args.tracking_uri or ""))
-    runs = []
-    for run_id in args.runs:
-        try:
-            runs.append(mlflow.get_run(run_id))
-        except mlflow.exceptions.MlflowException:
-            raise UserError(f"no run {run_id!r} in the MLflow store {mlflow.get_tracking_uri()}") from None
-    names = [f"{r.info.run_name} ({r.info.run_id[:8]})" for r in runs]
-    rows = [{"": "method", **{n: r.data.tags.get("dmlbench.method", "") for n, r in zip(names, runs)}},
-            {"": "status", **{n: r.info.status for n, r in zip(names, runs)}}]
-    for key in COMPARE_METRICS:
-        if any(key in r.data.metrics for r in runs):
-            rows.append({"": key, **{n: r.data.metrics.get(key, "-") for n, r in zip(names, runs)}})
-    for key in sorted(set().union(*(r.data.params for r in runs))):
-        values = [r.data.params.get(key, "-") for r in runs]
-        if len(set(values)) > 1:
-            rows.append({"": f"config {key}", **dict(zip(names, values))})
+    names, rows = compare_rows(args.runs, args.tracking_uri or "")
     print(json.dumps(rows, indent=2) if args.json else _table(rows, ["", *names]))
     return 0
 
@@ -210,6 +156,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = resolve_uri(args.tracking_uri or "")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    from harness.tracking.links import runs_view, wait_for
+
     proc = subprocess.Popen(cmd)
     try:
         if not wait_for(base + "/health", proc, timeout_s=args.timeout):
@@ -224,34 +172,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
-def wait_for(url: str, proc: Any, timeout_s: float) -> bool:
-    """Poll ``url`` until it answers 200 (True), the process exits or time runs out (False)."""
-    import time
-    import urllib.request
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.5)
-    return False
-
-
-def runs_view(uri: str) -> str:
-    """The runs table of the most recently updated experiment (the UI otherwise opens elsewhere)."""
-    import mlflow
-
-    try:
-        experiments = mlflow.MlflowClient(uri).search_experiments()
-    except Exception:  # noqa: BLE001 - an empty or foreign store: the UI's home page
-        return ""
-    if not experiments:
-        return ""
-    latest = max(experiments, key=lambda e: (e.last_update_time or 0, e.experiment_id))
-    return f"#/experiments/{latest.experiment_id}/runs?workflowType=machine_learning"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -91,9 +91,13 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
             figures.append((f"{dataset}: test R@1 and MAP@R per method", path))
             written.append(path)
         path = out / "figures" / f"tradeoff_{dataset}.png"
-        if tradeoff_figure(spec, summary, dataset, path):
-            figures.append((f"{dataset}: R@1 vs trainable parameters and peak memory", path))
+        on_gpu = "tags.dmlbench.device" in runs and not runs["tags.dmlbench.device"].isin(["cpu", "mps"]).all()
+        if tradeoff_figure(spec, summary, dataset, path, gpu_memory=on_gpu):
+            figures.append((f"{dataset}: R@1 vs trainable parameters" + (" and peak GPU memory" if on_gpu else ""), path))
             written.append(path)
+            if not on_gpu:
+                notes.append(f"{dataset}: no R@1 vs memory plot: these runs ran on the CPU, where peak memory is "
+                             "the process's RSS (mostly the libraries), not the method's own cost")
         for entry in spec.entries:
             if entry.fixed:
                 continue

@@ -79,29 +79,40 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
     return front
 
 
-def tradeoff_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: Path) -> bool:
-    """Test R@1 against trainable parameters and against peak memory, Pareto front marked."""
+def tradeoff_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: Path,
+                    gpu_memory: bool = True) -> bool:
+    """Test R@1 against trainable parameters (and against peak memory when that is GPU memory:
+    on CPU it is the process's RSS, dominated by the libraries). The Pareto front is drawn over
+    trained methods only; untrained reference rows are grey."""
     plt = _plt()
     part = summary[(summary["dataset"] == dataset) & summary["test_recall_at_1_mean"].notna()]
     if part.empty:
         return False
+    untrained = {e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0}
+    panels = [("params_trainable_mean", "trainable parameters")]
+    if gpu_memory:
+        panels.append(("peak_memory_gb_mean", "peak GPU memory (GB)"))
     with plt.style.context("default"):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+        ref = part["entry"].isin(untrained).tolist()
         y = (part["test_recall_at_1_mean"] * 100).tolist()
-        for ax, key, label in ((axes[0], "params_trainable_mean", "trainable parameters"),
-                               (axes[1], "peak_memory_gb_mean", "peak memory (GB)")):
+        for ax, (key, label) in zip(axes[0], panels):
             x = part[key].astype(float).tolist()
-            ax.scatter(x, y, s=18)
-            for xi, yi, name in zip(x, y, part["label"]):
-                ax.annotate(name, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            front = pareto_front(x, y)
+            ax.scatter([xi for xi, r in zip(x, ref) if not r], [yi for yi, r in zip(y, ref) if not r], s=18,
+                       label="trained")
+            ax.scatter([xi for xi, r in zip(x, ref) if r], [yi for yi, r in zip(y, ref) if r], s=18, c="0.6",
+                       label="untrained reference")
+            for xi, yi, name in zip(x, y, part["label"]):  # right of its point, at its height
+                ax.annotate(name, (xi, yi), fontsize=6, xytext=(5, 0), textcoords="offset points", va="center")
+            trained = [i for i, r in enumerate(ref) if not r]
+            front = [trained[i] for i in pareto_front([x[i] for i in trained], [y[i] for i in trained])]
             ax.plot([x[i] for i in front], [y[i] for i in front], "r--", lw=1, drawstyle="steps-post")
             ax.scatter([x[i] for i in front], [y[i] for i in front], s=60, facecolors="none", edgecolors="r",
-                       label="Pareto front")
+                       label="Pareto front (trained)")
             if key.startswith("params"):
                 ax.set_xscale("symlog", linthresh=1.0)
             ax.set(xlabel=label, ylabel="test R@1 (%)", title=f"{dataset}: R@1 vs {label}")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower left")
         fig.tight_layout()
         _save(fig, path)
     return True

@@ -42,8 +42,9 @@ def is_stale(trial: Any, now: float | None = None) -> bool:
     return now - float(beat) > STALE_AFTER_S
 
 
-def recover_stale(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> list[int]:
-    """Fail the dead RUNNING trials of ``study`` and enqueue their parameters again."""
+def fail_stale(study: Any) -> list[Any]:
+    """Tell FAIL to every RUNNING trial of ``study`` whose worker is gone; returns those trials
+    (a trial another process finishes or fails meanwhile is left to it)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -54,7 +55,15 @@ def recover_stale(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> li
         try:
             study.tell(t.number, state=TrialState.FAIL)
         except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-            continue  # another process finished or failed it meanwhile
+            continue
+        failed.append(t)
+    return failed
+
+
+def recover_stale(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> list[int]:
+    """Fail the dead RUNNING trials of ``study`` and enqueue their parameters again."""
+    failed = []
+    for t in fail_stale(study):
         study.enqueue_trial(dict(t.params), user_attrs={"dmlbench.retry_of": t.number})
         fail_mlflow_child(spec, dataset, entry, t.number)
         failed.append(t.number)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harness.studies.parents import inside_parent, tag_filter
-from harness.studies.recovery import heartbeat, is_stale
+from harness.studies.recovery import fail_stale, heartbeat
 from harness.studies.spec import Entry, StudySpec
 
 #: how long a process waits for another one to finish enqueueing the seeds
@@ -53,17 +53,8 @@ def open_reproductions(spec: StudySpec, dataset: str, entry: Entry, storage: Any
 
 def recover_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> list[int]:
     """Fail the seeds whose worker died, end their MLflow runs FAILED, and enqueue them again."""
-    import optuna
-    from optuna.trial import TrialState
-
     again = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t):
-            continue
-        try:
-            study.tell(t.number, state=TrialState.FAIL)
-        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-            continue
+    for t in fail_stale(study):
         seed = int(t.params["seed"])
         study.enqueue_trial({"seed": seed}, user_attrs={k: v for k, v in t.user_attrs.items()
                                                         if k in ("dmlbench.config_source", "dmlbench.params")})
