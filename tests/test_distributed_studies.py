@@ -186,3 +186,49 @@ def test_two_processes_on_postgresql_and_an_mlflow_server(tmp_path, postgres_url
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     run_two(spec, {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}, postgres_url)
     check_exactly_once(spec, mlflow_server, postgres_url)
+
+
+def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_uri):
+    """SIGKILL during a trial's third epoch: the rerun's retry resumes the same MLflow run from the
+    epoch-2 checkpoint instead of starting over."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.studies.spec import load_spec
+    from harness.studies.storage import open_storage, storage_url
+
+    spec = yaml.safe_load(write_spec(tmp_path, "retry").read_text())
+    spec.update(methods=["bitfit"], budget={"n_trials": 1, "epochs": 5}, reproduce={"seeds": []})
+    spec["overrides"]["data.max_per_class"] = 64
+    path = tmp_path / "retry.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = mlflow.MlflowClient(tracking_uri)
+
+    def trial_runs():
+        return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                if r.data.tags.get("dmlbench.role") == "trial"]
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        runs = trial_runs()
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= 2:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    (dead,) = trial_runs()
+    assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600).returncode == 0
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    s = load_spec(path)
+    study = optuna.load_study(study_name=s.study_name(*s.units()[0][:1], s.units()[0][1]),
+                              storage=open_storage(storage_url(s)))
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE], states
+    assert study.trials[1].user_attrs["mlflow_run_id"] == dead.info.run_id
+    (run,) = trial_runs()  # no second run: the retry continued the first
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert steps[-1] == 5 and len(set(steps)) == 5

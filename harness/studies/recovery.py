@@ -64,7 +64,10 @@ def recover_stale(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> li
     """Fail the dead RUNNING trials of ``study`` and enqueue their parameters again."""
     failed = []
     for t in fail_stale(study):
-        study.enqueue_trial(dict(t.params), user_attrs={"dmlbench.retry_of": t.number})
+        retry = {"dmlbench.retry_of": t.number}
+        if t.user_attrs.get("mlflow_run_id"):  # the retry continues that run from its checkpoint
+            retry["dmlbench.resume_run"] = t.user_attrs["mlflow_run_id"]
+        study.enqueue_trial(dict(t.params), user_attrs=retry)
         fail_mlflow_child(spec, dataset, entry, t.number)
         failed.append(t.number)
     return failed

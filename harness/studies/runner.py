@@ -79,7 +79,7 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
     started = time.monotonic()
     try:
         with heartbeat(study, trial), inside_parent(spec, parent_id):
-            result = train(cfg, on_epoch=on_epoch, tags=tags, nested=True)
+            result = train(cfg, on_epoch=on_epoch, tags=tags, nested=True, resume=resumable(trial))
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         progress(f"{study.study_name} trial {trial.number}: pruned ({time.monotonic() - started:.0f} s)")
@@ -100,6 +100,23 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
     study.tell(trial, float(value))
     progress(f"{study.study_name} trial {trial.number}: {spec.metric} {value:.4f} ({time.monotonic() - started:.0f} s)")
     return "complete"
+
+
+def resumable(trial: Any) -> str | None:
+    """The dead predecessor's MLflow run when this trial retries one that left a checkpoint."""
+    import mlflow
+
+    run_id = trial.user_attrs.get("dmlbench.resume_run")
+    if not run_id:
+        return None
+    try:
+        path = mlflow.get_run(run_id).data.tags.get("dmlbench.checkpoint", "")
+    except mlflow.exceptions.MlflowException:
+        return None
+    if not path or not Path(path).is_file():
+        return None
+    trial.set_user_attr("mlflow_run_id", run_id)
+    return run_id
 
 
 def progress(line: str) -> None:
