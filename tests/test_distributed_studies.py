@@ -76,6 +76,8 @@ def check_exactly_once(spec_path: Path, tracking_uri: str, storage: str) -> None
     repro = Counter((r.data.tags["dmlbench.entry"], r.data.tags["dmlbench.seed"]) for r in runs
                     if r.data.tags.get("dmlbench.role") == "reproduction" and r.info.status == "FINISHED")
     assert set(repro.values()) == {1} and len(repro) == 2 * len(SEEDS), repro
+    parents = Counter(r.data.tags["dmlbench.entry"] for r in runs if r.data.tags.get("dmlbench.role") == "parent")
+    assert set(parents.values()) == {1}, parents  # one parent per entry, whichever process made it
 
 
 def test_two_processes_on_one_journal_run_each_reproduction_once(tmp_path, tracking_uri):
@@ -148,8 +150,9 @@ def postgres_url():
                                 f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"]),
                    check=True, capture_output=True)
     try:
-        subprocess.run(as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                                    "dmlbench"]), check=True, capture_output=True)
+        for db in ("dmlbench", "mlflow"):  # Optuna's database and the MLflow server's
+            subprocess.run(as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                                        db]), check=True, capture_output=True)
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/dmlbench"
     finally:
         subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
@@ -158,11 +161,13 @@ def postgres_url():
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, postgres_url):
+    """An MLflow tracking server on loopback whose store is the PostgreSQL server (as on a cluster:
+    a sqlite store behind a server serialises concurrent writers and can answer 'database is locked')."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--backend-store-uri", postgres_url.rsplit("/", 1)[0] + "/mlflow", "--artifacts-destination",
          str(tmp_path / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -62,7 +62,14 @@ def parent_run(spec: StudySpec, dataset: str, entry: Entry) -> str:
     client.log_param(run.info.run_id, "n_trials", budget_of(spec, entry))
     client.log_param(run.info.run_id, "epochs", spec.budget.epochs)
     client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    # two processes starting together may both have created one: all keep the earliest
+    found = mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                               filter_string=tag_filter(spec, dataset, entry, role="parent"),
+                               order_by=["attributes.start_time ASC", "attributes.run_id ASC"])
+    first = found[0].info.run_id if found else run.info.run_id
+    if first != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return first
 
 
 @contextmanager
