@@ -165,3 +165,13 @@ def test_pareto_front_and_formatting():
     assert fmt_pm(73.1, float("nan")) == "73.1"
     assert fmt_pm(float("nan"), 1.0) == "—"
     assert fmt_count(23_530_000) == "23.53M" and fmt_count(0) == "0"
+
+
+def test_figures_come_as_png_and_pdf_and_importances_need_enough_trials(finished_study, tmp_path):
+    out = build_report(finished_study, out_dir=tmp_path / "fig")
+    pngs = sorted((out / "figures").rglob("*.png"))
+    assert pngs and all(p.with_suffix(".pdf").is_file() for p in pngs)
+    assert all(p.read_bytes().startswith(b"%PDF") for p in (out / "figures").rglob("*.pdf"))
+    assert not list((out / "figures").rglob("*_importance.png"))  # 2 trials are too few
+    assert "fANOVA on fewer than 10 trials says nothing" in (out / "report.md").read_text()
+    assert "R@1 vs memory plot" in (out / "report.md").read_text()  # CPU runs: RSS, not GPU memory

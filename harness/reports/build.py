@@ -87,7 +87,8 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
         elif path.exists():
             path.unlink()
         path = out / "figures" / f"comparison_{dataset}.png"
-        if bars_figure(summary, dataset, path):
+        untrained = frozenset(e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0)
+        if bars_figure(summary, dataset, path, untrained):
             figures.append((f"{dataset}: test R@1 and MAP@R per method", path))
             written.append(path)
         path = out / "figures" / f"tradeoff_{dataset}.png"

@@ -118,8 +118,13 @@ def tradeoff_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: 
     return True
 
 
-def bars_figure(summary: pd.DataFrame, dataset: str, path: Path) -> bool:
-    """Bar chart of test R@1 and MAP@R per method (mean, std over seeds as error bars)."""
+#: parameter importances are drawn only from this many completed trials on
+MIN_TRIALS_FOR_IMPORTANCE = 10
+
+
+def bars_figure(summary: pd.DataFrame, dataset: str, path: Path, untrained: frozenset = frozenset()) -> bool:
+    """Bar chart of test R@1 and MAP@R per method (mean, std over seeds as error bars, seed count
+    in the label); untrained reference rows in grey with a hatch."""
     plt = _plt()
     part = summary[(summary["dataset"] == dataset) & summary["test_recall_at_1_mean"].notna()]
     if part.empty:
@@ -130,11 +135,17 @@ def bars_figure(summary: pd.DataFrame, dataset: str, path: Path) -> bool:
         for ax, key, title in ((axes[0], "test_recall_at_1", "test R@1 (%)"), (axes[1], "test_map_at_r", "test MAP@R (%)")):
             mean = part[f"{key}_mean"].to_numpy(float) * 100
             std = np.nan_to_num(part[f"{key}_std"].to_numpy(float) * 100)
-            ax.barh(y, mean, xerr=std, color="tab:blue", alpha=0.8)
+            ref = part["entry"].isin(untrained).to_numpy()
+            ax.barh(y, mean, xerr=std, color=np.where(ref, "0.75", "tab:blue"), alpha=0.85, capsize=2,
+                    hatch=None, edgecolor="none")
+            for yi, r in zip(y, ref):
+                if r:
+                    ax.patches[int(yi)].set_hatch("//")
             for yi, m in zip(y, mean):
                 ax.text(m, yi, f" {m:.1f}", va="center", fontsize=7)
             ax.set(xlabel=title, title=f"{dataset}: {title}")
-        axes[0].set_yticks(y, part["label"].tolist(), fontsize=8)
+        labels = [f"{lab} (n={int(n)})" for lab, n in zip(part["label"], part["seeds"])]
+        axes[0].set_yticks(y, labels, fontsize=8)
         axes[0].invert_yaxis()
         fig.tight_layout()
         _save(fig, path)
@@ -206,9 +217,10 @@ def optuna_figures(spec: StudySpec, runs: pd.DataFrame, dataset: str, entry: Ent
         _save(ax.figure, path)
         written.append(path)
         varying = [k for k in study.best_params if len({t.params[k] for t in complete}) > 1]
-        if len(complete) < 2 or not varying:
-            notes.append(f"{dataset}/{entry.label}: parameter importances skipped "
-                         f"({len(complete)} completed trial(s), {len(varying)} varying parameter(s); need 2 and 1)")
+        if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not varying:
+            notes.append(f"{dataset}/{entry.label}: parameter importances skipped: {len(complete)} completed "
+                         f"trial(s) and {len(varying)} varying parameter(s); fANOVA on fewer than "
+                         f"{MIN_TRIALS_FOR_IMPORTANCE} trials says nothing")
             return written
         try:
             ax = ovm.plot_param_importances(
