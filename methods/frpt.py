@@ -28,7 +28,7 @@ CAH and pooling can produce, as the released code's conv block and GeM pooling a
 
 The DPP is fragile to large steps: its parser sums k*k*C inputs per saliency logit, so one
 unclipped SGD step at the paper's lr 1e-3 collapsed the map to a point on pretrained
-EfficientNet-Lite0 (a Fashion-MNIST batch at 96 px: peak 100x uniform, loss up), while the harness's gradient clipping (1.0, kept)
+EfficientNet-Lite0 (a Fashion-MNIST batch at 96 px: peak 100x uniform, loss up), while gradient clipping at 1.0
 trains it smoothly. DPP and CAH get their own optimiser groups (``dpp``, ``cah``); under AdamW the
 DPP lr is divided by k^2 (``dpp_lr_mult``).
 
@@ -309,8 +309,8 @@ def build_frpt(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
 
 #: the paper's training recipe (SPECS 5): cross-entropy on the pooled feature, SGD 1e-3,
 #: momentum 0.9, wd 1e-4, batch 32, lr x0.9 every 50 epochs, FRPT augmentation, no warmup
-#: (the harness keeps its gradient clipping at 1.0: the paper states none, but random-init or
-#: early DPP gradients are large and an unclipped step can collapse the softmax map to a point)
+#: and, as the paper states, no gradient clipping (random-init or early DPP gradients can be large
+#: and an unclipped step can collapse the softmax map to a point: set optim.grad_clip to guard it)
 PAPER_DEFAULTS: dict[str, Any] = {
     "loss": {"name": "cross_entropy", "lr_mult": 1.0},
     "model": {"embed_dim": 0},
