@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.inject import Injection, block_targets
+from harness.core.inject import Injection, MergeableModel, block_targets
 from harness.core.model import BuildContext, DMLModel, freeze
 from harness.core.registry import register_method
 from harness.errors import UserError
@@ -72,23 +72,14 @@ class LowRankUpdate(nn.Module):
         return (self.B.float() @ self.A.float()) * self.scaling
 
 
-class LoRAModel(DMLModel):
+class LoRAModel(MergeableModel):
     """Frozen backbone with low-rank updates hooked onto its linear layers (``lora_modules``)."""
 
-    def attach(self, injection: Injection) -> None:
-        self.lora_modules = injection.modules
-        self._injection = injection
+    injected_attr = "lora_modules"
 
-    def merge_(self) -> bool:
-        """``W <- W + (alpha / r) B A`` for every adapted layer, then remove the hooks."""
-        if not self._injection.hooked:
-            return False
-        with torch.no_grad():
-            for key, target in self._injection.targets.items():
-                delta = self.lora_modules[key].delta_weight()
-                target.weight += delta.view_as(target.weight).to(target.weight.dtype)
-        self._injection.remove_hooks()
-        return True
+    def fold(self, target: nn.Module, injected: LowRankUpdate) -> None:
+        """``W <- W + (alpha / r) B A``."""
+        target.weight += injected.delta_weight().view_as(target.weight).to(target.weight.dtype)
 
 
 def _check(cfg: LoRAConfig) -> None:

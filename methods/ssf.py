@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from harness.core.inject import Injection, block_targets
+from harness.core.inject import Injection, MergeableModel, block_targets
 from harness.core.model import BuildContext, DMLModel, freeze
 from harness.core.registry import register_method
 from harness.errors import UserError
@@ -89,20 +89,13 @@ def merge_scale_shift(op: nn.Module, ssf: ScaleShift) -> None:
     op.bias.copy_((op.bias.float() * scale + shift).to(op.bias.dtype))
 
 
-class SSFModel(DMLModel):
+class SSFModel(MergeableModel):
     """Frozen backbone with per-channel scale and shift after its operations (``ssf_modules``)."""
 
-    def attach(self, injection: Injection) -> None:
-        self.ssf_modules = injection.modules
-        self._injection = injection
+    injected_attr = "ssf_modules"
 
-    def merge_(self) -> bool:
-        if not self._injection.hooked:
-            return False
-        for key, op in self._injection.targets.items():
-            merge_scale_shift(op, self.ssf_modules[key])
-        self._injection.remove_hooks()
-        return True
+    def fold(self, target: nn.Module, injected: ScaleShift) -> None:
+        merge_scale_shift(target, injected)
 
 
 def ssf_targets(model: nn.Module, family: str, cfg: SSFConfig) -> dict[str, nn.Module]:

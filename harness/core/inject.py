@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from harness.core.model import DMLModel
 from harness.errors import UserError
 
 
@@ -136,3 +137,28 @@ class Injection:
     @property
     def hooked(self) -> bool:
         return bool(self._handles)
+
+
+class MergeableModel(DMLModel):
+    """A frozen backbone with injected modules that fold into the weights of the modules they
+    follow (LoRA, SSF): :meth:`merge_` calls :meth:`fold` per target, then removes the hooks."""
+
+    #: the attribute (carrying the method's prefix) that holds the injected modules
+    injected_attr = ""
+
+    def attach(self, injection: Injection) -> None:
+        setattr(self, self.injected_attr, injection.modules)
+        self._injection = injection
+
+    def fold(self, target: nn.Module, injected: nn.Module) -> None:
+        """Fold ``injected`` into ``target``'s own parameters (under ``torch.no_grad``)."""
+        raise NotImplementedError
+
+    def merge_(self) -> bool:
+        if not self._injection.hooked:
+            return False
+        with torch.no_grad():
+            for key, target in self._injection.targets.items():
+                self.fold(target, self._injection.modules[key])
+        self._injection.remove_hooks()
+        return True
