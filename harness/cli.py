@@ -257,8 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the fully resolved run config as YAML and exit (no run is created)")
     t.set_defaults(func=cmd_train)
 
-    cp = sub.add_parser("compare", help="runs side by side: metrics and the config keys that differ",
-                        description="example: dmlbench compare 3f2a... 9be1... --tracking-uri sqlite:///mlflow.db")
+    cp = sub.add_parser("compare", help="runs side by side: metrics and the config keys that differ")
     cp.add_argument("runs", nargs="+", metavar="RUN_ID")
     cp.add_argument("--tracking-uri", default="")
     cp.add_argument("--json", action="store_true")

@@ -192,10 +192,6 @@ def describe(name: str, kwargs: dict | None = None) -> tuple[str, int, tuple[int
     return family_of(model), int(model.num_features), tuple(size) if size else None
 
 
-def feature_dim_of(name: str, kwargs: dict | None = None) -> int:
-    return describe(name, kwargs)[1]
-
-
 def auto_embed_dim(feature_dim: int) -> int:
     """The papers' embedding width for a backbone: its own up to 512 (ViT-S 384, ViT-B 512)."""
     return min(feature_dim, 512)

@@ -69,6 +69,13 @@ def _records(path: Path, expected: str, types: Sequence[type], rest: bool = Fals
     return out
 
 
+def _require_every(img_ids: Sequence[str], found: dict, what: str, path: Path) -> None:
+    """Every image id of images.txt must have a ``what`` in ``path``; the first that lacks one is named."""
+    missing = next((i for i in img_ids if i not in found), None)
+    if missing is not None:
+        raise UserError(f"image id {missing!r} of images.txt has no {what} in {path}")
+
+
 def _table(
     ids: np.ndarray,
     names: dict | None = None,
@@ -168,9 +175,7 @@ def read_cub200(root: Path, split_spec: dict) -> dict[str, ImageTable]:
     paths = [str(base / "images" / r[1].strip()) for r in rows]
     labels = _records(base / "image_class_labels.txt", "<image id> <integer class id>", (str, int))
     label_of = {r[0]: r[1] for r in labels}
-    missing = next((i for i in img_ids if i not in label_of), None)
-    if missing is not None:
-        raise UserError(f"image id {missing!r} of images.txt has no label in {base / 'image_class_labels.txt'}")
+    _require_every(img_ids, label_of, "label", base / "image_class_labels.txt")
     ids = np.asarray([label_of[i] for i in img_ids], dtype=np.int64)
     classes = _records(base / "classes.txt", "<integer class id> <class name>", (int, str), rest=True)
     names = {r[0]: r[1].strip() for r in classes}
@@ -178,9 +183,7 @@ def read_cub200(root: Path, split_spec: dict) -> dict[str, ImageTable]:
     box_file = base / "bounding_boxes.txt"
     if box_file.exists():
         box_of = {r[0]: r[1:] for r in _records(box_file, "<image id> <x> <y> <width> <height>", (str,) + (float,) * 4)}
-        missing = next((i for i in img_ids if i not in box_of), None)
-        if missing is not None:
-            raise UserError(f"image id {missing!r} of images.txt has no box in {box_file}")
+        _require_every(img_ids, box_of, "box", box_file)
         xywh = np.asarray([box_of[i] for i in img_ids], dtype=np.float64).reshape(-1, 4)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     return _split_by_ranges(ids, split_spec, names, paths=paths, boxes=boxes)

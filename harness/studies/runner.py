@@ -267,29 +267,20 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
         for dataset, entry in spec.units():
             tune(spec, dataset, entry, store, parents[f"{dataset}/{entry.name}"], train=train)
     else:
-        _spawn_tuners(spec, url, parents, workers)
+        _spawn(_worker_main, lambda w: (str(spec.path), url, w, parents, workers), workers, "worker")
 
     if workers == 1:
         reproduce_all(spec, store, parents, train=train)
     else:
-        _spawn(_reproduce_main, (str(spec.path), url, parents, workers), workers, "reproduce")
+        _spawn(_reproduce_main, lambda w: (str(spec.path), url, parents, workers), workers, "reproduce")
     rollup(spec, store, parents)  # parents and a summary run carry the results in the MLflow UI
 
 
-def _spawn_tuners(spec: StudySpec, url: str, parents: dict[str, str], workers: int) -> None:
+def _spawn(target: Callable, args_of: Callable[[int], tuple], workers: int, role: str) -> None:
+    """``workers`` spawned processes, process ``w`` running ``target(*args_of(w))``; a failed one
+    fails the study."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(str(spec.path), url, w, parents, workers), name=f"dmlbench-worker-{w}")
-             for w in range(workers)]
-    _join(procs)
-
-
-def _spawn(target: Callable, args: tuple, workers: int, role: str) -> None:
-    """``workers`` spawned processes running ``target(*args)``; a failed one fails the study."""
-    ctx = multiprocessing.get_context("spawn")
-    _join([ctx.Process(target=target, args=args, name=f"dmlbench-{role}-{w}") for w in range(workers)])
-
-
-def _join(procs: list) -> None:
+    procs = [ctx.Process(target=target, args=args_of(w), name=f"dmlbench-{role}-{w}") for w in range(workers)]
     for p in procs:
         p.start()
     try:
