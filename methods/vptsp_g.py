@@ -256,6 +256,15 @@ class VPTSPGModel(PromptedViT):
                 bank = self._bank_state[layer].setdefault(key, torch.zeros_like(self._bank[layer]))
                 bank[rows] = value[:n].to("cpu", bank.dtype)
 
+    def resume_state(self) -> dict[str, Any]:
+        if not self.memory_bank:  # on the device the optimizer's own state holds every row
+            return {}
+        return {"bank_state": [{k: v.clone() for k, v in layer.items()} for layer in self._bank_state]}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        if self.memory_bank and "bank_state" in state:
+            self._bank_state = [dict(layer) for layer in state["bank_state"]]
+
     def class_prompt_values(self) -> list[torch.Tensor]:
         """Current class prompts per layer ``(C, n_l, D)``, wherever they live."""
         if self.memory_bank:

@@ -223,6 +223,7 @@ def snapshot(run: Run, epoch: int, history: list, best: "Best", images: int, sec
     return {
         "epoch": epoch, "history": history, "images": images, "seconds": seconds,
         "model": {k: v.detach().cpu() for k, v in run.model.trainable_state_dict().items()},
+        "model_extra": run.model.resume_state(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "rng": checkpoint.rng_state(run.loaders["train"].generator),
         "best_score": best.score, "best_epoch": best.epoch,
@@ -233,6 +234,7 @@ def snapshot(run: Run, epoch: int, history: list, best: "Best", images: int, sec
 def restore(run: Run, state: dict[str, Any]) -> None:
     """Load a :func:`snapshot` into the freshly prepared run."""
     run.model.load_trainable_state_dict({k: v.to(run.device) for k, v in state["model"].items()})
+    run.model.load_resume_state(state.get("model_extra", {}))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"], run.loaders["train"].generator)

@@ -112,6 +112,15 @@ class DMLModel(nn.Module):
     def after_step(self) -> None:
         """Hook after each optimizer step (e.g. VPTSP-G writes its proxy container)."""
 
+    def resume_state(self) -> dict[str, Any]:
+        """Training state held outside parameters, buffers and the optimizer (tensors only) that
+        the next epoch depends on; saved in each checkpoint (VPTSP-G's CPU memory bank keeps its
+        rows' optimizer state here)."""
+        return {}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`resume_state`."""
+
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "DMLModel":
         super().train(mode)
