@@ -50,3 +50,15 @@ def unknown(kind: str, value: str, choices: Iterable[str]) -> UserError:
     return UserError(
         f"unknown {kind} '{value}'{closest(value, choices)}; valid: {', '.join(choices)}"
     )
+
+
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` arose while handling a Ctrl-C: a clean-up that fails (a storage lock
+    released twice, say) must not turn an interrupt into an ordinary error that is carried on past."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -27,10 +27,10 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from harness.errors import UserError
 from harness.core.inject import Injection, select_indices
 from harness.core.model import BuildContext, DMLModel, freeze
 from harness.core.registry import register_method
+from harness.errors import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 
 

@@ -68,9 +68,9 @@ import torch
 from torch import nn
 
 from harness.core.backbones import Backbone
-from harness.errors import UserError
 from harness.core.model import BuildContext, DMLModel, freeze
 from harness.core.registry import register_method
+from harness.errors import UserError
 from methods._frpt_parts import (
     CategoryAwareHead,
     ContentParser,
@@ -80,6 +80,7 @@ from methods._frpt_parts import (
     crop_and_resize,
     gem_pool,
 )
+
 
 @dataclass
 class FRPTConfig:

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import UserError
 from harness.core.losses import ProxyAnchorLoss
 from harness.core.model import BuildContext, DMLModel, EmbeddingHead, freeze
 from harness.core.registry import register_method
+from harness.errors import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 from methods._vit import (
     check_plain_vit,
@@ -315,7 +315,10 @@ def _post_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> N
 def _install_optimizer_hooks() -> None:
     """Register the global step hooks once: whichever loop steps the optimizer, the bank follows."""
     if not _HOOKS:
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
 
         _HOOKS.append(register_optimizer_step_pre_hook(_pre_step))
         _HOOKS.append(register_optimizer_step_post_hook(_post_step))

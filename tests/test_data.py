@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from harness import data
+from harness.core.config import RunConfig
 from harness.data import readers
 from harness.data import splits as splits_module
-from harness.core.config import RunConfig
 from harness.errors import UserError
 
 SMALL = {"train_classes": [1, 3], "test_classes": [4, 6]}

@@ -14,11 +14,16 @@ from PIL import Image
 
 from harness.core.backbones import create_backbone
 from harness.core.config import RunConfig, to_yaml
-from harness.core.resolve import resolve
-from harness.errors import UserError
 from harness.core.model import BuildContext
 from harness.core.registry import get_method, method_names
-from methods._frpt_parts import CategoryAwareHead, SaliencySampler, cam_boxes, instance_norm
+from harness.core.resolve import resolve
+from harness.errors import UserError
+from methods._frpt_parts import (
+    CategoryAwareHead,
+    SaliencySampler,
+    cam_boxes,
+    instance_norm,
+)
 from methods.frpt import FRPTConfig, FRPTModel, default_parse_stage
 
 FRPT_METHODS = ["frpt", "frpt_bbox", "frpt_cah", "frpt_cam", "frpt_dpp", "frpt_no_in"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.core.resolve import resolve
 from harness.core.loop import train
+from harness.core.resolve import resolve
 from harness.core.training import build_model, make_optimizer, make_scheduler
 
 

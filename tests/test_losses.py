@@ -8,8 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from harness.core.config import LossConfig
+from harness.core.losses import (
+    CrossEntropyLoss,
+    NormSoftmaxLoss,
+    ProxyAnchorLoss,
+    build_loss,
+)
 from harness.errors import UserError
-from harness.core.losses import (CrossEntropyLoss, NormSoftmaxLoss, ProxyAnchorLoss, build_loss)
 
 
 def proxy_anchor_reference(x, y, proxies, alpha, margin, positive_average):

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from harness.core.backbones import create_backbone
 from harness.core.config import RunConfig
-from harness.core.resolve import resolve
-from harness.errors import UserError
 from harness.core.losses import ProxyAnchorLoss
 from harness.core.model import BuildContext
 from harness.core.registry import get_method
+from harness.core.resolve import resolve
+from harness.errors import UserError
 
 VIT = "vit_small_patch16_224"
 TINY_VIT = {"img_size": 32, "depth": 2}

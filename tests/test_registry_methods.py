@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from harness.core.backbones import create_backbone
+from harness.core.registry import get_method, method_names
 from harness.core.resolve import resolve
 from harness.core.training import build_model, make_optimizer
-from harness.core.registry import get_method, method_names
 
 BACKBONES = {
     "cnn": ("tf_efficientnet_lite0", {}),

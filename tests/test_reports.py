@@ -9,15 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import TINY, TINY_VIT
+
+from harness.core.registry import method_names
 from harness.reports.build import build_report
 from harness.reports.figures import pareto_front
 from harness.reports.formatting import fmt_count, fmt_pm
-from harness.reports.published import load_published, matches, paper_tables, published_tables
+from harness.reports.published import (
+    load_published,
+    matches,
+    paper_tables,
+    published_tables,
+)
 from harness.studies.runner import run_study
 from harness.studies.spec import load_spec
-from harness.core.registry import method_names
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,16 +13,16 @@ import mlflow
 import optuna
 import pytest
 import yaml
+from conftest import TINY, TINY_VIT
 from optuna.trial import TrialState
 
-from conftest import TINY, TINY_VIT
+from harness.core.registry import get_method, method_names
+from harness.errors import UserError
 from harness.studies.recovery import STALE_AFTER_S, is_stale
 from harness.studies.runner import run_study
 from harness.studies.spec import load_spec
 from harness.studies.status import study_status
 from harness.studies.storage import budget_of, open_storage, storage_url
-from harness.errors import UserError
-from harness.core.registry import get_method, method_names
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "studies").glob("*.yaml"))
@@ -331,3 +331,44 @@ def test_results_roll_up_onto_parents_and_the_optuna_side_is_labelled(tiny_study
     assert main(["study", "status", str(tiny_study), "--json"]) == 0
     rows = __import__("json").loads(capsys.readouterr().out)
     assert {r["entry"] for r in rows} == {"linear_probe", "bitfit"} and journal.read_bytes() == before
+
+
+def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tmp_path, tracking_uri):
+    """Ctrl-C in a terminal reaches the whole process group: `study run --workers 2` exits 130 with
+    one line per process, every interrupted trial is FAIL with a retry queued that resumes its
+    KILLED run, and no MLflow run or Optuna trial is left RUNNING."""
+    mlflow.set_tracking_uri(tracking_uri)  # an earlier test of this worker may have set another
+    path = write_spec(tmp_path, tracking_uri, name="ctrlc", methods=["linear_probe"],
+                      budget={"n_trials": 2, "epochs": 100000}, reproduce={"seeds": []})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "study", "run", str(path), "--workers", "2"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal gives it
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            training = [r for r in runs_of("ctrlc", "trial") if r.info.status == "RUNNING" and "train_loss" in r.data.metrics]
+            if len(training) == 2:
+                break
+        assert proc.poll() is None, proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 3, err  # two workers and the parent
+    assert sum("tuning worker" in line and "KILLED" in line for line in lines) == 2
+    assert "2 worker process(es) stopped" in lines[-1]
+    trials = optuna_study(path, "linear_probe").trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    retries = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(interrupted) == 2 and len(retries) == 2
+    runs = runs_of("ctrlc")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed = {r.info.run_id for r in runs if r.info.status == "KILLED"}
+    assert len(killed) == 2, [(r.info.status, r.data.tags.get("dmlbench.role"), r.data.tags.get("dmlbench.error")) for r in runs]
+    assert {t.user_attrs["dmlbench.resume_run"] for t in retries} == killed

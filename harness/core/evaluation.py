@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import data
+from harness.core import interrupts
 from harness.core.backbones import Backbone
 from harness.core.config import RunConfig
 from harness.core.metrics import evaluate_retrieval
@@ -21,6 +22,7 @@ def embed(model: DMLModel, loader: torch.utils.data.DataLoader, device: torch.de
         with amp:
             embeddings.append(model(images.to(device, non_blocking=True)).float())
         labels.append(y)
+        interrupts.check()
     return torch.cat(embeddings), torch.cat(labels).to(device)
 
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import data
-from harness.core import checkpoint
+from harness.core import checkpoint, interrupts
 from harness.core.backbones import Backbone, create_backbone
 from harness.core.config import RunConfig, flatten, to_dict, to_yaml
 from harness.core.evaluation import FeatureCache, evaluate, metric_name
@@ -40,7 +40,7 @@ from harness.core.training import (
     pick_device,
     seed_everything,
 )
-from harness.errors import RunInterrupted, TrainingDiverged
+from harness.errors import RunInterrupted, TrainingDiverged, caused_by_interrupt
 from harness.tracking import store as tracking
 from harness.tracking.artifacts import log_artifacts
 
@@ -153,7 +153,9 @@ def train(
         if ckpt_path is not None and not cfg.tracking.keep_checkpoints:
             ckpt_path.unlink(missing_ok=True)
     except BaseException as exc:
-        end_failed_run(exc)
+        if caused_by_interrupt(exc) and not isinstance(exc, KeyboardInterrupt):
+            exc = KeyboardInterrupt()  # a clean-up failed under Ctrl-C: still an interrupt
+        tracking.end_failed_run(exc)
         where = f"run {mlflow_run.info.run_id} ({cfg.method} on {cfg.dataset})"
         if isinstance(exc, FloatingPointError):
             raise TrainingDiverged(f"training diverged: {exc} in {where}; the run is FAILED in MLflow "
@@ -161,7 +163,7 @@ def train(
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
             done = max((int(h["epoch"]) for h in history), default=0)
             raise RunInterrupted(f"interrupted {where} after {done} completed epoch(s); the run is KILLED "
-                                 "in MLflow with the metrics of those epochs") from exc
+                                 "in MLflow with the metrics of those epochs") from None
         raise
     return RunResult(run_id=mlflow_run.info.run_id, metrics=final, history=history, config=cfg)
 
@@ -295,6 +297,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
         optimizer.step()
         run.scheduler.step()
         model.after_step()
+        interrupts.check()
         loss_sum += loss.detach().float()
         for k, v in extras.items():
             extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float()
@@ -369,18 +372,6 @@ def final_metrics(run: Run, history: list[dict[str, float]], best: Best) -> dict
         final["test_selected_recall_at_1"] = top["epoch_test_recall_at_1"]
         final["test_selected_epoch"] = top["epoch"]
     return final
-
-
-def end_failed_run(exc: BaseException) -> None:
-    """End the active MLflow run KILLED (pruned trial) or FAILED (with the error as a tag)."""
-    import mlflow
-
-    pruned = type(exc).__name__ == "TrialPruned"
-    interrupted = isinstance(exc, KeyboardInterrupt)
-    mlflow.set_tag("dmlbench.status", "pruned" if pruned else ("interrupted" if interrupted else "failed"))
-    if not pruned:
-        mlflow.set_tag("dmlbench.error", f"{type(exc).__name__}: {exc}"[:500])
-    mlflow.end_run("KILLED" if pruned or interrupted else "FAILED")
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from harness.core import interrupts
 from harness.studies.parents import inside_parent, tag_filter
 from harness.studies.recovery import fail_stale, heartbeat
 from harness.studies.spec import Entry, StudySpec
@@ -106,7 +107,10 @@ def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id
     from harness.errors import UserError
     from harness.studies.parents import base_tags
 
-    while (trial := claim(study)) is not None:
+    while True:
+        interrupts.check()  # after Ctrl-C a worker claims no further seed
+        if (trial := claim(study)) is None:
+            return
         seed = int(trial.params["seed"])
         params = json.loads(trial.user_attrs["dmlbench.params"])
         source = trial.user_attrs["dmlbench.config_source"]

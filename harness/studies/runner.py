@@ -7,13 +7,16 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness.errors import StudyAborted, UserError
+from harness.core import interrupts
+from harness.errors import RunInterrupted, StudyAborted, UserError, caused_by_interrupt
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
 from harness.studies.recovery import heartbeat, recover_stale
 from harness.studies.reproductions import open_reproductions, recover_seeds, run_seeds
@@ -84,10 +87,16 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         study.tell(trial, state=TrialState.PRUNED)
         progress(f"{study.study_name} trial {trial.number}: pruned ({time.monotonic() - started:.0f} s)")
         return "pruned"
-    except (UserError, KeyboardInterrupt):  # bad input, or Ctrl-C: the trial must not stay RUNNING
+    except UserError:  # bad input: the trial must not stay RUNNING
         study.tell(trial, state=TrialState.FAIL)
         raise
+    except KeyboardInterrupt:
+        _fail_interrupted(study, trial)
+        raise
     except Exception as exc:  # noqa: BLE001 - a diverging trial must not end the study
+        if caused_by_interrupt(exc):
+            _fail_interrupted(study, trial)
+            raise KeyboardInterrupt(f"trial {trial.number} of {study.study_name} interrupted") from None
         trial.set_user_attr("dmlbench.error", f"{type(exc).__name__}: {exc}"[:300])
         study.tell(trial, state=TrialState.FAIL)
         warnings.warn(f"trial {trial.number} of {study.study_name} failed: {type(exc).__name__}: {exc}", stacklevel=2)
@@ -100,6 +109,18 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
     study.tell(trial, float(value))
     progress(f"{study.study_name} trial {trial.number}: {spec.metric} {value:.4f} ({time.monotonic() - started:.0f} s)")
     return "complete"
+
+
+def _fail_interrupted(study: Any, trial: Any) -> None:
+    """Ctrl-C: FAIL the trial now, and queue a retry that the next `study run` resumes from the
+    interrupted run's checkpoint."""
+    from optuna.trial import TrialState
+
+    study.tell(trial, state=TrialState.FAIL)
+    retry = {"dmlbench.retry_of": trial.number}
+    if trial.user_attrs.get("mlflow_run_id"):
+        retry["dmlbench.resume_run"] = trial.user_attrs["mlflow_run_id"]
+    study.enqueue_trial(dict(trial.params), user_attrs=retry)
 
 
 def resumable(trial: Any) -> str | None:
@@ -144,6 +165,7 @@ def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: s
             return
         if spec.budget.timeout_s is not None and time.monotonic() - started > spec.budget.timeout_s:
             return
+        interrupts.check()
         trial = study.ask(dists)
         # several workers may ask at once: only the first `budget` active trials may run
         active = sorted(t.number for t in study.get_trials(deepcopy=False)
@@ -216,19 +238,36 @@ def reproduce_all(spec: StudySpec, storage: Any, parents: dict[str, str], train:
 
 def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[str, str], workers: int) -> None:
     """Entry point of a tuning worker process (spawned): every unit in spec order."""
-    _share_cores(workers)
-    quiet_optuna()
-    spec = load_spec(spec_path)
-    storage = open_storage(storage_url_)
-    for dataset, entry in spec.units():
-        tune(spec, dataset, entry, storage, parents[f"{dataset}/{entry.name}"], worker=worker)
+    with _one_line_on_interrupt(f"tuning worker {worker}"):
+        _share_cores(workers)
+        quiet_optuna()
+        spec = load_spec(spec_path)
+        storage = open_storage(storage_url_)
+        for dataset, entry in spec.units():
+            tune(spec, dataset, entry, storage, parents[f"{dataset}/{entry.name}"], worker=worker)
 
 
 def _reproduce_main(spec_path: str, storage_url_: str, parents: dict[str, str], workers: int) -> None:
     """Entry point of a reproduction worker process (spawned)."""
-    _share_cores(workers)
-    quiet_optuna()
-    reproduce_all(load_spec(spec_path), open_storage(storage_url_), parents)
+    with _one_line_on_interrupt("reproduction worker"):
+        _share_cores(workers)
+        quiet_optuna()
+        reproduce_all(load_spec(spec_path), open_storage(storage_url_), parents)
+
+
+@contextmanager
+def _one_line_on_interrupt(who: str) -> Iterator[None]:
+    """Ctrl-C reaches every worker of the terminal's process group: each stops at its next safe
+    point (:mod:`harness.core.interrupts`), ends its run KILLED and its trial FAIL (in the loop and
+    :func:`run_trial`), then says so in one line and exits 130, instead of multiprocessing's
+    traceback."""
+    interrupts.defer_sigint()
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        print(f"dmlbench: {who} (pid {os.getpid()}): {exc or 'interrupted before a run started'}",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _share_cores(workers: int) -> None:
@@ -288,8 +327,16 @@ def _spawn(target: Callable, args_of: Callable[[int], tuple], workers: int, role
             p.join()
     except KeyboardInterrupt:  # the children got the same Ctrl-C: let them tell their trials FAIL
         for p in procs:
-            p.join(timeout=30)
-        raise
+            p.join(timeout=60)
+        stuck = [p for p in procs if p.is_alive()]
+        for p in stuck:  # a worker that ignores Ctrl-C: its trial is recovered on the next run
+            p.terminate()
+            p.join(timeout=10)
+        raise RunInterrupted(
+            f"interrupted: {len(procs)} {role} process(es) stopped" + (f", {len(stuck)} of them terminated" if stuck
+                                                                      else "") +
+            "; their runs are KILLED in MLflow and their trials FAIL in Optuna; the same `study run` "
+            "continues the study (interrupted trials are retried from their checkpoints)") from None
     bad = [f"{p.name} exit code {p.exitcode}" for p in procs if p.exitcode != 0]
     if bad:
         raise StudyAborted("study worker processes failed: " + "; ".join(bad) + " (their output is above)")

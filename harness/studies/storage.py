@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,9 @@ def open_study(spec: StudySpec, dataset: str, entry: Entry, storage: Any, offset
         sampler=make_sampler(spec, entry, offset), pruner=make_pruner(spec), load_if_exists=True,
     )
     if study.metric_names is None:  # optuna-dashboard then says what is maximised, once per study
-        study.set_metric_names([spec.metric])
+        with warnings.catch_warnings():  # experimental in Optuna 4-5, and stable enough for a label
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
         labels = {"dataset": dataset, "method": entry.method, "entry": entry.name, "backbone": entry.backbone,
                   "recipe": entry.preset or "", "protocol": spec.protocol, "objective": spec.metric,
                   "budget": f"{budget_of(spec, entry)} trials x {spec.budget.epochs} epochs",

@@ -1,12 +1,14 @@
 """MLflow plumbing: where the store lives, what every run records about its environment."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -135,3 +137,32 @@ def environment_tags() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return tags
+
+
+def end_failed_run(exc: BaseException) -> None:
+    """End the active MLflow run KILLED (pruned trial, Ctrl-C) or FAILED (with the error as a tag).
+
+    Retried: after Ctrl-C every worker of a study ends its run at the same moment, and a busy
+    store (SQLite's lock) must not leave a run RUNNING."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    pruned = type(exc).__name__ == "TrialPruned"
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    run_id = mlflow.active_run().info.run_id
+    client = mlflow.MlflowClient()
+    tags = {"dmlbench.status": "pruned" if pruned else ("interrupted" if interrupted else "failed")}
+    if not pruned:
+        tags["dmlbench.error"] = f"{type(exc).__name__}: {exc}"[:500]
+    for attempt in range(6):
+        try:
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, "KILLED" if pruned or interrupted else "FAILED")
+            break
+        except MlflowException:
+            if attempt == 5:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+    with contextlib.suppress(MlflowException):  # already ended above
+        mlflow.end_run("KILLED" if pruned or interrupted else "FAILED")
