@@ -84,7 +84,7 @@ def benchmark_method(
         "batch_size": batch_size,
         "amp": "bf16" if use_amp else "fp32",
         "images_per_s": round(steps * batch_size / seconds, 1),
-        "peak_memory_gb": round(peak_memory_gb(dev), 3),
+        "cost/peak_memory_gb": round(peak_memory_gb(dev), 3),
         **model.count_parameters(),
     }
 

@@ -72,21 +72,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def epoch_line(epochs: int) -> Any:
     """One summary line per epoch: loss, validation (or test) R@1 and MAP@R, seconds."""
     def show(epoch: int, row: dict[str, float]) -> None:
-        split = "val" if "val_recall_at_1" in row else "epoch_test"
+        split = "val" if "val/recall_at_1" in row else "epoch_test"
         parts = [f"epoch {epoch}/{epochs}"]
-        if "train_loss" in row:
-            parts.append(f"loss {row['train_loss']:.4f}")
-        if f"{split}_recall_at_1" in row:
+        if "train/loss" in row:
+            parts.append(f"loss {row['train/loss']:.4f}")
+        if f"{split}/recall_at_1" in row:
             name = "val" if split == "val" else "test"
-            parts.append(f"{name} R@1 {100 * row[f'{split}_recall_at_1']:.1f}  MAP@R {100 * row[f'{split}_map_at_r']:.1f}")
-        if "epoch_time_s" in row:
-            parts.append(f"{row['epoch_time_s']:.1f} s")
+            parts.append(f"{name} R@1 {100 * row[f'{split}/recall_at_1']:.1f}  MAP@R {100 * row[f'{split}/map_at_r']:.1f}")
+        if "train/epoch_time_s" in row:
+            parts.append(f"{row['train/epoch_time_s']:.1f} s")
         print("  ".join(parts), flush=True)
 
     return show
-
-
-
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -100,7 +97,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(f"methods on {args.backbone} ({args.num_classes} training classes)")
-        print(_table(rows, ["name", "applies", "params_trainable", "params_trainable_inference", "params_total", "description"]))
+        print(_table(rows, ["name", "applies", "params/trainable", "params/trainable_inference", "params/total", "description"]))
     return 0
 
 
@@ -208,16 +205,20 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.reports.build import build_report
 
-    out = build_report(args.spec, out_dir=args.out, tracking_uri=args.tracking_uri or None)
+    out = build_report(args.spec, out_dir=args.out, tracking_uri=args.tracking_uri or None, storage=args.storage)
     print(f"report written to {out}")
     return 0
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from harness.reports.visualize import visualize_dpp
-
-    path = visualize_dpp(args.run, n=args.n, tracking_uri=args.tracking_uri or None)
-    print(f"DPP figure: {path} (also logged to run {args.run})")
+    if args.what == "cam":
+        from harness.reports.cam import visualize_cam as draw
+    else:
+        from harness.reports.visualize import visualize_dpp as draw
+    n = args.n if args.n is not None else (4 if args.what == "cam" else 8)
+    path = draw(args.run, n=n, tracking_uri=args.tracking_uri or None)
+    what = {"cam": "class activation maps (FRPT Fig. 4)", "dpp": "DPP figure (FRPT Fig. 3)"}[args.what]
+    print(f"{what}: {path} (also logged to run {args.run})")
     return 0
 
 
@@ -230,7 +231,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         samples_per_class=args.samples_per_class, steps=args.steps, warmup=args.warmup,
         device=args.device, amp=not args.no_amp, overrides=parse_overrides(args.set),
     )
-    columns = ["method", "backbone", "image_size", "batch_size", "amp", "images_per_s", "peak_memory_gb", "params_trainable"]
+    columns = ["method", "backbone", "image_size", "batch_size", "amp", "images_per_s", "cost/peak_memory_gb", "params/trainable"]
     print(json.dumps(rows, indent=2) if args.json else _table(rows, columns))
     return 0
 
@@ -309,12 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec")
     r.add_argument("--out", default=None)
     r.add_argument("--tracking-uri", default="")
+    r.add_argument("--storage", default=None, help="Optuna storage URL of the study, for its history and "
+                   "importance figures (default: the spec's, else the journal file)")
     r.set_defaults(func=cmd_report)
 
     v = sub.add_parser("visualize", help="figures of a trained run")
-    v.add_argument("what", choices=["dpp"])
-    v.add_argument("--run", required=True)
-    v.add_argument("--n", type=int, default=8)
+    v.add_argument("what", choices=["dpp", "cam"], help="dpp: DPP warps (FRPT Fig. 3); cam: activation maps (Fig. 4)")
+    v.add_argument("--run", required=True, help="MLflow run id of an FRPT run")
+    v.add_argument("--n", type=int, default=None, help="number of test images (default: 8 for dpp, 4 for cam)")
     v.add_argument("--tracking-uri", default="")
     v.set_defaults(func=cmd_visualize)
 
@@ -349,7 +352,7 @@ EXAMPLES = {
     "demo": "dmlbench demo",
     "study": "dmlbench study run studies/peft_vit_s.yaml --workers 2 && dmlbench study status studies/peft_vit_s.yaml --json",
     "report": "dmlbench report studies/demo.yaml --out /tmp/demo-report",
-    "visualize": "dmlbench visualize dpp --run RUN_ID --n 8",
+    "visualize": "dmlbench visualize cam --run RUN_ID --n 4",
     "benchmark": "dmlbench benchmark --methods full_finetune,bitfit,lora --backbone vit_small_patch16_224 --batch-size 64",
 }
 OPTION_HELP = {

@@ -36,8 +36,8 @@ The content-parsing convolution starts at zero (``parser_init``): a uniform map,
 identity warp, so training starts from the frozen model's features; preset ``code`` uses PyTorch's
 default init as the released code does.
 
-Parameter arithmetic (ResNet-50, C training classes; ``params_trainable_inference`` excludes the
-classifier, ``params_trainable`` includes it):
+Parameter arithmetic (ResNet-50, C training classes; ``params/trainable_inference`` excludes the
+classifier, ``params/trainable`` includes it):
 
 - DPP (paper): one 31x31 convolution 256 -> 1 without bias = 31*31*256 = 246,016, the paper's
   "0.25M" (a bias would add 1 but has no gradient under the spatial softmax, so there is none).

@@ -275,8 +275,8 @@ class VPTSPGModel(PromptedViT):
         counts = super().count_parameters()
         if self.memory_bank:  # count the bank, not the slot
             delta = sum(b.numel() for b in self._bank) - sum(s.numel() for s in self.proxy_class_slot)
-            counts["params_trainable"] += delta
-            counts["params_total"] += delta
+            counts["params/trainable"] += delta
+            counts["params/total"] += delta
         return counts
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

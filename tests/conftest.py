@@ -47,6 +47,7 @@ TINY = {
     "optim.lr": 1e-3,
     "eval.batch_size": 128,
     "tracking.log_artifacts": True,
+    "tracking.system_metrics": False,  # one test turns them on; a sampler thread per run is noise here
 }
 
 TINY_VIT = {"model.backbone_kwargs": {"img_size": 32, "depth": 2}}

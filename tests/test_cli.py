@@ -88,7 +88,7 @@ def test_train_on_cub_layout_and_check_json(capsys, tmp_path, tracking_uri):
     assert report["test"] == {"images": 200, "classes": 100}
     code, out, _ = cli(capsys, "train", "--method", "bitfit", "--dataset", "cub200",
                        "--set", f"data.root={tmp_path / 'cub'}", "--set", "data.batch_size=8", *TINY)
-    assert code == 0 and "test_recall_at_1" in out
+    assert code == 0 and "test/recall_at_1" in out
     assert n_runs(tracking_uri) == 1
 
 
@@ -101,9 +101,9 @@ def test_methods_json_lists_every_method_with_counts(capsys):
     lp, ft = rows["linear_probe"], rows["full_finetune"]
     head = 1280 * 512 + 512  # Linear(1280 -> 512) on the pooled lite0 features
     proxies = 10 * 512  # Proxy Anchor proxies: training only
-    assert lp["params_trainable"] == head + proxies and lp["params_trainable_inference"] == head
+    assert lp["params/trainable"] == head + proxies and lp["params/trainable_inference"] == head
     # tf_efficientnet_lite0 has 4,652,008 parameters with its 1000-class classifier (1,281,000)
-    assert ft["params_trainable"] == ft["params_total"] == 3_371_008 + head + proxies
+    assert ft["params/trainable"] == ft["params/total"] == 3_371_008 + head + proxies
 
 
 def test_console_script_exit_code(tmp_path):
@@ -158,7 +158,7 @@ def test_train_prints_a_line_per_epoch_and_the_run_url_and_compare_puts_runs_sid
     code, out, _ = cli(capsys, "train", "--method", "bitfit", *sets)
     second = out.split("\nrun ", 1)[1].split()[0]
     code, out, _ = cli(capsys, "compare", first, second)
-    assert code == 0 and "test_recall_at_1" in out and "config method" in out and "linear_probe" in out
+    assert code == 0 and "test/recall_at_1" in out and "config method" in out and "linear_probe" in out
     assert cli(capsys, "compare", first, "nope")[0] == 2
 
 

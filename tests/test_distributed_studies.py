@@ -219,7 +219,7 @@ def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_
     deadline = time.time() + 300
     while time.time() < deadline:
         runs = trial_runs()
-        if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= 2:
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 2:
             break
         time.sleep(0.2)
     proc.kill()
@@ -235,5 +235,5 @@ def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_
     assert study.trials[1].user_attrs["mlflow_run_id"] == dead.info.run_id
     (run,) = trial_runs()  # no second run: the retry continued the first
     assert run.info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps[-1] == 5 and len(set(steps)) == 5

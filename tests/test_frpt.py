@@ -242,9 +242,9 @@ NECK = 2048  # BatchNorm1d weight (bias frozen)
 def test_resnet50_parameter_counts_match_hand_arithmetic(method, variant, inference):
     model = build(method, backbone="resnet50", num_classes=C, **{"method_args.variant": variant})
     counts = model.count_parameters()
-    assert counts["params_trainable_inference"] == inference
-    assert counts["params_trainable"] == inference + 2048 * C  # bias-free classifier
-    assert counts["params_total"] == 23_508_032 + counts["params_trainable"] + (2048 if variant == "code" else 0)
+    assert counts["params/trainable_inference"] == inference
+    assert counts["params/trainable"] == inference + 2048 * C  # bias-free classifier
+    assert counts["params/total"] == 23_508_032 + counts["params/trainable"] + (2048 if variant == "code" else 0)
 
 
 def test_hand_arithmetic_constants():
@@ -372,10 +372,10 @@ def test_trains_through_the_shared_loop(name, tiny_overrides):
 
     cfg = resolve(method=name, backbone=SMALL, overrides=_e2e(tiny_overrides))
     result = train(cfg)
-    losses = [h["train_loss"] for h in result.history if "train_loss" in h]
+    losses = [h["train/loss"] for h in result.history if "train/loss" in h]
     assert len(losses) == 1 and all(np.isfinite(losses))
-    assert 0.0 <= result.metrics["test_recall_at_1"] <= 1.0
-    assert result.metrics["params_trainable"] > result.metrics["params_trainable_inference"] > 0
+    assert 0.0 <= result.metrics["test/recall_at_1"] <= 1.0
+    assert result.metrics["params/trainable"] > result.metrics["params/trainable_inference"] > 0
 
 
 def make_cub_with_boxes(root: Path, classes: int = 102, per_class: int = 3) -> Path:
@@ -407,7 +407,7 @@ def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_o
     root = make_cub_with_boxes(tmp_path / "cub")
     ov = {**_e2e(tiny_overrides), "data.root": str(root), "data.max_classes": 4}
     result = train(resolve(method="frpt_bbox", dataset="cub200", backbone=SMALL, overrides=ov))
-    assert 0.0 <= result.metrics["test_recall_at_1"] <= 1.0
+    assert 0.0 <= result.metrics["test/recall_at_1"] <= 1.0
     with pytest.raises(UserError, match="bounding boxes"):
         train(resolve(method="frpt_bbox", dataset="fashion_mnist", backbone=SMALL,
                       overrides={**_e2e(tiny_overrides), "data.crop_to_box": True}))
@@ -423,7 +423,7 @@ def test_visualize_dpp_draws_and_logs_the_figure(tmp_path, tiny_overrides, track
     from harness.reports.visualize import visualize_dpp
 
     run = train(resolve(method="frpt", backbone=SMALL, overrides=_e2e(tiny_overrides)))
-    assert np.isfinite(run.history[-1]["train_loss"]) and 0.0 <= run.metrics["test_recall_at_1"] <= 1.0
+    assert np.isfinite(run.history[-1]["train/loss"]) and 0.0 <= run.metrics["test/recall_at_1"] <= 1.0
     path = visualize_dpp(run.run_id, n=3, out_dir=tmp_path / "fig", tracking_uri=tracking_uri)
     assert path.is_file() and path.suffix == ".png"
     image = np.asarray(Image.open(path))
@@ -444,3 +444,56 @@ def test_visualize_dpp_refuses_runs_without_dpp(tracking_uri, tmp_path):
         visualize_dpp(run.info.run_id, tracking_uri=tracking_uri)
     with pytest.raises(UserError, match="unknown MLflow run"):
         visualize_dpp("0123456789abcdef", tracking_uri=tracking_uri)
+
+
+# ----------------------------------------------------------------------------- CAM figure (Fig. 4)
+
+
+def test_grad_cam_of_a_pooled_linear_classifier_is_the_classic_cam():
+    """With global average pooling and a linear classifier, Grad-CAM's channel weights are the
+    class weights / (h w): the map is Zhou et al.'s CAM, sum_k w_ck A_k (ReLU'd)."""
+    from harness.reports.cam import grad_cam, normalised
+
+    torch.manual_seed(0)
+    fmap, weight = torch.randn(3, 8, 5, 5), torch.randn(4, 8)
+    cam = grad_cam(fmap, lambda x: x.mean(dim=(2, 3)) @ weight.T)
+    top = (fmap.mean(dim=(2, 3)) @ weight.T).argmax(1)
+    classic = torch.relu(torch.einsum("bk,bkhw->bhw", weight[top], fmap))
+    assert torch.allclose(cam * 25, classic, atol=1e-5)
+    assert torch.allclose(normalised(cam, (10, 10)), normalised(classic, (10, 10)), atol=1e-5)
+
+
+def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(tmp_path, tiny_overrides, tracking_uri, capsys):
+    from mlflow import MlflowClient
+
+    from harness.cli import main
+    from harness.core.loop import train
+    from harness.reports.cam import cam_maps
+    from harness.reports.visualize import load_run_model
+
+    run = train(resolve(method="frpt", backbone=SMALL, overrides=_e2e(tiny_overrides)))
+    assert main(["visualize", "cam", "--run", run.run_id, "--n", "2", "--tracking-uri", tracking_uri]) == 0
+    assert "class activation maps" in capsys.readouterr().out
+    logged = {a.path for a in MlflowClient(tracking_uri).list_artifacts(run.run_id)}
+    assert {f"cam_{run.run_id}.png", f"cam_{run.run_id}.pdf"} <= logged
+    _, cfg, splits, backbone, model = load_run_model(run.run_id, tracking_uri)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # a CAH that visibly re-weights channels
+        model.cah_head.excite.weight.copy_(torch.randn_like(model.cah_head.excite.weight))
+    maps = cam_maps(model, images)
+    assert list(maps) == ["pretrained backbone", "FRPT without CAH", "FRPT"]
+    for m in maps.values():
+        assert m.shape == (2, 32, 32) and m.min() >= 0 and m.max() <= 1 + 1e-6
+    assert not torch.allclose(maps["FRPT"], maps["FRPT without CAH"], atol=1e-3)
+
+
+def test_visualize_cam_refuses_runs_without_a_classifier(tracking_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    from harness.reports.cam import visualize_cam
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.create_experiment("no-cam", artifact_location=(tmp_path / "art").as_uri()))
+    client.log_text(run.info.run_id, to_yaml(resolve(method="bitfit")), "config.yaml")
+    with pytest.raises(UserError, match="needs an FRPT run"):
+        visualize_cam(run.info.run_id, tracking_uri=tracking_uri)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import mlflow
 import pytest
 import torch
 from torch import nn
@@ -200,4 +201,4 @@ def test_merged_runs_through_the_loop(tiny_vit_overrides):
         cfg = resolve(method=method, backbone="vit_small_patch16_224",
                       overrides={**tiny_vit_overrides, "optim.epochs": 1, "method_args.merge": True})
         result = train(cfg)
-        assert result.metrics["merged"] == 1.0 and 0 <= result.metrics["test_recall_at_1"] <= 1
+        assert mlflow.get_run(result.run_id).data.params["model/merged"] == "True" and 0 <= result.metrics["test/recall_at_1"] <= 1

@@ -193,7 +193,7 @@ def test_adapter_vit_s_parameter_count():
     assert n_params(model, "adapter_") == 12 * per_block == 595_200
     head = 2 * D + D * 384 + 384
     counts = model.count_parameters()
-    assert counts["params_trainable_inference"] == 595_200 + head
+    assert counts["params/trainable_inference"] == 595_200 + head
     only_one = build("adapter", blocks=[1])
     assert list(only_one.adapter_modules) == ["blocks_1"] and n_params(only_one, "adapter_") == per_block
 
@@ -424,13 +424,13 @@ def test_vptsp_param_groups_and_vit_s_counts():
     class_prompts = 5 * 12 * 3 * D
     gru = 6 * 384 * 384 + 3 * 384
     counts = model.count_parameters()
-    assert counts["params_trainable_inference"] == shared + bitfit + head == 246_144
-    assert counts["params_trainable"] == 246_144 + class_prompts + head + gru + 5 * 384
+    assert counts["params/trainable_inference"] == shared + bitfit + head == 246_144
+    assert counts["params/trainable"] == 246_144 + class_prompts + head + gru + 5 * 384
     assert n_params(model, "proxy_integrator") == 885_888
     bank = build("vptsp_g", backbone(VIT, VIT_S12), embed_dim=384, num_classes=5, memory_bank=True)
     assert bank.count_parameters() == counts
     no_bitfit = build("vptsp_g", backbone(VIT, VIT_S12), embed_dim=384, num_classes=5, bitfit=False)
-    assert no_bitfit.count_parameters()["params_trainable_inference"] == shared + head
+    assert no_bitfit.count_parameters()["params/trainable_inference"] == shared + head
 
 
 def test_vptsp_presets_resolve_to_the_published_configs():
@@ -478,6 +478,6 @@ def test_trains_through_the_shared_loop(method, extra, loop_overrides):
     from harness.core.loop import train
 
     result = train(resolve(method=method, backbone=VIT, overrides={**loop_overrides, **extra}))
-    assert math.isfinite(result.history[-1]["train_loss"])
-    assert 0.0 <= result.metrics["test_recall_at_1"] <= 1.0
-    assert result.metrics["params_trainable"] >= result.metrics["params_trainable_inference"] > 0
+    assert math.isfinite(result.history[-1]["train/loss"])
+    assert 0.0 <= result.metrics["test/recall_at_1"] <= 1.0
+    assert result.metrics["params/trainable"] >= result.metrics["params/trainable_inference"] > 0

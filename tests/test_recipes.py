@@ -205,9 +205,9 @@ def test_5_paper_protocol_trains_on_all_classes_and_reports_the_best_test_epoch(
     cfg = resolve(method="linear_probe", overrides={**tiny_overrides, "protocol": "paper", "optim.epochs": 3})
     assert cfg.data.val_fraction == 0.0 and cfg.eval.test_every_epoch
     result = train(cfg)
-    tested = [h["epoch_test_recall_at_1"] for h in result.history]
-    assert "best_val_recall_at_1" not in result.metrics
-    assert result.metrics["test_recall_at_1"] == max(tested) == result.metrics["test_selected_recall_at_1"]
+    tested = [h["epoch_test/recall_at_1"] for h in result.history]
+    assert "best/val_recall_at_1" not in result.metrics
+    assert result.metrics["test/recall_at_1"] == max(tested) == result.metrics["test/selected_recall_at_1"]
     run = mlflow.get_run(result.run_id)
     assert run.data.tags["dmlbench.protocol"] == "paper" and "test" in run.data.tags["dmlbench.selection"]
 
@@ -305,8 +305,8 @@ def test_13_parameter_shares_are_logged(tiny_vit_overrides):
     m = train(cfg).metrics
     backbone = sum(p.numel() for p in create_backbone("vit_small_patch16_224", pretrained=False,
                                                       kwargs=TINY_VIT["model.backbone_kwargs"]).model.parameters())
-    assert m["params_trainable_share"] == pytest.approx(m["params_trainable"] / backbone)
-    assert m["params_trainable_inference_share"] == pytest.approx(m["params_trainable_inference"] / backbone)
+    assert m["params/trainable_share"] == pytest.approx(m["params/trainable"] / backbone)
+    assert m["params/trainable_inference_share"] == pytest.approx(m["params/trainable_inference"] / backbone)
 
 
 def test_optimizer_groups_keep_their_lr_floor_ratio():

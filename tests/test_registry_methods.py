@@ -84,11 +84,11 @@ def test_method_is_what_it_says(method, family):
     assert trainable <= set(state)
     counts = model.count_parameters()
     if not getattr(model, "memory_bank", False):  # the VPTSP-G bank counts CPU-held prompts too
-        assert counts["params_trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert counts["params/trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
         training_only = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and (
             n.startswith("criterion.") or model.owner(n) in spec.training_only))
-        assert counts["params_trainable_inference"] == counts["params_trainable"] - training_only
-    assert counts["params_trainable_inference"] <= counts["params_trainable"] <= counts["params_total"]
+        assert counts["params/trainable_inference"] == counts["params/trainable"] - training_only
+    assert counts["params/trainable_inference"] <= counts["params/trainable"] <= counts["params/total"]
 
     model.train()  # method modules train (dropout active); a frozen backbone stays in eval
     for name, module in model.named_modules():

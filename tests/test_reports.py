@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -55,9 +56,8 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_report_is_rebuilt_identically_from_mlflow_alone(finished_study, tmp_path):
+def test_report_is_rebuilt_identically(finished_study, tmp_path):
     first = build_report(finished_study, out_dir=tmp_path / "a")
-    (finished_study.parent / "rep.optuna.journal").unlink()  # the report must not need Optuna's storage
     shutil.rmtree(first)
     again = build_report(finished_study, out_dir=tmp_path / "a")
     other = build_report(finished_study, out_dir=tmp_path / "b")
@@ -69,8 +69,26 @@ def test_report_is_rebuilt_identically_from_mlflow_alone(finished_study, tmp_pat
                  "figures/comparison_fashion_mnist.png",
                  "figures/optuna/fashion_mnist__linear_probe_history.png"):
         assert name in names
+        if name.endswith(".png"):
+            assert name.removesuffix(".png") + ".pdf" in names  # vector beside raster
     assert not any("pretrained" in n for n in names if n.startswith("figures/optuna/"))
     assert "published.md" not in names  # nothing published for Fashion-MNIST
+
+
+def test_optuna_figures_read_the_optuna_storage_and_never_write_it(finished_study, tmp_path):
+    journal = finished_study.parent / "rep.optuna.journal"
+    before = journal.read_bytes()
+    build_report(finished_study, out_dir=tmp_path / "o")
+    assert journal.read_bytes() == before
+    moved = journal.rename(tmp_path / "aside.journal")
+    try:  # without Optuna's storage the MLflow part is still complete, and the report says what is missing
+        out = build_report(finished_study, out_dir=tmp_path / "n")
+        assert not journal.exists()
+        assert not list((out / "figures").glob("optuna/*"))
+        assert "no completed trial in the Optuna storage" in (out / "report.md").read_text()
+        assert (out / "results.csv").is_file()
+    finally:
+        moved.rename(journal)
 
 
 def test_results_are_the_reproduction_runs(finished_study, tmp_path):
@@ -79,14 +97,15 @@ def test_results_are_the_reproduction_runs(finished_study, tmp_path):
                               filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'reproduction'")
     table = pd.read_csv(out / "results.csv")
     assert list(table["label"]) == ["Linear probe", "pretrained (no training)"]
-    for entry, row in zip(("linear_probe", "pretrained"), table.itertuples()):
-        values = np.array([r.data.metrics["test_recall_at_1"] for r in runs if r.data.tags["dmlbench.entry"] == entry])
-        assert len(values) == 2 and row.seeds == 2
-        assert row.test_recall_at_1_mean == pytest.approx(values.mean(), abs=1e-6)
-        assert row.test_recall_at_1_std == pytest.approx(values.std(ddof=1), abs=1e-6)
+    for entry, (_, row) in zip(("linear_probe", "pretrained"), table.iterrows()):
+        values = np.array([r.data.metrics["test/recall_at_1"] for r in runs if r.data.tags["dmlbench.entry"] == entry])
+        assert len(values) == 2 and row["seeds"] == 2
+        # the CSV keeps full precision and names its unit
+        assert row["test/recall_at_1_mean [fraction]"] == pytest.approx(values.mean(), abs=1e-12)
+        assert row["test/recall_at_1_std [fraction]"] == pytest.approx(values.std(ddof=1), abs=1e-12)
         cell = fmt_pm(values.mean() * 100, values.std(ddof=1) * 100)
-        assert f"| {row.label} | 2 | {cell} |" in (out / "results.md").read_text()
-    assert table.loc[1, "params_trainable_inference_mean"] == 0  # the untrained backbone trains nothing used
+        assert f"| {row['label']} | 2 | {cell} |" in (out / "results.md").read_text()
+    assert table.loc[1, "params/trainable_inference_mean [count]"] == 0  # the untrained backbone trains nothing used
     tuning = pd.read_csv(out / "tuning.csv")
     assert list(tuning["complete"]) == [2, 0]
 
@@ -109,8 +128,8 @@ def fake_mlflow_runs(entry: str, dataset: str, r1: list[float], shots: int = 0, 
         "tags.dmlbench.role": "reproduction", "tags.dmlbench.status": "finished", "tags.dmlbench.dataset": dataset,
         "tags.dmlbench.entry": entry, "tags.dmlbench.seed": str(seed), "params.data.shots": str(shots),
         "params.protocol": protocol,
-        "metrics.test_recall_at_1": value, "metrics.test_selected_recall_at_1": value + 0.01,
-        "metrics.params_trainable": 2.9e6, "metrics.params_total": 26.4e6,
+        "metrics.test/recall_at_1": value, "metrics.test/selected_recall_at_1": value + 0.01,
+        "metrics.params/trainable": 2.9e6, "metrics.params/total": 26.4e6,
     } for seed, value in enumerate(r1)])
 
 
@@ -125,18 +144,19 @@ def test_published_cells_pair_with_our_runs():
     assert "| Fine-tuning | — | 69.5 | — | 84.4 | — | 23.53 |" in md
     df, _, tex = published_tables(spec, paired)
     r1 = df[(df["metric"] == "R@1") & (df["method"] == "DPP + PT + CAH")]
-    assert list(r1["published"]) == ["74.3"] and list(r1["delta"]) == ["-3.3"]
-    assert list(r1["ours_test_selected"]) == ["72.0"]
-    assert r"$\pm$" in tex
+    assert list(r1["published"]) == [74.3] and list(r1["delta"]) == [pytest.approx(-3.3)]
+    assert list(r1["ours_test_selected"]) == [pytest.approx(72.0)] and list(r1["ours_mean"]) == [pytest.approx(71.0)]
+    assert r"$\pm$" in tex and r"\begin{table*}" in tex and r"\toprule" in tex  # 10 columns: both paper columns
 
 
 def test_fair_protocol_rows_show_published_numbers_without_a_difference():
     spec = load_spec(REPO / "studies" / "frpt_ablation.yaml")
     df, md, tex = published_tables(spec, matches(spec, fake_mlflow_runs("frpt", "cub200", [0.70, 0.72], protocol="fair")))
     r1 = df[(df["metric"] == "R@1") & (df["method"] == "DPP + PT + CAH")]
-    assert list(r1["published"]) == ["74.3"] and list(r1["delta"]) == ["—"] and list(r1["protocol"]) == ["fair"]
+    assert list(r1["published"]) == [74.3] and np.isnan(r1["delta"]).all() and list(r1["protocol"]) == ["fair"]
+    assert "| 74.3 | — |" in md
     counts = df[df["unit"] == "M"]
-    assert len(counts) and all(d != "—" for d in counts["delta"])  # parameter counts compare under any protocol
+    assert len(counts) and np.isfinite(counts["delta"]).all()  # parameter counts compare under any protocol
     assert "only for paper-protocol runs" in md and "only for paper-protocol runs" in tex.replace("\n", " ")
 
 
@@ -180,3 +200,29 @@ def test_figures_come_as_png_and_pdf_and_importances_need_enough_trials(finished
     assert not list((out / "figures").rglob("*_importance.png"))  # 2 trials are too few
     assert "fANOVA on fewer than 10 trials says nothing" in (out / "report.md").read_text()
     assert "R@1 vs memory plot" in (out / "report.md").read_text()  # CPU runs: RSS, not GPU memory
+
+
+def latex_problems(tex: str) -> list[str]:
+    """Parse with pylatexenc; environments must nest and close (a compiler's first complaint)."""
+    from pylatexenc.latexwalker import LatexEnvironmentNode, LatexWalker
+
+    nodes, _, _ = LatexWalker(tex, tolerant_parsing=False).get_latex_nodes()
+    envs = [n.environmentname for n in nodes if isinstance(n, LatexEnvironmentNode)]
+    return [] if envs and all(e in ("table", "table*") for e in envs) else [f"top-level environments {envs}"]
+
+
+def test_results_latex_is_booktabs_with_the_best_in_bold_and_compiles(finished_study, tmp_path):
+    out = build_report(finished_study, out_dir=tmp_path / "t")
+    tex = (out / "results.tex").read_text()
+    assert latex_problems(tex) == []
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"\begin{table*}" in tex
+    assert r"\textbf{" in tex and "over 2 seed(s)" in tex and "protocol 'fair'" in tex
+    assert "Linear probe" in tex and "pretrained (no training)" in tex
+    if shutil.which("pdflatex") is None:
+        return
+    doc = tmp_path / "doc.tex"
+    doc.write_text("\\documentclass[twocolumn]{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                   + tex + "\n\\end{document}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]

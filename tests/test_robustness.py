@@ -60,12 +60,12 @@ def test_killed_run_resumes_in_the_same_run_and_equals_an_uninterrupted_one(case
     assert main(["train", "--resume", killed.info.run_id]) == 0
     resumed = mlflow.MlflowClient(tracking_uri).get_run(killed.info.run_id)
     assert resumed.info.status == "FINISHED" and not ckpt.exists()  # same run; checkpoint removed
-    compared = [k for k in full.metrics if k.startswith(("test_", "best_", "params_"))]
+    compared = [k for k in full.metrics if k.startswith(("test/", "best/", "params/"))]
     assert compared
     for key in compared:
         assert resumed.data.metrics[key] == full.metrics[key], key  # bit for bit
-    losses = mlflow.MlflowClient(tracking_uri).get_metric_history(killed.info.run_id, "train_loss")
-    assert [m.value for m in sorted(losses, key=lambda m: m.step)] == [h["train_loss"] for h in full.history]
+    losses = mlflow.MlflowClient(tracking_uri).get_metric_history(killed.info.run_id, "train/loss")
+    assert [m.value for m in sorted(losses, key=lambda m: m.step)] == [h["train/loss"] for h in full.history]
     assert main(["train", "--resume", killed.info.run_id]) == 2  # finished: nothing to resume
 
 
@@ -97,7 +97,7 @@ def test_ctrl_c_ends_the_run_killed_with_exit_130(tmp_path, tracking_uri):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(
-            r.info.status == "RUNNING" and "train_loss" in r.data.metrics for r in store_runs(tracking_uri)):
+            r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in store_runs(tracking_uri)):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -90,15 +90,15 @@ def test_tiny_study_completes_with_nested_runs(tiny_study):
             assert run.info.status == "FINISHED" and run.data.tags["dmlbench.status"] == "finished"
             trial = study.trials[int(run.data.tags["dmlbench.trial"])]
             assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
-            assert run.data.metrics["best_val_map_at_r"] == pytest.approx(trial.value)
+            assert run.data.metrics["best/val_map_at_r"] == pytest.approx(trial.value)
             for key, value in trial.params.items():  # the trial's parameters reached the run config
                 assert float(run.data.params[key]) == pytest.approx(value)
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_map_at_r")]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/map_at_r")]
             assert sorted(steps) == [1, 2]
         repro = [r for r in runs_of("tiny", "reproduction") if r.data.tags["dmlbench.entry"] == entry]
         assert len(repro) == 1 and repro[0].data.tags["mlflow.parentRunId"] == parent_id
         assert repro[0].data.tags["dmlbench.config_source"] == str(study.best_trial.number)
-        assert "test_recall_at_1" in repro[0].data.metrics
+        assert "test/recall_at_1" in repro[0].data.metrics
 
 
 def test_rerun_adds_no_trial_and_no_run(tiny_study):
@@ -116,7 +116,7 @@ def test_status_reports_budget_and_reproductions(tiny_study):
     assert list(status["pruned"]) == [0, 0] and list(status["running"]) == [0, 0]
     assert list(status["reproductions"]) == ["1/1", "1/1"]
     best = optuna_study(tiny_study, "bitfit").best_value
-    assert status.loc[1, "best_val_map_at_r"] == pytest.approx(best, abs=1e-4)
+    assert status.loc[1, "best/val_map_at_r"] == pytest.approx(best, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- pruning, kill, workers
@@ -313,12 +313,12 @@ def test_results_roll_up_onto_parents_and_the_optuna_side_is_labelled(tiny_study
         (parent,) = [r for r in runs_of("tiny", "parent") if r.data.tags["dmlbench.entry"] == entry]
         (repro,) = [r for r in runs_of("tiny", "reproduction") if r.data.tags["dmlbench.entry"] == entry]
         m = parent.data.metrics
-        assert m["best_trial_best_val_map_at_r"] == pytest.approx(study.best_value) and m["seeds"] == 1
-        assert m["test_recall_at_1_mean"] == repro.data.metrics["test_recall_at_1"]
-        assert m["params_trainable"] == repro.data.metrics["params_trainable"]
+        assert m["tuning/best_val_map_at_r"] == pytest.approx(study.best_value) and m["test/seeds"] == 1
+        assert m["test/recall_at_1_mean"] == repro.data.metrics["test/recall_at_1"]
+        assert m["params/trainable"] == repro.data.metrics["params/trainable"]
         assert parent.data.tags["mlflow.note.content"].startswith("Study `tiny`")
         assert all(parent.data.tags[f"best_param.{k}"] == str(v) for k, v in study.best_params.items())
-        assert study.metric_names == ["best_val_map_at_r"] and study.user_attrs["method"] == entry
+        assert study.metric_names == ["best/val_map_at_r"] and study.user_attrs["method"] == entry
         assert "mlflow.source.git.commit" in repro.data.tags and "protocol" in repro.data.tags["mlflow.note.content"]
         trial_runs = [r for r in runs_of("tiny", "trial") if r.data.tags["dmlbench.entry"] == entry]
         assert {r.data.params["tracking.log_weights"] for r in trial_runs} == {"False"}  # weights: reproductions
@@ -348,7 +348,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tmp_path, tracking
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            training = [r for r in runs_of("ctrlc", "trial") if r.info.status == "RUNNING" and "train_loss" in r.data.metrics]
+            training = [r for r in runs_of("ctrlc", "trial") if r.info.status == "RUNNING" and "train/loss" in r.data.metrics]
             if len(training) == 2:
                 break
         assert proc.poll() is None, proc.stderr.read()

@@ -163,6 +163,10 @@ class TrackingConfig:
     checkpoint_dir: str = ""
     #: keep the last checkpoint of a finished run (default: deleted when the run finishes)
     keep_checkpoints: bool = False
+    #: MLflow system metrics (CPU, memory, GPU utilisation and memory via psutil/pynvml) under
+    #: ``system/`` every ``system_metrics_interval_s`` seconds, on a background thread
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass

@@ -8,6 +8,7 @@ before the MLflow run starts. The steps are small functions below :func:`train`;
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -43,6 +44,7 @@ from harness.core.training import (
 from harness.errors import RunInterrupted, TrainingDiverged, caused_by_interrupt
 from harness.tracking import store as tracking
 from harness.tracking.artifacts import log_artifacts
+from harness.tracking.inputs import log_dataset_inputs
 
 
 @dataclass
@@ -65,7 +67,8 @@ class Run:
     loaders: dict[str, Any]
     ks: tuple[int, ...]
     amp: Callable[[], Any]
-    counts: dict[str, int]
+    counts: dict[str, float]  # parameter counts: metrics, logged once, so runs sort by them
+    facts: dict[str, Any]  # constants of the run's data: params (not charted)
     optimizer: torch.optim.Optimizer | None
     scheduler: Any
     epochs: int
@@ -100,9 +103,13 @@ def train(
         resumed = checkpoint.load(ckpt_path, resume)
     # the identifying tags go in with the run itself: a kill right after start_run leaves a run
     # that study recovery can still find by its tags
-    mlflow_run = mlflow.start_run(run_id=resume, nested=nested) if resume else mlflow.start_run(
+    if cfg.tracking.system_metrics:  # CPU/GPU utilisation and memory under system/ in the UI
+        mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+    system = {"log_system_metrics": cfg.tracking.system_metrics}
+    mlflow_run = mlflow.start_run(run_id=resume, nested=nested, **system) if resume else mlflow.start_run(
         run_name=cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}", nested=nested,
-        tags={**(tags or {}), "dmlbench.status": "running"})
+        tags={**(tags or {}), "dmlbench.status": "running"}, **system)
     history: list[dict[str, float]] = []
     try:
         if resumed is None:
@@ -139,11 +146,12 @@ def train(
         final = final_metrics(run, history, best)
         synchronize(run.device)
         final.update({
-            "peak_memory_gb": peak_memory_gb(run.device),
-            "throughput_img_s": train_images / train_seconds if train_seconds else 0.0,
-            "wall_time_s": time.perf_counter() - t_start,
-            **{k: float(v) for k, v in run.counts.items()},
+            "cost/peak_memory_gb": peak_memory_gb(run.device),
+            "cost/throughput_img_s": train_images / train_seconds if train_seconds else 0.0,
+            "cost/wall_time_s": time.perf_counter() - t_start,
         })
+        if "model/merged" in final:  # a constant: a param, not a one-bar chart
+            mlflow.log_param("model/merged", bool(final.pop("model/merged")))
         mlflow.log_metrics(final)
         if cfg.tracking.log_artifacts:
             log_artifacts(best.state or {}, history, weights=cfg.tracking.log_weights,
@@ -165,7 +173,8 @@ def train(
             raise RunInterrupted(f"interrupted {where} after {done} completed epoch(s); the run is KILLED "
                                  "in MLflow with the metrics of those epochs") from None
         raise
-    return RunResult(run_id=mlflow_run.info.run_id, metrics=final, history=history, config=cfg)
+    metrics = {**{k: float(v) for k, v in run.counts.items()}, **final}
+    return RunResult(run_id=mlflow_run.info.run_id, metrics=metrics, history=history, config=cfg)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -190,20 +199,21 @@ def prepare(cfg: RunConfig) -> Run:
     counts = model.count_parameters()
     m = cfg.data.samples_per_class  # classes smaller than m are sampled with replacement: say so
     small = int((np.bincount(splits.train.labels) < m).sum()) if m else 0
-    counts["classes_below_samples_per_class"] = small
+    facts = {"data/classes_below_samples_per_class": small}
     if small:
         warnings.warn(f"{small} training classes have fewer than data.samples_per_class={m} images; "
-                      "their images are drawn with replacement (logged as classes_below_samples_per_class)")
+                      "their images are drawn with replacement (logged as data/classes_below_samples_per_class)")
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
-    for key in ("params_trainable", "params_trainable_inference"):  # share of the backbone's size
+    for key in ("params/trainable", "params/trainable_inference"):  # share of the backbone's size
         counts[f"{key}_share"] = counts[key] / backbone_params
     # what data.cache_images costs: the encoded files held in memory (0 without the cache)
-    counts["data_cache_gb"] = sum(getattr(ld.dataset, "cache_bytes", 0) for ld in loaders.values()) / 1e9
+    facts["data/cache_gb"] = round(sum(getattr(ld.dataset, "cache_bytes", 0) for ld in loaders.values()) / 1e9, 3)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loaders["train"])) if optimizer else None
     return Run(
         cfg=cfg, device=device, splits=splits, backbone=backbone, model=model, loaders=loaders,
         ks=tuple(cfg.eval.ks) or tuple(splits.ks), amp=autocast_for(device, cfg.optim.amp), counts=counts,
+        facts=facts,
         optimizer=optimizer, scheduler=scheduler, epochs=cfg.optim.epochs if optimizer is not None else 0,
     )
 
@@ -264,7 +274,9 @@ def log_run_start(run: Run, tags: dict[str, str] | None) -> None:
         **(tags or {}),
     })
     mlflow.log_text(to_yaml(cfg), "config.yaml")
+    log_dataset_inputs(run.splits, cfg.dataset, cfg.data.root or "default")
     mlflow.log_metrics({k: float(v) for k, v in run.counts.items()})
+    mlflow.log_params(run.facts)
 
 
 def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
@@ -305,12 +317,12 @@ def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
         images_seen += len(labels)
     synchronize(device)
     seconds = time.perf_counter() - t_epoch
-    row = {"train_loss": (loss_sum / max(steps, 1)).item()}
-    if not math.isfinite(row["train_loss"]):
-        raise FloatingPointError(f"training loss is {row['train_loss']} at epoch {epoch}")
-    row.update({k: (v / max(steps, 1)).item() for k, v in extra_sums.items()})
-    row["lr"] = optimizer.param_groups[0]["lr"]
-    row["epoch_time_s"] = seconds
+    row = {"train/loss": (loss_sum / max(steps, 1)).item()}
+    if not math.isfinite(row["train/loss"]):
+        raise FloatingPointError(f"training loss is {row['train/loss']} at epoch {epoch}")
+    row.update({f"train/{k}": (v / max(steps, 1)).item() for k, v in extra_sums.items()})
+    row["train/lr"] = optimizer.param_groups[0]["lr"]
+    row["train/epoch_time_s"] = seconds
     return images_seen, seconds, row
 
 
@@ -318,15 +330,15 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, float]:
     """Validation metrics, and test metrics when tested every epoch (or before training)."""
     cfg, splits, row = run.cfg, run.splits, {}
     if splits.val is not None:
-        row.update({f"val_{metric_name(k)}": v for k, v in run.evaluate("val").items()})
+        row.update({f"val/{metric_name(k)}": v for k, v in run.evaluate("val").items()})
     if has_test(run) and (cfg.eval.test_every_epoch or epoch == 0):
-        row.update({f"epoch_test_{metric_name(k)}": v for k, v in run.evaluate("test").items()})
+        row.update({f"epoch_test/{metric_name(k)}": v for k, v in run.evaluate("test").items()})
     return row
 
 
 def selection_key(cfg: RunConfig) -> str:
     """The metric that picks the reported epoch: validation (fair) or test R@1 (paper protocol)."""
-    return "epoch_test_recall_at_1" if cfg.protocol == "paper" else f"val_{metric_name(cfg.eval.select)}"
+    return "epoch_test/recall_at_1" if cfg.protocol == "paper" else f"val/{metric_name(cfg.eval.select)}"
 
 
 def has_test(run: Run) -> bool:
@@ -351,26 +363,26 @@ class Best:
 def final_metrics(run: Run, history: list[dict[str, float]], best: Best) -> dict[str, float]:
     """Test metrics of the best-validation checkpoint, plus the papers' test-selected R@1."""
     row = next(h for h in history if h["epoch"] == best.epoch)
-    final: dict[str, float] = {"best_epoch": float(best.epoch)}
+    final: dict[str, float] = {"best/epoch": float(best.epoch)}
     if run.splits.val is not None:
-        final["best_val_recall_at_1"] = row["val_recall_at_1"]
-        final["best_val_map_at_r"] = row["val_map_at_r"]
+        final["best/val_recall_at_1"] = row["val/recall_at_1"]
+        final["best/val_map_at_r"] = row["val/map_at_r"]
     if not has_test(run):
         return final
     merge = bool(getattr(run.cfg.method_args, "merge", False))
-    if "epoch_test_recall_at_1" in row and not merge:
-        test = {k.removeprefix("epoch_test_"): v for k, v in row.items() if k.startswith("epoch_test_")}
+    if "epoch_test/recall_at_1" in row and not merge:
+        test = {k.removeprefix("epoch_test/"): v for k, v in row.items() if k.startswith("epoch_test/")}
     else:
         run.model.load_trainable_state_dict(best.state)
         if merge:  # LoRA, SSF: the test split sees the merged backbone, at the backbone's own cost
-            final["merged"] = float(run.model.merge_())
+            final["model/merged"] = float(run.model.merge_())
         test = {metric_name(k): v for k, v in run.evaluate("test").items()}
-    final.update({f"test_{k}": v for k, v in test.items()})
-    tested = [h for h in history if "epoch_test_recall_at_1" in h]
+    final.update({f"test/{k}": v for k, v in test.items()})
+    tested = [h for h in history if "epoch_test/recall_at_1" in h]
     if tested:
-        top = max(tested, key=lambda h: h["epoch_test_recall_at_1"])
-        final["test_selected_recall_at_1"] = top["epoch_test_recall_at_1"]
-        final["test_selected_epoch"] = top["epoch"]
+        top = max(tested, key=lambda h: h["epoch_test/recall_at_1"])
+        final["test/selected_recall_at_1"] = top["epoch_test/recall_at_1"]
+        final["test/selected_epoch"] = top["epoch"]
     return final
 
 

@@ -168,7 +168,7 @@ class DMLModel(nn.Module):
                 trainable += p.numel()
                 if not self.is_training_only(name):
                     inference += p.numel()
-        return {"params_trainable": trainable, "params_trainable_inference": inference, "params_total": total}
+        return {"params/trainable": trainable, "params/trainable_inference": inference, "params/total": total}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: trainable parameters, and the persistent buffers of the

@@ -1,7 +1,8 @@
 """Study reports rebuilt from MLflow alone: tables, published numbers beside ours, figures.
 
-:func:`build_report` reads the study's runs from MLflow (tag ``dmlbench.study``), never from
-Optuna or local files, so anyone with the tracking store can regenerate ``reports/<study>/``.
+:func:`build_report` reads the study's runs from MLflow (tag ``dmlbench.study``), so anyone with
+the tracking store can regenerate ``reports/<study>/``; only the Optuna figures (history,
+importances) read the study's Optuna storage, read-only, as optuna-dashboard does.
 Output is deterministic: rows follow the spec's order, floats have fixed formats, and PNGs carry
 no date, so deleting the folder and rebuilding gives the same bytes.
 
@@ -17,16 +18,12 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import UserError
-from harness.reports.figures import (
-    bars_figure,
-    curves_figure,
-    optuna_figures,
-    tradeoff_figure,
-)
+from harness.reports.figures import bars_figure, curves_figure, tradeoff_figure
 from harness.reports.formatting import md_table
 from harness.reports.published import matches, paper_tables, published_tables
 from harness.reports.runs import fetch_runs
-from harness.reports.tables import results_tables, summarize, tuning_table
+from harness.reports.tables import results_tables, summarize, summary_csv, tuning_table
+from harness.reports.tuning_figures import optuna_figures
 from harness.studies.spec import REPO_ROOT, StudySpec, dump_spec, load_spec
 
 MANIFEST = "MANIFEST.txt"
@@ -41,7 +38,8 @@ def _write(out: Path, name: str, text: str, written: list[Path]) -> None:
     written.append(path)
 
 
-def build_report(spec_path: str | Path, out_dir: str | Path | None = None, tracking_uri: str | None = None) -> Path:
+def build_report(spec_path: str | Path, out_dir: str | Path | None = None, tracking_uri: str | None = None,
+                 storage: str | None = None) -> Path:
     """Write ``reports/<study>/`` (or ``out_dir``) from the study's MLflow runs; returns the folder."""
     import mlflow
 
@@ -58,7 +56,7 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
     notes: list[str] = []
 
     summary = summarize(spec, runs)
-    _write(out, "results.csv", summary.to_csv(index=False, float_format="%.6f"), written)
+    _write(out, "results.csv", summary_csv(summary), written)
     results_md, results_tex = results_tables(spec, summary)
     _write(out, "results.md", results_md, written)
     _write(out, "results.tex", results_tex, written)
@@ -81,19 +79,19 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
     figures: list[tuple[str, Path]] = []
     for dataset in spec.datasets:
         path = out / "figures" / f"curves_{dataset}.png"
-        if curves_figure(spec, runs, dataset, path):
+        untrained = frozenset(e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0)
+        if curves_figure(spec, runs, dataset, path, untrained):
             figures.append((f"{dataset}: validation R@1 and training loss per epoch", path))
             written.append(path)
         elif path.exists():
             path.unlink()
         path = out / "figures" / f"comparison_{dataset}.png"
-        untrained = frozenset(e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0)
-        if bars_figure(summary, dataset, path, untrained):
+        if bars_figure(spec, summary, dataset, path, untrained):
             figures.append((f"{dataset}: test R@1 and MAP@R per method", path))
             written.append(path)
         path = out / "figures" / f"tradeoff_{dataset}.png"
         on_gpu = "tags.dmlbench.device" in runs and not runs["tags.dmlbench.device"].isin(["cpu", "mps"]).all()
-        if tradeoff_figure(spec, summary, dataset, path, gpu_memory=on_gpu):
+        if tradeoff_figure(spec, summary, dataset, path, gpu_memory=on_gpu, untrained=untrained):
             figures.append((f"{dataset}: R@1 vs trainable parameters" + (" and peak GPU memory" if on_gpu else ""), path))
             written.append(path)
             if not on_gpu:
@@ -102,7 +100,7 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
         for entry in spec.entries:
             if entry.fixed:
                 continue
-            for p in optuna_figures(spec, runs, dataset, entry, out / "figures" / "optuna", notes):
+            for p in optuna_figures(spec, dataset, entry, out / "figures" / "optuna", notes, storage):
                 kind = "Optuna optimisation history" if p.stem.endswith("_history") else "parameter importances"
                 figures.append((f"{dataset} / {entry.label}: {kind}", p))
                 written.append(p)
@@ -126,12 +124,12 @@ def untrained_verdicts(spec: StudySpec, summary: pd.DataFrame) -> list[str]:
     out = []
     untrained = {e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0}
     for dataset in spec.datasets:
-        part = summary[summary["dataset"] == dataset].dropna(subset=["test_recall_at_1_mean"])
+        part = summary[summary["dataset"] == dataset].dropna(subset=["test/recall_at_1_mean"])
         refs, trained = part[part["entry"].isin(untrained)], part[~part["entry"].isin(untrained)]
         if refs.empty or trained.empty:
             continue
-        ref, best = refs.loc[refs["test_recall_at_1_mean"].idxmax()], trained.loc[trained["test_recall_at_1_mean"].idxmax()]
-        a, b = best["test_recall_at_1_mean"] * 100, ref["test_recall_at_1_mean"] * 100
+        ref, best = refs.loc[refs["test/recall_at_1_mean"].idxmax()], trained.loc[trained["test/recall_at_1_mean"].idxmax()]
+        a, b = best["test/recall_at_1_mean"] * 100, ref["test/recall_at_1_mean"] * 100
         verdict = "beats" if a > b else "does not beat"
         out.append(f"{dataset}: the best trained method ({best['label']}, test R@1 {a:.1f}) {verdict} the best "
                    f"untrained row ({ref['label']}, {b:.1f}); with this budget and data"

@@ -25,12 +25,14 @@ def fmt_pm(mean: float, std: float, digits: int = 1) -> str:
 
 
 def fmt_count(n: float) -> str:
+    """Parameter counts as papers write them: ``0.80M``, ``21.30M``, ``1.20G``; below 10K exact."""
     if n is None or not math.isfinite(n):
         return DASH
-    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{suffix}"
-    return f"{int(round(n))}"
+    if abs(n) >= 1e9:
+        return f"{n / 1e9:.2f}G"
+    if abs(n) >= 1e4:
+        return f"{n / 1e6:.2f}M"
+    return f"{int(round(n)):,}"
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -50,14 +52,32 @@ def tex_escape(text: Any) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-def tex_table(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str) -> str:
-    """A booktabs table; no pandas/jinja2 needed."""
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{tex_escape(caption)}}}",
-             r"\begin{tabular}{" + "l" * min(2, len(headers)) + "r" * max(0, len(headers) - 2) + "}", r"\toprule",
-             " & ".join(tex_escape(h) for h in headers) + r" \\", r"\midrule"]
-    lines += [" & ".join(tex_escape(v) for v in row) + r" \\" for row in rows]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+def tex_table(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str,
+              bold: Sequence[tuple[int, int]] = (), label: str = "") -> str:
+    """A booktabs LaTeX table via pandas' ``Styler``: ``bold`` cells (row, column) in bold, and
+    ``table*`` (both columns of a two-column paper) when there are more than 8 columns."""
+    import pandas as pd
+
+    df = pd.DataFrame([list(r) for r in rows], columns=[f"c{i}" for i in range(len(headers))])
+    marks = pd.DataFrame("", index=df.index, columns=df.columns)
+    for r, c in bold:
+        marks.iloc[r, c] = "textbf:--rwrap;"
+    styler = df.style.hide(axis="index").format(tex_escape).apply(lambda _: marks, axis=None)
+    styler = styler.relabel_index([tex_escape(h) for h in headers], axis=1)
+    wide = len(headers) > 8
+    return styler.to_latex(
+        environment="table*" if wide else "table", position="t", position_float="centering", hrules=True,
+        column_format="l" * min(2, len(headers)) + "r" * max(0, len(headers) - 2),
+        caption=tex_escape(caption), label=label or None)
+
+
+def best_rows(values: Sequence[float]) -> list[int]:
+    """Indices of the largest finite value (all of them on a tie), for bolding."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return []
+    top = max(finite)
+    return [i for i, v in enumerate(values) if v is not None and math.isfinite(v) and round(v, 1) == round(top, 1)]
 
 
 def metric_label(metric: str) -> str:

@@ -55,10 +55,10 @@ def _run_setting(rep: pd.DataFrame, key: str) -> str | None:
 
 def _ours(rep: pd.DataFrame, metric: str) -> np.ndarray:
     if metric == "params_trainable_pct":
-        return column(rep, "params_trainable") / column(rep, "params_total") * 100.0
-    if metric.startswith("params_"):
-        return column(rep, metric)
-    return column(rep, f"test_{metric}")
+        return column(rep, "params/trainable") / column(rep, "params/total") * 100.0
+    if metric.startswith("params_"):  # published.yaml's params_trainable -> our params/trainable
+        return column(rep, metric.replace("params_", "params/", 1))
+    return column(rep, f"test/{metric}")
 
 
 def _scale(metric: str, unit: str) -> float:
@@ -87,7 +87,7 @@ def matches(spec: StudySpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
             mean, std = mean_std(_ours(rep, cell["metric"]) * scale)
             sel = float("nan")
             if cell["metric"] == "recall_at_1":
-                sel = mean_std(column(rep, "test_selected_recall_at_1") * scale)[0]
+                sel = mean_std(column(rep, "test/selected_recall_at_1") * scale)[0]
             out.append({**cell, "entry": entry.name, "label": entry.label, "ours_mean": mean, "ours_std": std,
                         "ours_test_selected": sel, "seeds": len(rep),
                         "protocol": _run_setting(rep, "protocol") or "fair"})
@@ -109,18 +109,20 @@ def published_tables(spec: StudySpec, paired: list[dict[str, Any]]) -> tuple[pd.
         delta = p["ours_mean"] - float(p["value"]) if comparable else float("nan")
         rows.append({
             "dataset": p["dataset"], "method": p["label"], "metric": metric_label(p["metric"]), "unit": p["unit"],
-            "protocol": p["protocol"],
-            "ours": fmt_pm(p["ours_mean"], p["ours_std"], digits),
-            "ours_test_selected": fmt_pm(p["ours_test_selected"], float("nan"), digits),
-            "published": f"{float(p['value']):.{digits}f}",
-            "delta": DASH if not math.isfinite(delta) else f"{delta:+.{digits}f}",
-            "source": f"{p['source']} {p['table']}",
+            "protocol": p["protocol"], "seeds": p["seeds"], "ours_mean": p["ours_mean"], "ours_std": p["ours_std"],
+            "ours_test_selected": p["ours_test_selected"], "published": float(p["value"]), "delta": delta,
+            "source": f"{p['source']} {p['table']}", "digits": digits,
         })
-    df = pd.DataFrame(rows, columns=["dataset", "method", "metric", "unit", "protocol", "ours", "ours_test_selected",
-                                     "published", "delta", "source"])
+    columns = ["dataset", "method", "metric", "unit", "protocol", "seeds", "ours_mean", "ours_std",
+               "ours_test_selected", "published", "delta", "source"]
+    df = pd.DataFrame(rows, columns=columns + ["digits"])
     headers = ["Dataset", "Method", "Metric", "Unit", "Protocol", "Ours", "Ours (test-sel.)", "Published", "Δ",
                "Source"]
-    body = df.values.tolist()
+    body = [[r["dataset"], r["method"], r["metric"], r["unit"], r["protocol"],
+             fmt_pm(r["ours_mean"], r["ours_std"], r["digits"]), fmt_pm(r["ours_test_selected"], float("nan"), r["digits"]),
+             f"{r['published']:.{r['digits']}f}", DASH if not math.isfinite(r["delta"]) else f"{r['delta']:+.{r['digits']}f}",
+             r["source"]] for r in rows]
+    df = df[columns]  # the CSV: full precision, in the unit of the 'unit' column
     notes = "\n".join(f"- `{k}`: {v}" for k, v in sorted(sources.items()) if any(r["source"].startswith(k) for r in rows))
     md = md_table(headers, body) + ("\n" + notes + "\n" if notes else "")
     caption = (f"{spec.name}: ours (mean ± std over seeds) beside published numbers. Δ is given only for "

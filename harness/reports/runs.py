@@ -62,7 +62,7 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
 
 
 def recall_ks(runs: pd.DataFrame) -> list[int]:
-    ks = {int(m.group(1)) for c in runs.columns if (m := re.match(r"metrics\.test_recall_at_(\d+)$", c))}
+    ks = {int(m.group(1)) for c in runs.columns if (m := re.match(r"metrics\.test/recall_at_(\d+)$", c))}
     return sorted(ks)
 
 

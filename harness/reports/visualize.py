@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,9 +86,10 @@ def draw_dpp_figure(images: np.ndarray, saliency: np.ndarray, warped: np.ndarray
     plt.close(fig)
 
 
-def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking_uri: str | None = None) -> Path:
-    """Draw the DPP warps of ``n`` test images for MLflow run ``run_id``; log and return the PNG."""
-    import torch.nn.functional as F
+def load_run_model(run_id: str, tracking_uri: str | None = None, need: Any = None) -> tuple[Any, Any, Any, Any, Any]:
+    """Rebuild a run's model from its own artifacts: ``(client, cfg, splits, backbone, model)``.
+
+    ``need(cfg)`` may raise a UserError before anything heavy is loaded (wrong method)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from safetensors.torch import load_file
@@ -98,8 +100,6 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
     from harness.core.training import build_model, seed_everything
     from harness.tracking.store import resolve_uri
 
-    if n < 1:
-        raise UserError(f"bad value {n!r} for --n: must be >= 1")
     client = MlflowClient(tracking_uri=resolve_uri(tracking_uri or ""))
     try:
         client.get_run(run_id)
@@ -107,11 +107,8 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
         raise UserError(f"unknown MLflow run '{run_id}' in {resolve_uri(tracking_uri or '')}") from None
     with tempfile.TemporaryDirectory() as tmp:
         cfg = resolve(config_file=_download(client, run_id, "config.yaml", tmp))
-        if not getattr(cfg.method_args, "use_dpp", False):
-            raise UserError(
-                f"run {run_id} used method '{cfg.method}' without a DPP; "
-                "visualize dpp needs a run of frpt, frpt_dpp or frpt_no_in"
-            )
+        if need is not None:
+            need(cfg)
         state = load_file(str(_download(client, run_id, "trainable.safetensors", tmp)))
     seed_everything(cfg.seed)  # as the loop does, so a random-init backbone is the run's own
     splits = data.load_splits(cfg)
@@ -121,7 +118,22 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
     model = build_model(cfg, splits.train.num_classes, backbone)
     model.load_trainable_state_dict(state)
     model.eval()
+    return client, cfg, splits, backbone, model
 
+
+def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking_uri: str | None = None) -> Path:
+    """Draw the DPP warps of ``n`` test images for MLflow run ``run_id``; log and return the PNG."""
+    import torch.nn.functional as F
+
+    if n < 1:
+        raise UserError(f"bad value {n!r} for --n: must be >= 1")
+
+    def need(cfg: Any) -> None:
+        if not getattr(cfg.method_args, "use_dpp", False):
+            raise UserError(f"run {run_id} used method '{cfg.method}' without a DPP; "
+                            "visualize dpp needs a run of frpt, frpt_dpp or frpt_no_in")
+
+    client, cfg, splits, backbone, model = load_run_model(run_id, tracking_uri, need)
     images = _test_images(cfg, splits, backbone, n)
     with torch.no_grad():
         out = model.prompt(images)

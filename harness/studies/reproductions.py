@@ -132,7 +132,7 @@ def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id
             progress(f"{spec.study_name(dataset, entry)} seed {seed}: failed ({type(exc).__name__}: {exc})")
             continue
         trial.set_user_attr("mlflow_run_id", result.run_id)
-        value = result.metrics.get("test_recall_at_1", float("nan"))
+        value = result.metrics.get("test/recall_at_1", float("nan"))
         study.tell(trial, value if value == value else 0.0)
         progress(f"{spec.study_name(dataset, entry)} seed {seed}: test R@1 {value:.4f} "
                  f"({time.monotonic() - started:.0f} s)")

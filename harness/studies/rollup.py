@@ -1,7 +1,7 @@
 """Roll a study's results up onto its MLflow parent runs, so the collapsed runs table can be sorted
 and charted: each (study, dataset, entry) parent gets its best trial's objective and parameters
 and its reproductions' test metrics as mean, std and seed count; one study summary run per
-dataset holds every entry's headline numbers (``<entry>/test_recall_at_1_mean`` ...)."""
+dataset holds every entry's headline numbers (``<entry>/test_recall_at_1_mean`` ...; MLflow's chart view makes a section per entry)."""
 from __future__ import annotations
 
 import math
@@ -13,9 +13,9 @@ from harness.studies.parents import tag_filter
 from harness.studies.spec import Entry, StudySpec
 
 #: reproduction metrics rolled up as mean and std over seeds
-TEST_METRICS = ("test_recall_at_1", "test_map_at_r", "test_r_precision", "test_selected_recall_at_1")
+TEST_METRICS = ("test/recall_at_1", "test/map_at_r", "test/r_precision", "test/selected_recall_at_1")
 #: per-run constants rolled up as their mean
-CONSTANTS = ("params_trainable", "params_trainable_inference", "peak_memory_gb", "throughput_img_s")
+CONSTANTS = ("params/trainable", "params/trainable_inference", "cost/peak_memory_gb", "cost/throughput_img_s")
 
 
 def entry_rollup(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> tuple[dict[str, float], dict[str, str]]:
@@ -28,7 +28,7 @@ def entry_rollup(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> t
     if not entry.fixed:
         try:
             best = optuna.load_study(study_name=spec.study_name(dataset, entry), storage=storage).best_trial
-            metrics[f"best_trial_{spec.metric}"] = float(best.value)
+            metrics[f"tuning/best_{spec.objective}"] = float(best.value)
             tags["dmlbench.best_trial"] = str(best.number)
             tags.update({f"best_param.{k}": str(v) for k, v in best.params.items()})
         except (KeyError, ValueError):
@@ -37,7 +37,7 @@ def entry_rollup(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> t
                               filter_string=tag_filter(spec, dataset, entry, role="reproduction",
                                                        **{"dmlbench.status": "finished"}))
     if runs:
-        metrics["seeds"] = float(len(runs))
+        metrics["test/seeds"] = float(len(runs))
         for key in TEST_METRICS:
             values = np.array([r.data.metrics[key] for r in runs if key in r.data.metrics], dtype=float)
             if len(values):
@@ -67,8 +67,8 @@ def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
             client.log_metric(parent, key, value)
         for key, value in tags.items():
             client.set_tag(parent, key, value)
-        summary.setdefault(dataset, {}).update({f"{entry.name}/{k}": v for k, v in metrics.items()
-                                                if k.startswith(("test_recall_at_1", "test_map_at_r")) or k == "seeds"})
+        summary.setdefault(dataset, {}).update({f"{entry.name}/{k.replace('/', '_')}": v for k, v in metrics.items()
+                                                if k.startswith(("test/recall_at_1", "test/map_at_r", "test/seeds"))})
     for dataset, metrics in summary.items():
         exp = ensure_experiment(spec.experiments[dataset])
         found = client.search_runs([exp], filter_string=tag_filter(spec, dataset, role="study"))

@@ -30,8 +30,8 @@ _PRUNER_KEYS = {"median": ("name", "n_startup_trials", "n_warmup_steps"),
 _SPACE_KEYS = ("type", "low", "high", "log", "step", "choices")
 #: objective name -> (final metric of the run, per-epoch metric, eval.select value)
 OBJECTIVES = {
-    "val_map_at_r": ("best_val_map_at_r", "val_map_at_r", "map@r"),
-    "val_recall_at_1": ("best_val_recall_at_1", "val_recall_at_1", "recall@1"),
+    "val_map_at_r": ("best/val_map_at_r", "val/map_at_r", "map@r"),
+    "val_recall_at_1": ("best/val_recall_at_1", "val/recall_at_1", "recall@1"),
 }
 
 
@@ -85,7 +85,7 @@ class StudySpec:
 
     @property
     def metric(self) -> str:
-        """Final run metric the study maximises (e.g. ``best_val_map_at_r``)."""
+        """Final run metric the study maximises (e.g. ``best/val_map_at_r``)."""
         return OBJECTIVES[self.objective][0]
 
     @property

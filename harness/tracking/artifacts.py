@@ -33,9 +33,9 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") ->
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     panels = [
-        (axes[0], "training loss", [("train_loss", "train", 1.0)]),
-        (axes[1], "R@1 (%)", [("val_recall_at_1", "validation", 100.0), ("epoch_test_recall_at_1", "test", 100.0)]),
-        (axes[2], "MAP@R (%)", [("val_map_at_r", "validation", 100.0), ("epoch_test_map_at_r", "test", 100.0)]),
+        (axes[0], "training loss", [("train/loss", "train", 1.0)]),
+        (axes[1], "R@1 (%)", [("val/recall_at_1", "validation", 100.0), ("epoch_test/recall_at_1", "test", 100.0)]),
+        (axes[2], "MAP@R (%)", [("val/map_at_r", "validation", 100.0), ("epoch_test/map_at_r", "test", 100.0)]),
     ]
     for ax, name, series in panels:
         for key, label, scale in series:

@@ -5,9 +5,9 @@ from typing import Any
 
 from harness.errors import UserError
 
-COMPARE_METRICS = ("test_recall_at_1", "test_map_at_r", "test_r_precision", "test_selected_recall_at_1",
-                   "best_val_recall_at_1", "best_val_map_at_r", "params_trainable", "params_trainable_inference",
-                   "peak_memory_gb", "throughput_img_s", "wall_time_s")
+COMPARE_METRICS = ("test/recall_at_1", "test/map_at_r", "test/r_precision", "test/selected_recall_at_1",
+                   "best/val_recall_at_1", "best/val_map_at_r", "params/trainable", "params/trainable_inference",
+                   "cost/peak_memory_gb", "cost/throughput_img_s", "cost/wall_time_s")
 
 
 def compare_rows(run_ids: list[str], tracking_uri: str = "") -> tuple[list[str], list[dict[str, Any]]]:
