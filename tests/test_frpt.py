@@ -463,7 +463,8 @@ def test_grad_cam_of_a_pooled_linear_classifier_is_the_classic_cam():
     assert torch.allclose(normalised(cam, (10, 10)), normalised(classic, (10, 10)), atol=1e-5)
 
 
-def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(tmp_path, tiny_overrides, tracking_uri, capsys):
+def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(tmp_path, tiny_overrides, tracking_uri, capsys,
+                                                                   monkeypatch):
     from mlflow import MlflowClient
 
     from harness.cli import main
@@ -472,10 +473,12 @@ def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(tmp_path, tiny
     from harness.reports.visualize import load_run_model
 
     run = train(resolve(method="frpt", backbone=SMALL, overrides=_e2e(tiny_overrides)))
+    monkeypatch.chdir(tmp_path)  # the figure is written to the working directory
     assert main(["visualize", "cam", "--run", run.run_id, "--n", "2", "--tracking-uri", tracking_uri]) == 0
     assert "class activation maps" in capsys.readouterr().out
     logged = {a.path for a in MlflowClient(tracking_uri).list_artifacts(run.run_id)}
     assert {f"cam_{run.run_id}.png", f"cam_{run.run_id}.pdf"} <= logged
+    assert (tmp_path / f"cam_{run.run_id}.png").is_file()
     _, cfg, splits, backbone, model = load_run_model(run.run_id, tracking_uri)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # a CAH that visibly re-weights channels

@@ -319,6 +319,9 @@ def test_results_roll_up_onto_parents_and_the_optuna_side_is_labelled(tiny_study
         assert parent.data.tags["mlflow.note.content"].startswith("Study `tiny`")
         assert all(parent.data.tags[f"best_param.{k}"] == str(v) for k, v in study.best_params.items())
         assert study.metric_names == ["best/val_map_at_r"] and study.user_attrs["method"] == entry
+        assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+        best = study.best_trial.user_attrs
+        assert best["best/val_recall_at_1"] >= 0 and best["mlflow_run_id"] and best["dmlbench.heartbeat_utc"].endswith("UTC")
         assert "mlflow.source.git.commit" in repro.data.tags and "protocol" in repro.data.tags["mlflow.note.content"]
         trial_runs = [r for r in runs_of("tiny", "trial") if r.data.tags["dmlbench.entry"] == entry]
         assert {r.data.params["tracking.log_weights"] for r in trial_runs} == {"False"}  # weights: reproductions

@@ -93,18 +93,25 @@ def fail_mlflow_child(spec: StudySpec, dataset: str, entry: Entry, number: int) 
         client.set_terminated(run.info.run_id, "FAILED")
 
 
+def _beat(trial: Any) -> None:
+    """Seconds since the epoch (what staleness compares) and the same instant for people."""
+    now = time.time()
+    trial.set_user_attr("dmlbench.heartbeat", now)
+    trial.set_user_attr("dmlbench.heartbeat_utc", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)))
+
+
 @contextmanager
 def heartbeat(study: Any, trial: Any, interval: float = HEARTBEAT_S) -> Iterator[None]:
     """Record host/pid and refresh ``dmlbench.heartbeat`` while the trial runs."""
     trial.set_user_attr("dmlbench.host", socket.gethostname())
     trial.set_user_attr("dmlbench.pid", os.getpid())
-    trial.set_user_attr("dmlbench.heartbeat", time.time())
+    _beat(trial)
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(interval):
             try:
-                trial.set_user_attr("dmlbench.heartbeat", time.time())
+                _beat(trial)
             except Exception:  # noqa: BLE001 - the trial finished between the check and the write
                 return
 

@@ -102,6 +102,9 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         warnings.warn(f"trial {trial.number} of {study.study_name} failed: {type(exc).__name__}: {exc}", stacklevel=2)
         return "failed"
     trial.set_user_attr("mlflow_run_id", result.run_id)
+    for key, metric in result.metrics.items():  # optuna-dashboard shows the other validation metrics
+        if key.startswith("best/") and math.isfinite(metric):
+            trial.set_user_attr(key, metric)
     value = result.metrics.get(spec.metric, float("nan"))
     if not math.isfinite(value):
         study.tell(trial, state=TrialState.FAIL)
@@ -157,6 +160,8 @@ def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: s
     probe = open_study(spec, dataset, entry, storage)
     offset = 7919 * worker + len(probe.get_trials(deepcopy=False))
     study = open_study(spec, dataset, entry, storage, offset=offset)
+    if study.user_attrs.get("mlflow_parent_run_id") != parent_id:
+        study.set_user_attr("mlflow_parent_run_id", parent_id)
     dists = distributions(entry.search_space)
     started, failures, ran = time.monotonic(), 0, 0
     while True:
