@@ -70,7 +70,7 @@ def tiny_study(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(folder)  # a sqlite store puts artifacts under ./mlruns
         mlflow.set_tracking_uri(uri)
-        path = write_spec(folder, uri)
+        path = write_spec(folder, uri, overrides={**base_overrides(uri), "tracking.log_artifacts": True})
         run_study(path)
         yield path
 
@@ -324,10 +324,19 @@ def test_results_roll_up_onto_parents_and_the_optuna_side_is_labelled(tiny_study
         assert best["best/val_recall_at_1"] >= 0 and best["mlflow_run_id"] and best["dmlbench.heartbeat_utc"].endswith("UTC")
         assert "mlflow.source.git.commit" in repro.data.tags and "protocol" in repro.data.tags["mlflow.note.content"]
         trial_runs = [r for r in runs_of("tiny", "trial") if r.data.tags["dmlbench.entry"] == entry]
-        assert {r.data.params["tracking.log_weights"] for r in trial_runs} == {"False"}  # weights: reproductions
-        assert repro.data.params["tracking.log_weights"] == "True"
+        # weights: the reproductions and the best trial only
+        client = mlflow.MlflowClient()
+        kept = {r.data.tags["dmlbench.trial"] for r in trial_runs
+                if "trainable.safetensors" in {a.path for a in client.list_artifacts(r.info.run_id)}}
+        assert kept == {str(study.best_trial.number)}, kept
+        assert all(r.data.tags["dmlbench.weights"].startswith("removed") for r in trial_runs
+                   if r.data.tags["dmlbench.trial"] not in kept)
+        assert "trainable.safetensors" in {a.path for a in client.list_artifacts(repro.info.run_id)}
     (summary,) = runs_of("tiny", "study")
-    assert "bitfit/test_recall_at_1_mean" in summary.data.metrics
+    assert not summary.data.metrics  # a table, not one-bar charts
+    note = summary.data.tags["mlflow.note.content"]
+    assert "| entry | seeds | R@1 (%)" in note and "| linear_probe | 1 |" in note
+    assert "summary.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(summary.info.run_id)}
     # status reads, never writes: the journal is byte-identical afterwards, and --json parses
     journal = Path(tiny_study).parent / "tiny.optuna.journal"
     before = journal.read_bytes()

@@ -154,8 +154,8 @@ class TrackingConfig:
     run_name: str = ""
     #: log the curves PNG and the trainable weights
     log_artifacts: bool = True
-    #: save the trainable weights of study tuning trials too (default: reproductions only, which
-    #: retrain the best trial's configuration; a ViT study would otherwise store GBs of trials)
+    #: keep the trainable weights of every study tuning trial (default: the best trial's only,
+    #: besides the reproductions; a ViT study would otherwise store GBs of trials)
     trial_weights: bool = False
     #: save this run's trainable weights (set false by studies for tuning trials)
     log_weights: bool = True

@@ -11,7 +11,12 @@ import numpy as np
 import pandas as pd
 
 from harness.reports.runs import reproductions
-from harness.reports.style import REFERENCE_COLOUR, method_colours, report_style
+from harness.reports.style import (
+    REFERENCE_COLOUR,
+    REFERENCE_STYLES,
+    method_colours,
+    report_style,
+)
 from harness.studies.spec import StudySpec
 
 # ----------------------------------------------------------------------------- figures
@@ -68,13 +73,15 @@ def curves_figure(spec: StudySpec, runs: pd.DataFrame, dataset: str, path: Path,
         fig, axes = plt.subplots(1, 1 + len(losses), figsize=(4.2 * (1 + len(losses)), 3.4), squeeze=False)
         axes = list(axes[0])
         panel = {loss: ax for loss, ax in zip(losses, axes[1:])}
-        drawn = False
+        drawn, refs = False, 0
         for entry in spec.entries:
             ids = list(reps[entry.name]["run_id"])
             steps, ys = _mean_curve(client, ids, "val/recall_at_1", 100.0)
             if entry.name in untrained:
                 if ys:
-                    axes[0].axhline(ys[0], color=colours[entry.name], ls="--", lw=1, label=entry.label)
+                    axes[0].axhline(ys[0], color=colours[entry.name], lw=1.2, label=entry.label,
+                                    ls=REFERENCE_STYLES[refs % len(REFERENCE_STYLES)])
+                    refs += 1
                 continue
             if steps:
                 axes[0].plot(steps, ys, marker="o", color=colours[entry.name], label=entry.label)
@@ -134,10 +141,13 @@ def tradeoff_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: 
             if key.startswith("params"):
                 ax.set_xscale("symlog", linthresh=1.0)
             ax.set(xlabel=label, ylabel="test R@1 (%)", title=f"{dataset}: R@1 vs {label}")
-            texts = [ax.text(xi, yi, name + (" (untrained)" if r else ""), fontsize=7,
-                             color="0.35" if r else "0.1") for xi, yi, name, r in zip(x, y, part["label"], ref)]
-            adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
-            ax.legend(loc="lower right")
+            if any(ref):
+                ax.scatter([], [], s=28, c=REFERENCE_COLOUR, label="untrained reference")
+            texts = [ax.text(xi, yi, name, fontsize=7, color="0.35" if r else "0.1")
+                     for xi, yi, name, r in zip(x, y, part["label"], ref)]
+            adjust_text(texts, x=x, y=y, ax=ax, expand=(1.3, 1.8), force_text=(0.4, 0.8), iter_lim=2000,
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
         fig.tight_layout()
         _save(fig, path)
     return True

@@ -19,13 +19,20 @@ REFERENCE_COLOUR = "0.55"
 
 
 def palette(n: int) -> list[Any]:
-    """``n`` distinct colours: Tableau 10, then the 10 light partners of tab20, then tab20b's."""
+    """``n`` distinct colours: Tableau 10, then the light partners of tab20, then tab20b's, all
+    without the greys (grey means an untrained reference row)."""
     import matplotlib
 
     tab20 = matplotlib.colormaps["tab20"].colors
     tab20b = matplotlib.colormaps["tab20b"].colors
-    base = list(tab20[0::2]) + list(tab20[1::2]) + list(tab20b[0::4]) + list(tab20b[2::4])
+    grey = (tab20[14], tab20[15])
+    base = [c for c in list(tab20[0::2]) + list(tab20[1::2]) if c not in grey]
+    base += list(tab20b[0::4]) + list(tab20b[2::4])
     return [base[i % len(base)] for i in range(n)]
+
+
+#: line styles that tell reference rows apart (all grey)
+REFERENCE_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1)))
 
 
 def method_colours(names: Sequence[str], references: Sequence[str] = ()) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def results_tables(spec: StudySpec, summary: pd.DataFrame) -> tuple[str, str]:
                          *[fmt_pm(r[f"{m}_mean"] * 100, r[f"{m}_std"] * 100) for m in retrieval],
                          fmt_count(r["params/trainable_mean"]), fmt_count(r["params/trainable_inference_mean"]),
                          fmt_pm(r["cost/peak_memory_gb_mean"], r["cost/peak_memory_gb_std"], 2),
-                         fmt_pm(r["cost/throughput_img_s_mean"], float("nan"), 0)])
+                         # nothing trained, no training throughput: "not applicable", not 0
+                         fmt_pm(r["cost/throughput_img_s_mean"] or float("nan"), float("nan"), 0)])
         bold = [(row, 2 + col) for col, m in enumerate(retrieval) for row in best_rows(list(part[f"{m}_mean"] * 100))]
         protocol = {"fair": "checkpoint selected on held-out validation classes",
                     "paper": "all training classes, the best test epoch (the papers' protocol)"}[spec.protocol]

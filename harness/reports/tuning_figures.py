@@ -60,7 +60,7 @@ def optuna_figures(spec: StudySpec, dataset: str, entry: Entry, folder: Path, no
         ax.step(numbers, best, where="post", color="0.2", lw=1, label="best so far")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="trial", ylabel=metric, title=f"{dataset} / {entry.label}: optimisation history")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)  # outside the data
         written.append(folder / f"{stem}_history.png")
         _save(fig, written[-1])
 

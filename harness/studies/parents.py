@@ -48,6 +48,7 @@ def parent_run(spec: StudySpec, dataset: str, entry: Entry) -> str:
     tags = {
         **environment_tags(),
         "mlflow.runName": f"{spec.name}/{entry.name}",
+        "mlflow.source.name": f"dmlbench study run {spec.path.name}", "mlflow.source.type": "LOCAL",
         "dmlbench.study": spec.name, "dmlbench.dataset": dataset, "dmlbench.entry": entry.name,
         "dmlbench.method": entry.method, "dmlbench.backbone": entry.backbone, "dmlbench.role": "parent",
         "dmlbench.label": entry.label, "dmlbench.objective": spec.metric,

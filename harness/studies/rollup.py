@@ -1,13 +1,14 @@
 """Roll a study's results up onto its MLflow parent runs, so the collapsed runs table can be sorted
 and charted: each (study, dataset, entry) parent gets its best trial's objective and parameters
 and its reproductions' test metrics as mean, std and seed count; one study summary run per
-dataset holds every entry's headline numbers (``<entry>/test_recall_at_1_mean`` ...; MLflow's chart view makes a section per entry)."""
+dataset holds every entry's headline numbers as a table (its description and ``summary.json``)."""
 from __future__ import annotations
 
 import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from harness.studies.parents import tag_filter
 from harness.studies.spec import Entry, StudySpec
@@ -59,7 +60,7 @@ def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
 
     mlflow.set_tracking_uri(spec.tracking_uri)
     client = MlflowClient()
-    summary: dict[str, dict[str, float]] = {}
+    summary: dict[str, list[dict[str, Any]]] = {}
     for dataset, entry in spec.units():
         metrics, tags = entry_rollup(spec, dataset, entry, storage)
         parent = parents[f"{dataset}/{entry.name}"]
@@ -67,16 +68,33 @@ def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
             client.log_metric(parent, key, value)
         for key, value in tags.items():
             client.set_tag(parent, key, value)
-        summary.setdefault(dataset, {}).update({f"{entry.name}/{k.replace('/', '_')}": v for k, v in metrics.items()
-                                                if k.startswith(("test/recall_at_1", "test/map_at_r", "test/seeds"))})
-    for dataset, metrics in summary.items():
+        summary.setdefault(dataset, []).append({"entry": entry.name, "label": entry.label, **metrics})
+    for dataset, rows in summary.items():
         exp = ensure_experiment(spec.experiments[dataset])
         found = client.search_runs([exp], filter_string=tag_filter(spec, dataset, role="study"))
         run_id = found[0].info.run_id if found else client.create_run(exp, tags={
             "mlflow.runName": f"{spec.name} (summary)", "dmlbench.study": spec.name, "dmlbench.dataset": dataset,
-            "dmlbench.role": "study",
-            "mlflow.note.content": f"Study `{spec.name}` on **{dataset}**: every entry's reproduction test "
-                                   f"metrics (mean over seeds), protocol `{spec.protocol}`."}).info.run_id
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, value)
+            "dmlbench.role": "study"}).info.run_id
+        # a table, not metrics: per-entry metrics on one run are one-bar charts; the parents
+        # carry the same numbers as metrics, one bar per method
+        client.set_tag(run_id, "mlflow.note.content", summary_note(spec, dataset, rows))
+        client.log_table(run_id, data=pd.DataFrame(rows), artifact_file="summary.json")
         client.set_terminated(run_id, "FINISHED")
+
+
+def summary_note(spec: StudySpec, dataset: str, rows: list[dict[str, Any]]) -> str:
+    """The study summary run's description: every entry's test results as a Markdown table."""
+    def cell(row: dict[str, Any], key: str) -> str:
+        mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+        if mean is None:
+            return "-"
+        return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std and row.get("test/seeds", 0) > 1 else "")
+
+    lines = [f"Study `{spec.name}` on **{dataset}**, protocol `{spec.protocol}`: test split of each entry's "
+             f"reproductions (mean ± std over seeds {spec.seeds}); the parent runs carry the same numbers as metrics.",
+             "", "| entry | seeds | R@1 (%) | MAP@R (%) | trainable params |", "|---|---|---|---|---|"]
+    for row in rows:
+        params = row.get("params/trainable")
+        lines.append(f"| {row['label']} | {int(row.get('test/seeds', 0))} | {cell(row, 'test/recall_at_1')} | "
+                     f"{cell(row, 'test/map_at_r')} | {'-' if params is None else f'{params / 1e6:.2f}M'} |")
+    return "\n".join(lines)

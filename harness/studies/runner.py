@@ -65,7 +65,7 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         raise
     cfg.tracking.run_name = f"{entry.name}-trial{trial.number}"
     cfg.eval.test = False  # tuning selects on validation classes only; test is for reproductions
-    cfg.tracking.log_weights = cfg.tracking.trial_weights
+    keep_all = cfg.tracking.trial_weights  # else only the best trial keeps its weights (keep_best_weights)
     tags = {**base_tags(spec, dataset, entry, "trial"), "dmlbench.trial": str(trial.number),
             "dmlbench.optuna_study": study.study_name, "dmlbench.seed": str(cfg.seed)}
 
@@ -110,8 +110,33 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         study.tell(trial, state=TrialState.FAIL)
         return "failed"
     study.tell(trial, float(value))
+    if not keep_all:
+        keep_best_weights(study)
     progress(f"{study.study_name} trial {trial.number}: {spec.metric} {value:.4f} ({time.monotonic() - started:.0f} s)")
     return "complete"
+
+
+def keep_best_weights(study: Any) -> None:
+    """Every trial uploads its trainable weights; only the best completed trial's stay (a ViT study
+    would otherwise store gigabytes of trials). Runs whose weights were removed say so in a tag."""
+    from mlflow.store.artifact.artifact_repository_registry import (
+        get_artifact_repository,
+    )
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    best = study.best_trial.number
+    client = MlflowClient()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if t.number == best or not run_id:
+            continue
+        run = client.get_run(run_id)
+        if run.data.tags.get("dmlbench.weights", "").startswith("removed"):
+            continue
+        if any(a.path == "trainable.safetensors" for a in client.list_artifacts(run_id)):
+            get_artifact_repository(run.info.artifact_uri).delete_artifacts("trainable.safetensors")
+        client.set_tag(run_id, "dmlbench.weights", "removed: not the best trial (tracking.trial_weights=false)")
 
 
 def _fail_interrupted(study: Any, trial: Any) -> None:
