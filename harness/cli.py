@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -149,27 +148,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from harness.tracking.store import resolve_uri
+    from harness.tracking.ui import serve_ui
 
-    uri = resolve_uri(args.tracking_uri or "")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    from harness.tracking.links import runs_view, wait_for
-
-    proc = subprocess.Popen(cmd)
-    try:
-        if not wait_for(base + "/health", proc, timeout_s=args.timeout):
-            proc.terminate()
-            raise UserError(f"the MLflow UI did not answer on {base} within {args.timeout:.0f} s "
-                            f"(port {args.port} in use? try --port)")
-        print(f"MLflow UI for {uri}: {base}/{runs_view(uri)}", flush=True)
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=30)
-        return 0
-
-
-
+    return serve_ui(resolve_uri(args.tracking_uri or ""), args.host, args.port, args.timeout)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -112,40 +111,43 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr
 
 
-def test_ui_serves_the_store_and_prints_the_runs_view(capsys, tracking_uri):
-    """A real MLflow UI on loopback: it answers, and the printed URL opens the latest experiment's runs."""
+def test_ui_serves_the_store_and_prints_the_runs_view_and_stops_every_process(tracking_uri):
+    """A real MLflow UI on loopback, started as a user would: it answers, the printed URL opens the
+    latest experiment's runs, and `kill` of dmlbench stops all of MLflow's processes."""
+    import signal
     import socket
-    import threading
+    import subprocess
+    import sys
     import urllib.request
 
     import mlflow
+    import psutil
 
     mlflow.set_tracking_uri(tracking_uri)
     exp = mlflow.create_experiment("ui_check")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = {}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--timeout", "120"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        while "MLflow UI for" not in line and proc.poll() is None:
+            line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+            assert reply.status == 200
+        server = psutil.Process(proc.pid).children(recursive=True)
+        assert len(server) >= 2  # the server and its workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(server, timeout=30)
+        assert not alive, [p.cmdline()[:4] for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
-    def serve():
-        result["code"] = main(["ui", "--port", str(port), "--timeout", "120"])
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    deadline = time.time() + 150
-    out = ""
-    while time.time() < deadline and "MLflow UI for" not in out:
-        time.sleep(0.5)
-        out += capsys.readouterr().out
-    assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning" in out
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
-        assert reply.status == 200
-    import psutil
-
-    for child in psutil.Process().children(recursive=True):  # stop the server like Ctrl-C's terminate
-        child.terminate()
-    thread.join(timeout=60)
-    assert result.get("code") is not None
 
 def test_train_prints_a_line_per_epoch_and_the_run_url_and_compare_puts_runs_side_by_side(capsys, tiny_overrides):
     sets = sum((["--set", f"{k}={v}"] for k, v in tiny_overrides.items() if k != "model.backbone_kwargs"), [])

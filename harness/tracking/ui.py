@@ -1,0 +1,54 @@
+"""``dmlbench ui``: the MLflow UI on the run store, its address once it answers, and a clean stop.
+
+MLflow's UI is several processes (the server, uvicorn, a job runner, job consumers). It runs in
+its own process group, and Ctrl-C or ``kill`` of dmlbench stops the whole group, so nothing is
+left serving (or holding the port) afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from harness.errors import UserError
+from harness.tracking.links import runs_view, wait_for
+
+
+def serve_ui(uri: str, host: str, port: int, timeout: float) -> int:
+    """Serve ``uri`` until interrupted; prints the runs view of the latest experiment."""
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
+    try:
+        if not wait_for(base + "/health", proc, timeout_s=timeout):
+            raise UserError(f"the MLflow UI did not answer on {base} within {timeout:.0f} s "
+                            f"(port {port} in use? try --port)")
+        print(f"MLflow UI for {uri}: {base}/{runs_view(uri)}", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM to the server's whole process group, SIGKILL to whatever is left after ``grace_s``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the server itself, or it stays in the group as a zombie
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
