@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import UserError
-from harness.reports.visualize import _test_images, load_run_model
+from harness.reports.visualize import _test_images, displayable, load_run_model
 
 
 def normalised(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -108,11 +108,8 @@ def visualize_cam(run_id: str, n: int = 4, out_dir: Path | None = None, tracking
     images = _test_images(cfg, splits, backbone, n)
     with torch.no_grad():
         warped = model.prompt(images)["images"] if model.dpp_prompt is not None else None
-    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
-
     def to_np(x: torch.Tensor) -> np.ndarray:
-        return (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return displayable(x, backbone)
 
     variants = [("original", images)] + ([("DPP-warped", warped)] if warped is not None else [])
     drawn = {label: (to_np(x), {k: v.numpy() for k, v in cam_maps(model, x).items()}) for label, x in variants}

@@ -42,6 +42,13 @@ def _test_images(cfg, splits, backbone, n: int) -> torch.Tensor:
     return torch.stack([dataset[int(i)][0] for i in idx])
 
 
+def displayable(x: torch.Tensor, backbone: Any) -> np.ndarray:
+    """Normalised ``(B, 3, H, W)`` images back to ``(B, H, W, 3)`` in [0, 1] for imshow."""
+    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
 def grid_lines(height: int, width: int, cells: int = GRID_CELLS) -> torch.Tensor:
     """``(1, 1, H, W)`` mask, 1 on a regular grid of ``cells`` x ``cells`` lines (1 px per 112 px)."""
     mask = torch.zeros(1, 1, height, width)
@@ -141,11 +148,8 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
         lines = grid_lines(h, w)
         warped_lines = model.dpp_prompt.sampler.resample(lines.expand(len(images), -1, -1, -1), out["grid"])
         saliency = F.interpolate(out["saliency"], size=(h, w), mode="bilinear", align_corners=False)
-    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
-
     def to_np(x: torch.Tensor) -> np.ndarray:
-        return (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return displayable(x, backbone)
 
     out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
