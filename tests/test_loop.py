@@ -161,3 +161,22 @@ def test_param_groups_follow_multipliers(tiny_overrides):
     assert groups["head"]["lr"] == pytest.approx(10 * cfg.optim.lr)
     assert groups["criterion"]["lr"] == pytest.approx(100 * cfg.optim.lr)
     assert groups["backbone"]["lr"] == pytest.approx(cfg.optim.lr)
+
+
+def test_a_dataset_input_that_collides_with_another_runs_insert_is_retried(tiny_overrides, monkeypatch):
+    """Two runs of one experiment logging the same split at once collide on MLflow's unique key
+    (seen with two `study run` processes on an MLflow server): the input is retried, not lost."""
+    from mlflow.exceptions import MlflowException
+
+    real, calls = mlflow.log_input, []
+
+    def collide_once(*args, **kwargs):
+        calls.append(kwargs.get("context"))
+        if len(calls) == 1:
+            raise MlflowException("(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", collide_once)
+    result, _ = run(dict(tiny_overrides))
+    r = mlflow.MlflowClient(tiny_overrides["tracking.uri"]).get_run(result.run_id)
+    assert calls[:2] == ["train", "train"] and len(r.inputs.dataset_inputs) == 3

@@ -5,6 +5,7 @@ dataset holds every entry's headline numbers as a table (its description and ``s
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -54,9 +55,10 @@ def entry_rollup(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> t
 def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
     """Log every entry's roll-up onto its parent and a study summary run per dataset."""
     import mlflow
+    from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    from harness.tracking.store import ensure_experiment
+    from harness.tracking.store import ensure_experiment, retried
 
     mlflow.set_tracking_uri(spec.tracking_uri)
     client = MlflowClient()
@@ -64,10 +66,9 @@ def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
     for dataset, entry in spec.units():
         metrics, tags = entry_rollup(spec, dataset, entry, storage)
         parent = parents[f"{dataset}/{entry.name}"]
-        for key, value in metrics.items():
-            client.log_metric(parent, key, value)
-        for key, value in tags.items():
-            client.set_tag(parent, key, value)
+        # every `study run` process rolls up at its end, possibly at the same moment: retried
+        retried(lambda: client.log_batch(parent, metrics=[Metric(k, v, now_ms(), 0) for k, v in metrics.items()],
+                                         tags=[RunTag(k, v) for k, v in tags.items()]))
         summary.setdefault(dataset, []).append({"entry": entry.name, "label": entry.label, **metrics})
     for dataset, rows in summary.items():
         exp = ensure_experiment(spec.experiments[dataset])
@@ -80,6 +81,10 @@ def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
         client.set_tag(run_id, "mlflow.note.content", summary_note(spec, dataset, rows))
         client.log_table(run_id, data=pd.DataFrame(rows), artifact_file="summary.json")
         client.set_terminated(run_id, "FINISHED")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def summary_note(spec: StudySpec, dataset: str, rows: list[dict[str, Any]]) -> str:

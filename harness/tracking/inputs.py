@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from harness.data.table import ImageTable, Splits
+from harness.tracking.store import retried
 
 
 def digest(table: ImageTable) -> str:
@@ -41,4 +42,6 @@ def log_dataset_inputs(splits: Splits, dataset: str, root: str) -> None:
             warnings.simplefilter("ignore", UserWarning)
             data = mlflow.data.from_pandas(split_frame(table), source=source, name=f"{dataset}/{split}",
                                            digest=digest(table))
-            mlflow.log_input(data, context=split, tags={"images": str(len(table)), "classes": str(table.num_classes)})
+            tags = {"images": str(len(table)), "classes": str(table.num_classes)}
+            # MLflow looks a dataset up, then inserts it: two runs logging one split at once collide
+            retried(lambda: mlflow.log_input(data, context=split, tags=tags))

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -154,15 +155,28 @@ def end_failed_run(exc: BaseException) -> None:
     tags = {"dmlbench.status": "pruned" if pruned else ("interrupted" if interrupted else "failed")}
     if not pruned:
         tags["dmlbench.error"] = f"{type(exc).__name__}: {exc}"[:500]
-    for attempt in range(6):
-        try:
-            for key, value in tags.items():
-                client.set_tag(run_id, key, value)
-            client.set_terminated(run_id, "KILLED" if pruned or interrupted else "FAILED")
-            break
-        except MlflowException:
-            if attempt == 5:
-                raise
-            time.sleep(0.5 * 2 ** attempt)
+    def end() -> None:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, "KILLED" if pruned or interrupted else "FAILED")
+
+    retried(end)
     with contextlib.suppress(MlflowException):  # already ended above
         mlflow.end_run("KILLED" if pruned or interrupted else "FAILED")
+
+
+def retried(write: Callable[[], None], attempts: int = 6) -> None:
+    """Run an MLflow write, retried with backoff. Concurrent writers collide in ways MLflow does
+    not absorb: SQLite's "database is locked", and its look-up-then-insert of a dataset or of a
+    metric's latest value (two `study run` processes rolling up one parent, or logging the same
+    split, hit the unique key: an IntegrityError on the server). The retry takes the update path."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            write()
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
