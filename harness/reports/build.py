@@ -50,6 +50,13 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
     if runs.empty:  # checked before anything is written
         raise UserError(f"no runs of study '{spec.name}' in the MLflow store {uri}; run "
                         f"'dmlbench study run {spec.path}' first, or pass the store with --tracking-uri")
+    def logged(prefixes: tuple[str, ...]) -> bool:
+        return any(c.startswith(prefixes) and runs[c].notna().any() for c in runs.columns)
+
+    if logged(("metrics.train_loss", "metrics.best_val_")) and not logged(("metrics.train/", "metrics.best/")):
+        raise UserError(f"the runs of study '{spec.name}' in {uri} use metric names from before dmlbench "
+                        "namespaced them ('test_recall_at_1', now 'test/recall_at_1'); rerun the study into a "
+                        "fresh store (or under a new study name) to report on it")
     out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / spec.name
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
