@@ -432,16 +432,21 @@ def test_visualize_dpp_draws_and_logs_the_figure(tmp_path, tiny_overrides, track
     assert path.name in logged
 
 
-def test_visualize_dpp_refuses_runs_without_dpp(tracking_uri, tmp_path):
+def run_with_config(tracking_uri: str, folder, method: str) -> str:
+    """An MLflow run holding only the resolved config of ``method`` (what visualize reads first)."""
     from mlflow import MlflowClient
 
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.create_experiment(f"only-{method}", artifact_location=(folder / "art").as_uri()))
+    client.log_text(run.info.run_id, to_yaml(resolve(method=method)), "config.yaml")
+    return run.info.run_id
+
+
+def test_visualize_dpp_refuses_runs_without_dpp(tracking_uri, tmp_path):
     from harness.reports.visualize import visualize_dpp
 
-    client = MlflowClient(tracking_uri)
-    run = client.create_run(client.create_experiment("no-dpp", artifact_location=(tmp_path / "art").as_uri()))
-    client.log_text(run.info.run_id, to_yaml(resolve(method="frpt_cah")), "config.yaml")
     with pytest.raises(UserError, match="without a DPP"):
-        visualize_dpp(run.info.run_id, tracking_uri=tracking_uri)
+        visualize_dpp(run_with_config(tracking_uri, tmp_path, "frpt_cah"), tracking_uri=tracking_uri)
     with pytest.raises(UserError, match="unknown MLflow run"):
         visualize_dpp("0123456789abcdef", tracking_uri=tracking_uri)
 
@@ -491,12 +496,7 @@ def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(tmp_path, tiny
 
 
 def test_visualize_cam_refuses_runs_without_a_classifier(tracking_uri, tmp_path):
-    from mlflow import MlflowClient
-
     from harness.reports.cam import visualize_cam
 
-    client = MlflowClient(tracking_uri)
-    run = client.create_run(client.create_experiment("no-cam", artifact_location=(tmp_path / "art").as_uri()))
-    client.log_text(run.info.run_id, to_yaml(resolve(method="bitfit")), "config.yaml")
     with pytest.raises(UserError, match="needs an FRPT run"):
-        visualize_cam(run.info.run_id, tracking_uri=tracking_uri)
+        visualize_cam(run_with_config(tracking_uri, tmp_path, "bitfit"), tracking_uri=tracking_uri)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import UserError
+from harness.reports.figures import _save
 from harness.reports.visualize import _test_images, displayable, load_run_model
 
 
@@ -88,10 +89,7 @@ def draw_cam_figure(rows: list[tuple[str, np.ndarray, dict[str, np.ndarray]]], p
             ax.grid(False)
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=200, metadata={"Software": None})
-        fig.savefig(path.with_suffix(".pdf"), metadata={"Creator": None, "Producer": None, "CreationDate": None})
-        plt.close(fig)
+        _save(fig, path)
 
 
 def visualize_cam(run_id: str, n: int = 4, out_dir: Path | None = None, tracking_uri: str | None = None) -> Path:

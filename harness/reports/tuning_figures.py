@@ -19,14 +19,14 @@ def load_entry_study(spec: StudySpec, dataset: str, entry: Entry, storage: str |
     """The entry's Optuna study, or None where its storage or study does not exist (read-only)."""
     import optuna
 
-    from harness.studies.storage import open_storage, storage_url
+    from harness.studies.storage import open_existing_storage, storage_url
 
-    url = storage_url(spec, storage)
-    if "://" not in url and not Path(url.removeprefix("journal:")).expanduser().exists():
-        return None  # a missing journal file is not created just to find it empty
+    store = open_existing_storage(storage_url(spec, storage))
+    if store is None:
+        return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.load_study(study_name=spec.study_name(dataset, entry), storage=open_storage(url))
+        return optuna.load_study(study_name=spec.study_name(dataset, entry), storage=store)
     except KeyError:
         return None
 

@@ -64,13 +64,18 @@ def recover_stale(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> li
     """Fail the dead RUNNING trials of ``study`` and enqueue their parameters again."""
     failed = []
     for t in fail_stale(study):
-        retry = {"dmlbench.retry_of": t.number}
-        if t.user_attrs.get("mlflow_run_id"):  # the retry continues that run from its checkpoint
-            retry["dmlbench.resume_run"] = t.user_attrs["mlflow_run_id"]
-        study.enqueue_trial(dict(t.params), user_attrs=retry)
+        enqueue_retry(study, t)
         fail_mlflow_child(spec, dataset, entry, t.number)
         failed.append(t.number)
     return failed
+
+
+def enqueue_retry(study: Any, trial: Any) -> None:
+    """Queue ``trial``'s parameters again; the retry continues its MLflow run from the checkpoint."""
+    retry = {"dmlbench.retry_of": trial.number}
+    if trial.user_attrs.get("mlflow_run_id"):
+        retry["dmlbench.resume_run"] = trial.user_attrs["mlflow_run_id"]
+    study.enqueue_trial(dict(trial.params), user_attrs=retry)
 
 
 def fail_mlflow_child(spec: StudySpec, dataset: str, entry: Entry, number: int) -> None:

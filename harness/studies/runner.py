@@ -18,7 +18,7 @@ from typing import Any
 from harness.core import interrupts
 from harness.errors import RunInterrupted, StudyAborted, UserError, caused_by_interrupt
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
-from harness.studies.recovery import heartbeat, recover_stale
+from harness.studies.recovery import enqueue_retry, heartbeat, recover_stale
 from harness.studies.reproductions import open_reproductions, recover_seeds, run_seeds
 from harness.studies.rollup import rollup
 from harness.studies.spec import Entry, StudySpec, distributions, load_spec
@@ -145,10 +145,7 @@ def _fail_interrupted(study: Any, trial: Any) -> None:
     from optuna.trial import TrialState
 
     study.tell(trial, state=TrialState.FAIL)
-    retry = {"dmlbench.retry_of": trial.number}
-    if trial.user_attrs.get("mlflow_run_id"):
-        retry["dmlbench.resume_run"] = trial.user_attrs["mlflow_run_id"]
-    study.enqueue_trial(dict(trial.params), user_attrs=retry)
+    enqueue_retry(study, trial)
 
 
 def resumable(trial: Any) -> str | None:

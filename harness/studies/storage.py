@@ -108,6 +108,14 @@ def budget_of(spec: StudySpec, entry: Entry) -> int:
     return spec.budget.n_trials
 
 
+def open_existing_storage(url: str) -> Any | None:
+    """The storage at ``url`` for reading, or None where a journal file does not exist (it is
+    not created just to find it empty)."""
+    if "://" not in url and not Path(url.removeprefix("journal:")).expanduser().exists():
+        return None
+    return open_storage(url)
+
+
 def open_study(spec: StudySpec, dataset: str, entry: Entry, storage: Any, offset: int = 0) -> Any:
     import optuna
 
