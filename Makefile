@@ -38,7 +38,7 @@ ui: install
 	$(BIN)/dmlbench ui
 
 benchmark: install
-	$(BIN)/dmlbench benchmark --methods full_finetune,linear_probe,bitfit,adapter,vpt_deep,vptsp_g --backbone vit_small_patch16_224
+	$(BIN)/dmlbench benchmark --methods full_finetune,linear_probe,bitfit,adapter,vpt_deep,vptsp_g --backbone vit_small_patch16_224 --baseline
 
 clean:
 	rm -rf reports/*/ mlflow.db mlruns optuna

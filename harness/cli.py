@@ -173,8 +173,13 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if args.action == "plan":
+        from harness.studies.plan import print_plan
+
+        return print_plan(args.spec, img_s=args.img_s, benchmark=args.benchmark, as_json=args.json)
     if args.action == "run":
-        run_study(args.spec, workers=args.workers, storage=args.storage)
+        run_study(args.spec, workers=args.workers, storage=args.storage, devices=args.devices,
+                  workers_per_device=args.workers_per_device)
     status = study_status(args.spec, storage=args.storage)
     if args.json:
         print(status.to_json(orient="records", indent=2))
@@ -200,20 +205,6 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     path = draw(args.run, n=n, tracking_uri=args.tracking_uri or None)
     what = {"cam": "class activation maps (FRPT Fig. 4)", "dpp": "DPP figure (FRPT Fig. 3)"}[args.what]
     print(f"{what}: {path} (also logged to run {args.run})")
-    return 0
-
-
-def cmd_benchmark(args: argparse.Namespace) -> int:
-    from harness.benchmark import benchmark
-    from harness.core.overrides import parse_overrides
-
-    rows = benchmark(
-        args.methods.split(","), args.backbone, image_size=args.image_size, batch_size=args.batch_size,
-        samples_per_class=args.samples_per_class, steps=args.steps, warmup=args.warmup,
-        device=args.device, amp=not args.no_amp, overrides=parse_overrides(args.set),
-    )
-    columns = ["method", "backbone", "image_size", "batch_size", "amp", "images_per_s", "cost/peak_memory_gb", "params/trainable"]
-    print(json.dumps(rows, indent=2) if args.json else _table(rows, columns))
     return 0
 
 
@@ -279,9 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("study", help="run or inspect an Optuna study")
-    s.add_argument("action", choices=["run", "status"])
+    s.add_argument("action", choices=["run", "status", "plan"])
     s.add_argument("spec")
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--devices", default=None, help="run: devices to fill, e.g. 0,1 (GPU indices) or cpu")
+    s.add_argument("--workers-per-device", type=int, default=1, help="run: concurrent trials per device")
+    s.add_argument("--img-s", type=float, default=None, help="plan: training images/s to assume")
+    s.add_argument("--benchmark", default=None, help="plan: a benchmark.json whose data_img_s (else img_s) to use")
     s.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
     s.add_argument("--json", action="store_true", help="status as JSON records")
     s.add_argument("--tracking-uri", default="")
@@ -302,19 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tracking-uri", default="")
     v.set_defaults(func=cmd_visualize)
 
-    b = sub.add_parser("benchmark", help="training throughput and peak memory per method")
-    b.add_argument("--methods", default="full_finetune,linear_probe,bitfit")
-    b.add_argument("--backbone", default="tf_efficientnet_lite0")
-    b.add_argument("--image-size", type=int, default=224)
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--samples-per-class", type=int, default=2)
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--warmup", type=int, default=5)
-    b.add_argument("--device", default="")
-    b.add_argument("--no-amp", action="store_true")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(func=cmd_benchmark)
+    from harness.bench.command import add_parser as add_benchmark
+
+    add_benchmark(sub)
     for name, parser in sub.choices.items():  # every subcommand's --help ends with an example
         parser.epilog = "example:\n  " + EXAMPLES[name]
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -334,7 +319,8 @@ EXAMPLES = {
     "study": "dmlbench study run studies/peft_vit_s.yaml --workers 2 && dmlbench study status studies/peft_vit_s.yaml --json",
     "report": "dmlbench report studies/demo.yaml --out /tmp/demo-report",
     "visualize": "dmlbench visualize cam --run RUN_ID --n 4",
-    "benchmark": "dmlbench benchmark --methods full_finetune,bitfit,lora --backbone vit_small_patch16_224 --batch-size 64",
+    "benchmark": "dmlbench benchmark --methods full_finetune,bitfit --backbone vit_small_patch16_224 --baseline "
+                 "--end-to-end --folder cub --pipelines cpu,device --eval-size 60000x384 --out bench/",
 }
 OPTION_HELP = {
     "method": "registered method (dmlbench methods)", "dataset": "dataset name (dmlbench datasets)",

@@ -192,12 +192,12 @@ def cam_boxes(feature_map: torch.Tensor, image_size: tuple[int, int], threshold:
     cam = F.interpolate(cam, size=image_size, mode="bilinear", align_corners=False)[:, 0]
     cam = cam - cam.amin(dim=(1, 2), keepdim=True)
     mask = cam >= threshold * cam.amax(dim=(1, 2), keepdim=True)
-    boxes = []
-    for m in mask:
-        ys = torch.nonzero(m.any(dim=1)).flatten()
-        xs = torch.nonzero(m.any(dim=0)).flatten()
-        boxes.append(torch.stack([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1]).float())
-    return torch.stack(boxes)
+    # first and last rows/columns holding a masked pixel, found with argmax (the first maximum):
+    # no data-dependent shapes, so no host-device sync
+    rows, cols = mask.any(dim=2).to(torch.uint8), mask.any(dim=1).to(torch.uint8)
+    y0, x0 = rows.argmax(dim=1), cols.argmax(dim=1)
+    y1, x1 = rows.shape[1] - rows.flip(1).argmax(dim=1), cols.shape[1] - cols.flip(1).argmax(dim=1)
+    return torch.stack([x0, y0, x1, y1], dim=1).float()
 
 
 def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

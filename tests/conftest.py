@@ -25,11 +25,15 @@ def _mlflow_template(tmp_path_factory) -> Path:
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch, _mlflow_template) -> str:
     """A private MLflow store per test, so tests never touch the user's mlflow.db."""
+    import mlflow
+
     path = tmp_path / "mlflow.db"
     shutil.copyfile(_mlflow_template, path)
     uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+    mlflow.set_tracking_uri(uri)  # an earlier test's set_tracking_uri would win over the variable
+    yield uri
+    mlflow.set_tracking_uri(None)
 
 
 TINY = {

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from harness import data
+from harness.data.augment import to_device
 from harness.core import interrupts
 from harness.core.backbones import Backbone
 from harness.core.config import RunConfig
@@ -15,24 +17,25 @@ from harness.core.model import DMLModel
 
 
 @torch.inference_mode()
-def embed(model: DMLModel, loader: torch.utils.data.DataLoader, device: torch.device, amp: Any, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(model: DMLModel, batches: data.Batches, amp: Any, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and labels of a split, both on the model's device (batches arrive there)."""
     model.eval()
     embeddings, labels = [], []
-    for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, y, _ in tqdm(batches, desc=desc, leave=False, disable=None):
         with amp:
-            embeddings.append(model(images.to(device, non_blocking=True)).float())
+            embeddings.append(model(images).float())
         labels.append(y)
         interrupts.check()
-    return torch.cat(embeddings), torch.cat(labels).to(device)
+    return torch.cat(embeddings), torch.cat(labels)
 
 
-def evaluate(model: DMLModel, loaders: dict, device: torch.device, amp: Any, ks: tuple[int, ...], split: str) -> dict[str, float]:
+def evaluate(model: DMLModel, loaders: dict, amp: Any, ks: tuple[int, ...], split: str) -> dict[str, float]:
     """Retrieval metrics of ``split``: self-retrieval, or query vs gallery for In-Shop."""
     if split == "test" and "query" in loaders:
-        q, ql = embed(model, loaders["query"], device, amp, "query")
-        g, gl = embed(model, loaders["gallery"], device, amp, "gallery")
+        q, ql = embed(model, loaders["query"], amp, "query")
+        g, gl = embed(model, loaders["gallery"], amp, "gallery")
         return evaluate_retrieval(q, ql, g, gl, ks=ks)
-    e, el = embed(model, loaders[split], device, amp, split)
+    e, el = embed(model, loaders[split], amp, split)
     return evaluate_retrieval(e, el, ks=ks)
 
 
@@ -47,31 +50,27 @@ def metric_name(key: str) -> str:
 class FeatureCache:
     """Frozen features computed once (linear probe): training and evaluation reuse them."""
 
-    def __init__(self, model: DMLModel, splits: data.Splits, cfg: RunConfig, device: torch.device, amp: Any, backbone: Backbone) -> None:
+    def __init__(self, model: DMLModel, loaders: dict[str, data.Batches], cfg: RunConfig, device: torch.device,
+                 amp: Any, backbone: Backbone) -> None:
         self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        transform = data.make_transform(cfg, backbone.mean, backbone.std, train=False)
+        pipeline = data.resolve_pipeline(cfg.data.pipeline, device)
         model.eval()
-        for name in ("train", "val", "test", "query", "gallery"):
-            table = getattr(splits, name)
-            if table is None:
-                continue
-            loader = torch.utils.data.DataLoader(
-                data.ImageDataset(table, transform, 0, cfg.data.crop_to_box), batch_size=cfg.eval.batch_size,
-                num_workers=data.loader_workers(cfg.data.num_workers), pin_memory=device.type == "cuda",
-            )
+        for name, split in loaders.items():  # every split with the test transform (train included)
+            batches = data.split_batches(split.table, cfg, backbone.mean, backbone.std, device, pipeline, train=False,
+                                         split="features", pixels=split.pixels)
             feats, labels = [], []
             with torch.inference_mode():
-                for images, y, _ in tqdm(loader, desc=f"features {name}", leave=False, disable=None):
+                for images, y, _ in tqdm(batches, desc=f"features {name}", leave=False, disable=None):
                     with amp:
-                        feats.append(model.features(images.to(device, non_blocking=True)).float())
+                        feats.append(model.features(images).float())
                     labels.append(y)
-            self.features[name] = (torch.cat(feats), torch.cat(labels).to(device))
+            self.features[name] = (torch.cat(feats), torch.cat(labels))
 
-    def batches(self, loader: torch.utils.data.DataLoader):
+    def batches(self, loader: data.Batches):
         """The training sampler's batches as (None, labels, indices): no image is decoded."""
         labels = self.features["train"][1]
         for idx in loader.batch_sampler:
-            index = torch.as_tensor(idx, device=labels.device)
+            index = to_device(np.asarray(idx), labels.device)
             yield None, labels[index], index
 
     def evaluate(self, model: DMLModel, ks: tuple[int, ...], split: str) -> dict[str, float]:

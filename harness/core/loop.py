@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from harness import data
 from harness.core import checkpoint, interrupts
 from harness.core.backbones import Backbone, create_backbone
-from harness.core.config import RunConfig, flatten, to_dict, to_yaml
+from harness.core.config import RunConfig
 from harness.core.evaluation import FeatureCache, evaluate, metric_name
 from harness.core.measure import (
     autocast_for,
@@ -39,12 +39,13 @@ from harness.core.training import (
     make_optimizer,
     make_scheduler,
     pick_device,
+    prepare_for_device,
     seed_everything,
 )
 from harness.errors import RunInterrupted, TrainingDiverged, caused_by_interrupt
 from harness.tracking import store as tracking
 from harness.tracking.artifacts import log_artifacts
-from harness.tracking.inputs import log_dataset_inputs
+from harness.tracking.runlog import log_run_start
 
 
 @dataclass
@@ -74,10 +75,17 @@ class Run:
     epochs: int
     cache: FeatureCache | None = None
 
+    eval_seconds: float = 0.0  # wall time spent embedding and scoring splits (cost/eval_share)
+    log_seconds: float = 0.0  # per-epoch MLflow logging and checkpointing
+
     def evaluate(self, split: str) -> dict[str, float]:
+        started = time.perf_counter()
         if self.cache is not None:
-            return self.cache.evaluate(self.model, self.ks, split)
-        return evaluate(self.model, self.loaders, self.device, self.amp(), self.ks, split)
+            metrics = self.cache.evaluate(self.model, self.ks, split)
+        else:
+            metrics = evaluate(self.model, self.loaders, self.amp(), self.ks, split)
+        self.eval_seconds += time.perf_counter() - started  # the metrics are host floats: synced
+        return metrics
 
 
 def train(
@@ -120,7 +128,7 @@ def train(
         mlflow.set_tag("dmlbench.status", "running")
         reset_peak_memory(run.device)
         if getattr(cfg.method_args, "cache_features", False) and run.model.features_are_frozen:
-            run.cache = FeatureCache(run.model, run.splits, cfg, run.device, run.amp(), run.backbone)
+            run.cache = FeatureCache(run.model, run.loaders, cfg, run.device, run.amp(), run.backbone)
         best = Best()
         train_images, train_seconds, first = 0, 0.0, 0 if run.epochs == 0 else 1
         if resumed is not None:
@@ -138,17 +146,24 @@ def train(
                 row.update(evaluate_epoch(run, epoch))
                 best.offer(run.model, epoch, row, selection_key(cfg))
             history.append({"epoch": float(epoch), **row})
+            logged = time.perf_counter()
             mlflow.log_metrics(row, step=epoch)
             if epoch > 0:
                 checkpoint.save(ckpt_path, snapshot(run, epoch, history, best, train_images, train_seconds))
+            run.log_seconds += time.perf_counter() - logged
             if on_epoch is not None and evaluated:
                 on_epoch(epoch, row)
         final = final_metrics(run, history, best)
         synchronize(run.device)
+        wall = time.perf_counter() - t_start
         final.update({
             "cost/peak_memory_gb": peak_memory_gb(run.device),
             "cost/throughput_img_s": train_images / train_seconds if train_seconds else 0.0,
-            "cost/wall_time_s": time.perf_counter() - t_start,
+            "cost/train_images": float(train_images),
+            "cost/wall_time_s": wall,
+            "cost/eval_time_s": run.eval_seconds,
+            "cost/log_time_s": run.log_seconds,
+            "cost/eval_share": run.eval_seconds / wall if wall > 0 else 0.0,
         })
         if "model/merged" in final:  # a constant: a param, not a one-bar chart
             mlflow.log_param("model/merged", bool(final.pop("model/merged")))
@@ -190,9 +205,12 @@ def prepare(cfg: RunConfig) -> Run:
     backbone = create_backbone(
         cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights, kwargs=cfg.model.backbone_kwargs
     )
-    model = build_model(cfg, splits.train.num_classes, backbone).to(device)
+    model = prepare_for_device(build_model(cfg, splits.train.num_classes, backbone).to(device), cfg, device)
     tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
-    loaders = data.make_loaders(splits, cfg, backbone.mean, backbone.std, device.type)
+    cfg.data.pipeline = data.resolve_pipeline(cfg.data.pipeline, device)  # the run records what it used
+    loaders = data.make_loaders(splits, cfg, backbone.mean, backbone.std, device)
+    for batches in loaders.values():  # batches arrive in the model's memory layout
+        batches.channels_last = model.channels_last
     if cfg.optim.epochs == 0:  # evaluate only: nothing is trained, so nothing counts as trainable
         for p in model.parameters():
             p.requires_grad_(False)
@@ -206,8 +224,10 @@ def prepare(cfg: RunConfig) -> Run:
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     for key in ("params/trainable", "params/trainable_inference"):  # share of the backbone's size
         counts[f"{key}_share"] = counts[key] / backbone_params
-    # what data.cache_images costs: the encoded files held in memory (0 without the cache)
+    # what data.cache_images costs: the encoded files held in memory (0 without the cache), and
+    # the decoded pixels the device pipeline keeps on the device
     facts["data/cache_gb"] = round(sum(getattr(ld.dataset, "cache_bytes", 0) for ld in loaders.values()) / 1e9, 3)
+    facts["data/pixel_cache_gb"] = round(sum(ld.pixels.nbytes for ld in loaders.values() if ld.pixels) / 1e9, 3)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loaders["train"])) if optimizer else None
     return Run(
@@ -216,18 +236,6 @@ def prepare(cfg: RunConfig) -> Run:
         facts=facts,
         optimizer=optimizer, scheduler=scheduler, epochs=cfg.optim.epochs if optimizer is not None else 0,
     )
-
-
-def describe_run(cfg: RunConfig, weights: str, tags: dict[str, str]) -> str:
-    """The run's description in the MLflow UI (Markdown)."""
-    role = tags.get("dmlbench.role", "single run")
-    study = f" of study `{tags['dmlbench.study']}`" if "dmlbench.study" in tags else ""
-    recipe = f"`{cfg.recipe}` ({cfg.recipe_source})" if cfg.recipe else "none (harness defaults and overrides)"
-    return (f"**{cfg.method}** on **{cfg.dataset}** with `{cfg.backbone}` ({weights}): {role}{study}, seed "
-            f"{cfg.seed}.\n\n- recipe: {recipe}\n- protocol: `{cfg.protocol}` (" + (
-                "all training classes, the best test epoch reported" if cfg.protocol == "paper"
-                else "validation classes held out, checkpoint selected on validation") + ")\n"
-            f"- optimiser: {cfg.optim.name}, lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}")
 
 
 def snapshot(run: Run, epoch: int, history: list, best: "Best", images: int, seconds: float) -> dict[str, Any]:
@@ -252,37 +260,13 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     checkpoint.set_rng_state(state["rng"], run.loaders["train"].generator)
 
 
-def log_run_start(run: Run, tags: dict[str, str] | None) -> None:
-    """Parameters, tags (environment, weight source, device), the resolved config and counts."""
-    import mlflow
-
-    cfg, device = run.cfg, run.device
-    mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()})
-    mlflow.set_tags({
-        **tracking.environment_tags(),
-        "dmlbench.method": cfg.method,
-        "dmlbench.dataset": cfg.dataset,
-        "dmlbench.backbone": cfg.backbone,
-        "dmlbench.weight_source": run.backbone.weight_source,
-        "dmlbench.device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "dmlbench.status": "running",
-        "dmlbench.protocol": cfg.protocol,
-        "dmlbench.selection": "best test R@1 epoch (paper protocol)" if cfg.protocol == "paper"
-        else f"best validation {cfg.eval.select} epoch",
-        **({"dmlbench.recipe": cfg.recipe, "dmlbench.recipe_source": cfg.recipe_source} if cfg.recipe else {}),
-        "mlflow.note.content": describe_run(cfg, run.backbone.weight_source, tags or {}),
-        **(tags or {}),
-    })
-    mlflow.log_text(to_yaml(cfg), "config.yaml")
-    log_dataset_inputs(run.splits, cfg.dataset, cfg.data.root or "default")
-    mlflow.log_metrics({k: float(v) for k, v in run.counts.items()})
-    mlflow.log_params(run.facts)
-
-
 def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
     """One pass over the train loader: ``(images seen, seconds, metrics row)``.
 
-    The loss stays on the device (summed there, read once per epoch): no per-step host sync.
+    Batches arrive on the device, prepared on a side stream (:class:`harness.data.Batches`). The
+    loss stays on the device (summed there, read once per epoch), the interrupt check is a host
+    flag, the schedule is host arithmetic: no per-step host-device sync
+    (``tests/test_step_syncs.py`` counts them).
     """
     cfg, model, device, optimizer = run.cfg, run.model, run.device, run.optimizer
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -294,14 +278,13 @@ def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
     steps = images_seen = 0
     batches = run.cache.batches(run.loaders["train"]) if run.cache is not None else run.loaders["train"]
     for images, labels, index in tqdm(batches, desc=f"epoch {epoch}/{run.epochs}", leave=False, disable=None):
-        labels = labels.to(device, non_blocking=True)
         if run.cache is not None:
             with run.amp():
                 loss = model.loss_from_features(run.cache.features["train"][0][index], labels)
             extras: dict[str, torch.Tensor] = {}
         else:
             with run.amp():
-                loss, extras = model.training_loss(images.to(device, non_blocking=True), labels)
+                loss, extras = model.training_loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip > 0:

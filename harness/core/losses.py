@@ -72,7 +72,8 @@ class ProxyAnchorLoss(nn.Module):
         if proxies.shape[0] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} proxies, got {proxies.shape[0]}")
         cos = F.normalize(_float32(embeddings), dim=1) @ F.normalize(_float32(proxies), dim=1).T
-        pos_mask = F.one_hot(labels.long(), self.num_classes).bool()  # (B, C)
+        # (B, C); a comparison, not F.one_hot, which reads labels.min()/max() on the host off CUDA
+        pos_mask = labels.long()[:, None] == torch.arange(self.num_classes, device=labels.device)
         pos = _log1p_sum_exp(-self.alpha * (cos - self.margin), pos_mask)
         neg = _log1p_sum_exp(self.alpha * (cos + self.margin), ~pos_mask)
         if self.positive_average == "with_positives":

@@ -46,6 +46,8 @@ class DMLModel(nn.Module):
     method_prefixes: tuple[str, ...] = ()
     #: the subset of ``method_prefixes`` used in training only
     training_only_prefixes: tuple[str, ...] = ()
+    #: NHWC layout (set by :func:`harness.core.training.prepare_for_device`)
+    channels_last: bool = False
 
     def __init__(
         self, backbone: Backbone, head: nn.Module, criterion: nn.Module, *, frozen_backbone: bool

@@ -43,14 +43,33 @@ def build_model(cfg: RunConfig, num_classes: int, backbone: Backbone | None = No
 
 
 def make_optimizer(model: DMLModel, cfg: RunConfig) -> torch.optim.Optimizer | None:
+    """SGD or AdamW over the model's parameter groups; on CUDA the fused kernels (one launch
+    for all parameters, ``optim.fused``), elsewhere torch's default implementation."""
     groups = [g for g in model.param_groups(cfg.optim, cfg.loss) if g["params"]]
     if not groups:
         return None
     for g in groups:
         g.setdefault("schedule", cfg.optim.schedule)
+    fused = {"fused": True} if cfg.optim.fused and all(
+        p.is_cuda and p.is_floating_point() for g in groups for p in g["params"]) else {}
     if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                               weight_decay=cfg.optim.weight_decay, **fused)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
+
+
+def prepare_for_device(model: DMLModel, cfg: RunConfig, device: torch.device) -> DMLModel:
+    """channels_last for CNNs on CUDA (``model.channels_last``: tensor cores read NHWC without
+    transposes) and ``torch.compile`` of the training forward (``optim.compile``). Sets
+    ``model.channels_last`` so the data pipeline hands over batches in the same layout."""
+    mode = cfg.model.channels_last
+    model.channels_last = mode == "on" or (mode == "auto" and device.type == "cuda" and model.family == "cnn")
+    if model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.optim.compile != "off":
+        model.training_loss = torch.compile(model.training_loss, mode=cfg.optim.compile,
+                                            backend=cfg.optim.compile_backend)
+    return model
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -29,27 +29,32 @@ def _decode(source: str | bytes, box: Sequence[float] | None = None, name: str =
     return crop_box(img, box) if box is not None else img
 
 
+def box_pixels(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` integer pixels of ``box`` clipped to the image, at least 1 pixel."""
+    x0, y0 = int(max(0, min(width - 1, np.floor(box[0])))), int(max(0, min(height - 1, np.floor(box[1]))))
+    x1, y1 = int(max(x0 + 1, min(width, np.ceil(box[2])))), int(max(y0 + 1, min(height, np.ceil(box[3]))))
+    return x0, y0, x1, y1
+
+
 def crop_box(img: Any, box: Sequence[float]) -> Any:
     """Crop a PIL image or an (H, W[, C]) array to ``box``, clipped to the image, >= 1 pixel."""
-    if isinstance(img, np.ndarray):
-        h, w = img.shape[:2]
-    else:
-        w, h = img.size
-    x0, y0 = int(max(0, min(w - 1, np.floor(box[0])))), int(max(0, min(h - 1, np.floor(box[1]))))
-    x1, y1 = int(max(x0 + 1, min(w, np.ceil(box[2])))), int(max(y0 + 1, min(h, np.ceil(box[3]))))
+    h, w = img.shape[:2] if isinstance(img, np.ndarray) else (img.size[1], img.size[0])
+    x0, y0, x1, y1 = box_pixels(box, h, w)
     return img[y0:y1, x0:x1] if isinstance(img, np.ndarray) else img.crop((x0, y0, x1, y1))
+
+
+def read_file(path: str) -> bytes:
+    """A file's encoded bytes; an unreadable file is a UserError naming it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"unreadable image {path} ({type(exc).__name__}: {one_line(exc)})") from None
 
 
 def read_all(paths: Sequence[str], workers: int = 8) -> list[bytes]:
     """Every file's encoded bytes, read once (threads: file reads release the GIL)."""
-    def read(path: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise UserError(f"unreadable image {path} ({type(exc).__name__}: {one_line(exc)})") from None
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(read, paths, chunksize=256))
+        return list(pool.map(read_file, paths, chunksize=256))
 
 
 class ImageDataset(Dataset):

@@ -143,6 +143,21 @@ def _class_folders(images: Path, split_spec: dict) -> dict[str, ImageTable]:
     return _split_by_ranges(np.asarray(ids, dtype=np.int64), split_spec, names, paths=paths)
 
 
+@register("image_folder")
+def read_image_folder(root: Path, split_spec: dict) -> dict[str, ImageTable]:
+    """``<root>/<class>/<image>`` (or ``<root>/images/<class>/``): classes sorted by folder name,
+    the first ``train_fraction`` of them train, the rest test (class-disjoint)."""
+    images = root / "images" if (root / "images").is_dir() else root
+    if not images.is_dir():
+        raise UserError(f"missing {root} (expected {root}/<class>/<image>)")
+    n = sum(1 for p in images.iterdir() if p.is_dir())
+    fraction = float(split_spec.get("train_fraction", 0.5))
+    n_train = min(max(1, int(round(n * fraction))), n - 1)
+    if n < 2:
+        raise UserError(f"{images} has {n} class folder(s); a class-disjoint split needs at least 2")
+    return _class_folders(images, {"train_classes": [1, n_train], "test_classes": [n_train + 1, n]})
+
+
 def _first_existing(*candidates: Path) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 

@@ -34,6 +34,8 @@ class DatasetSpec:
     defaults: dict
     #: expected folder layout, shown in errors
     layout: str = ""
+    #: the published split sizes, ``{split: {images: N, classes: C}}`` (empty for open folders)
+    published: dict | None = None
 
 
 def spec_names() -> list[str]:

@@ -1,21 +1,19 @@
-"""Train and test transforms (SPECS 1 and the released codes' variants), from torchvision's v2."""
+"""The CPU pipeline's per-image transforms (SPECS 1 and the released codes' variants), from
+torchvision's v2, up to the uint8 crop: conversion to float, normalisation and random erasing
+happen on the device, batched (:class:`harness.data.pipeline.BatchTransform`)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
 
-
-def make_transform(cfg: Any, mean: Sequence[float], std: Sequence[float], train: bool) -> Any:
-    """Output 3xSxS float, normalised with mean/std. Train: ``data.augment`` (+ random erasing);
-    test: resize (shorter side, or square for FRPT's code) and centre crop."""
+def make_transform(cfg: Any, train: bool) -> Any:
+    """Output 3xSxS uint8. Train: ``data.augment``; test: resize (shorter side, or square for
+    FRPT's code) and centre crop."""
     from torchvision.transforms import InterpolationMode, v2
 
     d = cfg.data
     size, resize = int(d.image_size), int(d.resize_size)
     head = [v2.ToImage(), v2.RGB()]
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     bicubic = InterpolationMode.BICUBIC
     if train and d.augment == "standard":
         body = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
@@ -35,6 +33,4 @@ def make_transform(cfg: Any, mean: Sequence[float], std: Sequence[float], train:
         body = [v2.Resize((resize, resize), interpolation=bicubic), v2.CenterCrop(size)]
     else:
         body = [v2.Resize(resize), v2.CenterCrop(size)]
-    if train and d.random_erasing > 0:
-        tail.append(v2.RandomErasing(p=d.random_erasing))
-    return v2.Compose(head + body + tail)
+    return v2.Compose(head + body + [v2.ToPureTensor()])

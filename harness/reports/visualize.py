@@ -33,13 +33,14 @@ def _test_images(cfg, splits, backbone, n: int) -> torch.Tensor:
     from harness import data
 
     cfg.data.num_workers = 0
-    loaders = data.make_loaders(splits, cfg, backbone.mean, backbone.std, "cpu")
-    name = next((s for s in ("test", "query", "val") if s in loaders), None)
+    name = next((s for s in ("test", "query", "val") if getattr(splits, s) is not None), None)
     if name is None:
         raise UserError(f"dataset {cfg.dataset} has no evaluation split to draw images from")
-    dataset = loaders[name].dataset
-    idx = np.unique(np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).round().astype(int))
-    return torch.stack([dataset[int(i)][0] for i in idx])
+    table = getattr(splits, name)
+    batches = data.split_batches(table, cfg, backbone.mean, backbone.std, torch.device("cpu"), "cpu",
+                                 train=False, split=name)
+    idx = np.unique(np.linspace(0, len(table) - 1, num=min(n, len(table))).round().astype(int))
+    return batches.images_at(idx.tolist())
 
 
 def displayable(x: torch.Tensor, backbone: Any) -> np.ndarray:

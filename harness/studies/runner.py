@@ -18,6 +18,7 @@ from typing import Any
 from harness.core import interrupts
 from harness.errors import RunInterrupted, StudyAborted, UserError, caused_by_interrupt
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
+from harness.studies.placement import parse_devices, place
 from harness.studies.recovery import enqueue_retry, heartbeat, recover_stale
 from harness.studies.reproductions import open_reproductions, recover_seeds, run_seeds
 from harness.studies.rollup import rollup
@@ -102,6 +103,7 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         warnings.warn(f"trial {trial.number} of {study.study_name} failed: {type(exc).__name__}: {exc}", stacklevel=2)
         return "failed"
     trial.set_user_attr("mlflow_run_id", result.run_id)
+    trial.set_user_attr("dmlbench.train_images", int(result.metrics.get("cost/train_images", 0)))
     for key, metric in result.metrics.items():  # optuna-dashboard shows the other validation metrics
         if key.startswith("best/") and math.isfinite(metric):
             trial.set_user_attr(key, metric)
@@ -263,23 +265,25 @@ def reproduce_all(spec: StudySpec, storage: Any, parents: dict[str, str], train:
         run_seeds(spec, dataset, entry, study, parents[f"{dataset}/{entry.name}"], train, progress)
 
 
-def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[str, str], workers: int) -> None:
+def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[str, str], workers: int,
+                 placement: tuple[str, int] | None = None) -> None:
     """Entry point of a tuning worker process (spawned): every unit in spec order."""
     with _one_line_on_interrupt(f"tuning worker {worker}"):
         _share_cores(workers)
         quiet_optuna()
-        spec = load_spec(spec_path)
+        spec = place(load_spec(spec_path), placement)
         storage = open_storage(storage_url_)
         for dataset, entry in spec.units():
             tune(spec, dataset, entry, storage, parents[f"{dataset}/{entry.name}"], worker=worker)
 
 
-def _reproduce_main(spec_path: str, storage_url_: str, parents: dict[str, str], workers: int) -> None:
+def _reproduce_main(spec_path: str, storage_url_: str, parents: dict[str, str], workers: int,
+                    placement: tuple[str, int] | None = None) -> None:
     """Entry point of a reproduction worker process (spawned)."""
     with _one_line_on_interrupt("reproduction worker"):
         _share_cores(workers)
         quiet_optuna()
-        reproduce_all(load_spec(spec_path), open_storage(storage_url_), parents)
+        reproduce_all(place(load_spec(spec_path), placement), open_storage(storage_url_), parents)
 
 
 @contextmanager
@@ -311,14 +315,19 @@ def quiet_optuna() -> None:
 
 
 def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = None, *,
-              train: TrainFn | None = None) -> None:
+              train: TrainFn | None = None, devices: str | None = None, workers_per_device: int = 1) -> None:
     """Tune every (dataset, entry) of the spec, then run the reproductions; resumable.
 
-    ``workers`` > 1 starts that many spawned processes on the same storage. ``train`` replaces
-    the training loop (tests inject fakes; only honoured with ``workers == 1``).
+    ``workers`` > 1 starts that many spawned processes on the same storage. ``devices`` ("0,1",
+    "cpu") with ``workers_per_device`` K starts K processes per device instead, each pinned to its
+    device: small PEFT models leave most of a GPU idle, so K concurrent trials fill it. ``train``
+    replaces the training loop (tests inject fakes; only honoured with one process).
     """
     if workers < 1:
         raise UserError(f"bad value {workers!r} for --workers: must be >= 1")
+    placements = parse_devices(devices, workers_per_device)
+    if placements is not None:
+        workers = len(placements)
     quiet_optuna()
     spec = load_spec(spec_path)
     url = storage_url(spec, storage)
@@ -329,16 +338,16 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
         if not entry.fixed:
             recover_stale(spec, dataset, entry, open_study(spec, dataset, entry, store))
 
-    if workers == 1:
+    def placed(w: int) -> tuple[str, int] | None:
+        return (placements[w], workers_per_device) if placements else None
+
+    if workers == 1 and placements is None:
         for dataset, entry in spec.units():
             tune(spec, dataset, entry, store, parents[f"{dataset}/{entry.name}"], train=train)
-    else:
-        _spawn(_worker_main, lambda w: (str(spec.path), url, w, parents, workers), workers, "worker")
-
-    if workers == 1:
         reproduce_all(spec, store, parents, train=train)
     else:
-        _spawn(_reproduce_main, lambda w: (str(spec.path), url, parents, workers), workers, "reproduce")
+        _spawn(_worker_main, lambda w: (str(spec.path), url, w, parents, workers, placed(w)), workers, "worker")
+        _spawn(_reproduce_main, lambda w: (str(spec.path), url, parents, workers, placed(w)), workers, "reproduce")
     rollup(spec, store, parents)  # parents and a summary run carry the results in the MLflow UI
 
 

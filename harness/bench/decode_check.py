@@ -1,0 +1,63 @@
+"""nvJPEG against libjpeg-turbo on a generated folder: how far the device pipeline's pixels are
+from the CPU pipeline's, and how fast each decodes a batch. ``python -m harness.bench.decode_check
+WORKDIR OUT.json`` (benchmarks/gpu.sh): the first folder of WORKDIR with JPEGs, 256 files."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from harness.core.measure import synchronize
+from harness.data.decode import Decoder, as_encoded
+from harness.data.pipeline import BatchTransform
+
+
+def compare(files: list[str], device: torch.device) -> dict:
+    from PIL import Image
+
+    from harness.data.transforms import make_transform
+
+    encoded = [as_encoded(Path(f).read_bytes()) for f in files]
+    out: dict = {"files": len(files), "device": str(device)}
+    for name, decoder in (("device", Decoder(device, on_device=True)), ("cpu", Decoder(device, on_device=False))):
+        decoder(encoded[:8], files[:8])  # warm-up (nvJPEG handle, allocator)
+        synchronize(device)
+        start = time.perf_counter()
+        decoded = decoder(encoded, files)
+        synchronize(device)
+        out[f"decode_{name}_img_s"] = round(len(files) / (time.perf_counter() - start), 1)
+        out[f"_{name}"] = decoded
+    diffs = [(a.int() - b.int()).abs() for a, b in zip(out.pop("_device"), out.pop("_cpu"))]
+    out["decode_max_abs_diff"] = int(max(int(d.max()) for d in diffs))
+    out["decode_mean_abs_diff"] = round(float(np.mean([float(d.float().mean()) for d in diffs])), 4)
+    cfg = SimpleNamespace(data=SimpleNamespace(image_size=224, resize_size=256, augment="standard",
+                                               test_resize="short", random_erasing=0.0, decode="device"))
+    cpu = torch.stack([make_transform(cfg, train=False)(Image.open(f).convert("RGB")) for f in files])
+    bt = BatchTransform.from_config(cfg, (0.5,) * 3, (0.5,) * 3, device, train=False, geometry=True)
+    ours = bt._geometry(Decoder(device)(encoded, files), np.random.default_rng(0)).cpu()
+    d = (ours.int() - cpu.int()).abs()
+    out["test_transform_max_abs_diff"] = int(d.max())
+    out["test_transform_mean_abs_diff"] = round(float(d.float().mean()), 4)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    workdir, dest = Path(argv[0]), Path(argv[1])
+    files = sorted(str(p) for p in workdir.rglob("*.jpg"))[:256]
+    if not files:
+        print(f"no JPEG under {workdir}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = compare(files, device)
+    dest.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
