@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from harness.errors import RunFailure, UserError
@@ -43,9 +44,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         overrides["tracking.uri"] = args.tracking_uri
     if args.resume:
-        from harness.core.resume import resumable_config
+        from harness.core.resume import reconcile, resumable_config
 
         cfg = resumable_config(args.resume, args.tracking_uri)
+        choices = {"method": args.method, "dataset": args.dataset, "backbone": args.backbone,
+                   "recipe": f"{cfg.method}:{args.preset}" if args.preset else None}
+        if args.config:
+            raise UserError(f"--config {args.config} contradicts --resume: a resumed run keeps its recorded config")
+        import mlflow
+
+        completed = len(mlflow.MlflowClient().get_metric_history(args.resume, "train/loss"))
+        for line in reconcile(cfg, args.resume, choices, overrides, completed):
+            print(f"resuming run {args.resume} with {line}")
         result = train(cfg, resume=args.resume)
         print(f"run {result.run_id} resumed and finished ({cfg.method} on {cfg.dataset})")
         return 0
@@ -173,13 +183,23 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if args.action == "repair":
+        from harness.studies.journal import repair_journal
+        from harness.studies.spec import load_spec
+        from harness.studies.storage import storage_url
+
+        url = storage_url(load_spec(args.spec), args.storage)
+        if "://" in url and not url.startswith("journal:"):
+            raise UserError(f"study repair mends journal files; {url} is a database")
+        print(repair_journal(Path(url.removeprefix("journal:")).expanduser()))
+        return 0
     if args.action == "plan":
         from harness.studies.plan import print_plan
 
         return print_plan(args.spec, img_s=args.img_s, benchmark=args.benchmark, as_json=args.json)
     if args.action == "run":
         run_study(args.spec, workers=args.workers, storage=args.storage, devices=args.devices,
-                  workers_per_device=args.workers_per_device)
+                  workers_per_device=args.workers_per_device, rebuild_from_mlflow=args.rebuild_from_mlflow)
     status = study_status(args.spec, storage=args.storage)
     if args.json:
         print(status.to_json(orient="records", indent=2))
@@ -270,13 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("study", help="run or inspect an Optuna study")
-    s.add_argument("action", choices=["run", "status", "plan"])
+    s.add_argument("action", choices=["run", "status", "plan", "repair"])
     s.add_argument("spec")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--devices", default=None, help="run: devices to fill, e.g. 0,1 (GPU indices) or cpu")
     s.add_argument("--workers-per-device", type=int, default=1, help="run: concurrent trials per device")
     s.add_argument("--img-s", type=float, default=None, help="plan: training images/s to assume")
     s.add_argument("--benchmark", default=None, help="plan: a benchmark.json whose data_img_s (else img_s) to use")
+    s.add_argument("--rebuild-from-mlflow", action="store_true",
+                   help="run: add finished trials that MLflow has and the Optuna storage lost back to Optuna")
     s.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
     s.add_argument("--json", action="store_true", help="status as JSON records")
     s.add_argument("--tracking-uri", default="")
@@ -345,7 +367,15 @@ def one_line(exc: UserError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from harness.core import interrupts
+
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per error, no bars
+    if not args.debug:  # MLflow logs every database error with its traceback; ours is one line
+        import logging
+
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    interrupts.terminate_like_interrupt()  # SIGTERM (kill, Slurm) ends runs as Ctrl-C does
     try:
         return args.func(args)
     except UserError as exc:
@@ -359,8 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print(f"dmlbench: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if interrupts.exit_code(exc) == 143 else "interrupted (Ctrl-C)"
+        print(f"dmlbench: {str(exc) or what + ' before a run started; nothing was written'}", file=sys.stderr)
+        return interrupts.exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from PIL import Image
 
 from harness import data
 from harness.core.config import RunConfig
-from harness.data import readers
+from harness.data import fashion, readers
 from harness.data import splits as splits_module
 from harness.errors import UserError
 
@@ -213,7 +213,7 @@ def test_fashion_mnist_reader_pools_and_splits_by_class(tmp_path):
     for prefix, n in (("train", 30), ("t10k", 10)):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    out = readers.read_fashion_mnist(tmp_path, data.get_spec("fashion_mnist").split)
+    out = fashion.read_fashion_mnist(tmp_path, data.get_spec("fashion_mnist").split)
     assert len(out["train"]) == 20 and len(out["test"]) == 20
     assert out["train"].array.shape == (20, 28, 28) and out["train"].class_names[0] == "T-shirt/top"
 

@@ -21,6 +21,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1, 2]
+#: the data folder and server options of each running test server, by its URL (for tests that
+#: stop and start it)
+PG_DATA: dict[str, tuple[Path, str]] = {}
 
 
 def free_port() -> int:
@@ -146,14 +149,16 @@ def postgres_url():
     data, port = folder / "data", free_port()
     subprocess.run(as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
                    check=True, capture_output=True)
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
     subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
-                                f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"]),
-                   check=True, capture_output=True)
+                                options, "start"]), check=True, capture_output=True)
     try:
         for db in ("dmlbench", "mlflow"):  # Optuna's database and the MLflow server's
             subprocess.run(as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                                         db]), check=True, capture_output=True)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/dmlbench"
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/dmlbench"
+        PG_DATA[url] = (data, options)
+        yield url
     finally:
         subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
                        capture_output=True)

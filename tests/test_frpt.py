@@ -405,7 +405,7 @@ def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_o
     from harness.core.loop import train
 
     root = make_cub_with_boxes(tmp_path / "cub")
-    ov = {**_e2e(tiny_overrides), "data.root": str(root), "data.max_classes": 4}
+    ov = {**_e2e(tiny_overrides), "data.root": str(root), "data.max_classes": 4, "data.check_published": False}
     result = train(resolve(method="frpt_bbox", dataset="cub200", backbone=SMALL, overrides=ov))
     assert 0.0 <= result.metrics["test/recall_at_1"] <= 1.0
     with pytest.raises(UserError, match="bounding boxes"):

@@ -15,6 +15,7 @@ import mlflow
 import pytest
 
 from harness.cli import main
+from harness.core import checkpoint
 from harness.core.loop import train
 from harness.core.resolve import resolve
 from harness.errors import RunInterrupted, UserError
@@ -54,7 +55,7 @@ def test_killed_run_resumes_in_the_same_run_and_equals_an_uninterrupted_one(case
     with pytest.raises(RunInterrupted, match="after 2 completed epoch"):
         train(resolve(method=method, overrides=over), on_epoch=stop_after_2)
     killed = next(r for r in store_runs(tracking_uri) if r.info.status == "KILLED")
-    ckpt = Path(killed.data.tags["dmlbench.checkpoint"])
+    ckpt = checkpoint.locate(killed.data.tags["dmlbench.checkpoint"], tracking_uri)
     assert ckpt.is_file() and killed.data.tags["dmlbench.status"] == "interrupted"
 
     assert main(["train", "--resume", killed.info.run_id]) == 0

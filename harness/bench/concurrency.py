@@ -21,7 +21,7 @@ def study_spec(path: Path, k: int, *, dataset: str, root: Path, backbone: str, m
     spec = {
         "name": f"concurrency_k{k}", "description": f"{k} concurrent trials per device (dmlbench benchmark)",
         "backbone": backbone, "datasets": [dataset], "methods": methods,
-        "overrides": {"data.root": str(root), "model.pretrained": False, "tracking.system_metrics": False,
+        "overrides": {"data.root": str(root), "data.check_published": False, "model.pretrained": False, "tracking.system_metrics": False,
                       "tracking.log_artifacts": False, "data.verify_images": False,
                       "tracking.uri": f"sqlite:///{path.parent / f'k{k}.db'}", **overrides},
         "objective": "val_map_at_r", "budget": {"n_trials": trials, "epochs": epochs},

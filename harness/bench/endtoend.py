@@ -30,7 +30,7 @@ def end_to_end(method: str, backbone: str, dataset: str, root: Path, store: Path
 
     store.mkdir(parents=True, exist_ok=True)
     cfg = resolve(method=method, backbone=backbone, dataset=dataset, overrides={
-        "data.root": str(root), "data.pipeline": pipeline, "data.image_size": image_size,
+        "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": image_size,
         "data.resize_size": int(round(image_size * 256 / 224)), "data.batch_size": batch_size,
         "data.samples_per_class": samples_per_class, "data.num_workers": workers, "data.verify_images": False,
         "model.pretrained": False, "optim.epochs": epochs, "device": device,
@@ -84,7 +84,7 @@ def cuda_syncs_per_step(method: str, backbone: str, dataset: str, root: Path, *,
     from harness.core.resolve import resolve
 
     cfg = resolve(method=method, backbone=backbone, dataset=dataset, overrides={
-        "data.root": str(root), "data.pipeline": pipeline, "data.image_size": image_size,
+        "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": image_size,
         "data.resize_size": int(round(image_size * 256 / 224)), "data.batch_size": batch_size,
         "data.samples_per_class": samples_per_class, "data.num_workers": workers, "data.verify_images": False,
         "model.pretrained": False, "optim.epochs": 2, "tracking.system_metrics": False, **(overrides or {})})

@@ -140,7 +140,7 @@ def _data_cfg(o: BenchOptions, dataset: str, root: Path, pipeline: str, workers:
     from harness.core.resolve import resolve
 
     return resolve(method="linear_probe", backbone=o.backbone, dataset=dataset, overrides={
-        "data.root": str(root), "data.pipeline": pipeline, "data.image_size": o.image_size,
+        "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": o.image_size,
         "data.resize_size": int(round(o.image_size * 256 / 224)), "data.batch_size": o.batch_size,
         "data.samples_per_class": o.samples_per_class, "data.num_workers": workers, "model.pretrained": False,
         **{k: v for k, v in o.overrides.items() if k.startswith("data.")}})

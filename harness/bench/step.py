@@ -30,6 +30,7 @@ def step_config(method: str, backbone: str, image_size: int, batch_size: int, sa
                 amp: bool, overrides: dict[str, Any] | None = None) -> Any:
     return resolve(method=method, backbone=backbone, overrides={
         "model.pretrained": False, "data.image_size": image_size, "data.batch_size": batch_size,
+        "data.resize_size": int(round(image_size * 256 / 224)),
         "data.samples_per_class": samples_per_class, "optim.amp": amp, **(overrides or {})})
 
 

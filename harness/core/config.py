@@ -47,6 +47,9 @@ class DataConfig:
     test_resize: Literal["short", "square"] = "short"
     #: decode every image once before the run starts (a corrupt file fails up front, by name)
     verify_images: bool = True
+    #: refuse a dataset whose split has other class counts than the published one (a missing or
+    #: extra class folder changes the protocol); false for a subset made on purpose
+    check_published: bool = True
     #: keep every image's encoded file bytes in memory (read once; decoded per use, so crops come
     #: from the original resolution exactly as without the cache; costs the files' size)
     cache_images: bool = False

@@ -34,6 +34,7 @@ from harness.core.measure import (
     synchronize,
 )
 from harness.core.model import DMLModel
+from harness.core.selection import Best, final_metrics, has_test, selection_key
 from harness.core.training import (
     build_model,
     make_optimizer,
@@ -42,7 +43,17 @@ from harness.core.training import (
     prepare_for_device,
     seed_everything,
 )
-from harness.errors import RunInterrupted, TrainingDiverged, caused_by_interrupt
+from harness.errors import (
+    DiskFull,
+    RunInterrupted,
+    StoreUnavailable,
+    TrainingDiverged,
+    UserError,
+    caused_by_interrupt,
+    disk_full,
+    interrupt_in,
+    server_unreachable,
+)
 from harness.tracking import store as tracking
 from harness.tracking.artifacts import log_artifacts
 from harness.tracking.runlog import log_run_start
@@ -73,6 +84,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None
     scheduler: Any
     epochs: int
+    checkpoints: Path = Path("checkpoints")  # the folder of the run's per-epoch checkpoint
     cache: FeatureCache | None = None
 
     eval_seconds: float = 0.0  # wall time spent embedding and scoring splits (cost/eval_share)
@@ -105,10 +117,16 @@ def train(
 
     t_start = time.perf_counter()
     run = prepare(cfg)  # every input error is raised here, before an MLflow run exists
-    ckpt_path = resumed = None
-    if resume:
-        ckpt_path = Path(mlflow.get_run(resume).data.tags.get("dmlbench.checkpoint", ""))
-        resumed = checkpoint.load(ckpt_path, resume)
+    ckpt_path = resumed = claim = None
+    if resume:  # claimed before it is read: two resumes of one run never both train it
+        ckpt_path = checkpoint.locate(mlflow.get_run(resume).data.tags.get("dmlbench.checkpoint", ""),
+                                      mlflow.get_tracking_uri())
+        claim = checkpoint.Claim(ckpt_path, resume)
+        try:
+            resumed = checkpoint.load(ckpt_path, resume)
+        except UserError:
+            claim.release()
+            raise
     # the identifying tags go in with the run itself: a kill right after start_run leaves a run
     # that study recovery can still find by its tags
     if cfg.tracking.system_metrics:  # CPU/GPU utilisation and memory under system/ in the UI
@@ -121,10 +139,13 @@ def train(
     history: list[dict[str, float]] = []
     try:
         if resumed is None:
+            ckpt_path = run.checkpoints / f"{mlflow_run.info.run_id}.pt"
+            claim = checkpoint.Claim(ckpt_path, mlflow_run.info.run_id)
             log_run_start(run, tags)
-            ckpt_path = checkpoint.checkpoint_dir(mlflow.get_tracking_uri(), cfg.tracking.checkpoint_dir) / (
-                f"{mlflow_run.info.run_id}.pt")
-            mlflow.set_tag("dmlbench.checkpoint", str(ckpt_path))
+            mlflow.set_tag("dmlbench.checkpoint", checkpoint.tag_value(ckpt_path, mlflow.get_tracking_uri()))
+        else:  # the error of the attempt that failed belongs to that attempt, not to this run
+            tracking.retried(lambda: mlflow.MlflowClient().delete_tag(resume, "dmlbench.error")
+                             if "dmlbench.error" in mlflow.get_run(resume).data.tags else None)
         mlflow.set_tag("dmlbench.status", "running")
         reset_peak_memory(run.device)
         if getattr(cfg.method_args, "cache_features", False) and run.model.features_are_frozen:
@@ -175,18 +196,42 @@ def train(
         mlflow.end_run("FINISHED")
         if ckpt_path is not None and not cfg.tracking.keep_checkpoints:
             ckpt_path.unlink(missing_ok=True)
+        claim.release(remove=True)
     except BaseException as exc:
+        if claim is not None:
+            claim.release()
         if caused_by_interrupt(exc) and not isinstance(exc, KeyboardInterrupt):
-            exc = KeyboardInterrupt()  # a clean-up failed under Ctrl-C: still an interrupt
-        tracking.end_failed_run(exc)
+            exc = interrupt_in(exc)  # a clean-up failed under Ctrl-C/SIGTERM: still that interrupt
         where = f"run {mlflow_run.info.run_id} ({cfg.method} on {cfg.dataset})"
+        if (gone := server_unreachable(exc)) is not None and mlflow.get_tracking_uri().startswith("http"):
+            tracking.abandon_active_run()
+            raise StoreUnavailable(
+                f"the MLflow server {mlflow.get_tracking_uri()} stopped answering ({gone}) in {where}; the run shows "
+                f"RUNNING there and its checkpoint is kept: once the server is back, continue it with: "
+                f"{resume_command(mlflow_run.info.run_id, cfg)}") from None
+        full = disk_full(exc)
+        try:
+            tracking.end_failed_run(exc)
+        except Exception as end_exc:  # noqa: BLE001 - a full disk can hold the store too
+            if full is None and disk_full(end_exc) is None:
+                raise
+            raise DiskFull(f"no space left on device ({full or disk_full(end_exc)}) in {where}; the store could "
+                           f"not record it, so the run shows RUNNING: free space, then continue it with: "
+                           f"{resume_command(mlflow_run.info.run_id, cfg)}") from None
+        if full is not None:
+            raise DiskFull(f"no space left on device ({full}) in {where}; nothing partial was kept and the run is "
+                           f"FAILED: free space, then continue it with: {resume_command(mlflow_run.info.run_id, cfg)}"
+                           ) from None
         if isinstance(exc, FloatingPointError):
             raise TrainingDiverged(f"training diverged: {exc} in {where}; the run is FAILED in MLflow "
                                    "(tag dmlbench.error); lower optim.lr or set optim.grad_clip") from exc
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
             done = max((int(h["epoch"]) for h in history), default=0)
-            raise RunInterrupted(f"interrupted {where} after {done} completed epoch(s); the run is KILLED "
-                                 "in MLflow with the metrics of those epochs") from None
+            signal_name = "terminated (SIGTERM)" if interrupts.exit_code(exc) == 143 else "interrupted"
+            raise RunInterrupted(
+                f"{signal_name} {where} after {done} completed epoch(s); the run is KILLED in MLflow with the "
+                f"metrics of those epochs; continue it with: {resume_command(mlflow_run.info.run_id, cfg)}",
+                terminated=interrupts.exit_code(exc) == 143) from None
         raise
     metrics = {**{k: float(v) for k, v in run.counts.items()}, **final}
     return RunResult(run_id=mlflow_run.info.run_id, metrics=metrics, history=history, config=cfg)
@@ -207,6 +252,8 @@ def prepare(cfg: RunConfig) -> Run:
     )
     model = prepare_for_device(build_model(cfg, splits.train.num_classes, backbone).to(device), cfg, device)
     tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
+    checkpoints = checkpoint.checkpoint_dir(mlflow_uri(), cfg.tracking.checkpoint_dir)
+    checkpoint.ensure_writable(checkpoints)  # not after the first epoch, with a run half-made
     cfg.data.pipeline = data.resolve_pipeline(cfg.data.pipeline, device)  # the run records what it used
     loaders = data.make_loaders(splits, cfg, backbone.mean, backbone.std, device)
     for batches in loaders.values():  # batches arrive in the model's memory layout
@@ -235,7 +282,20 @@ def prepare(cfg: RunConfig) -> Run:
         ks=tuple(cfg.eval.ks) or tuple(splits.ks), amp=autocast_for(device, cfg.optim.amp), counts=counts,
         facts=facts,
         optimizer=optimizer, scheduler=scheduler, epochs=cfg.optim.epochs if optimizer is not None else 0,
+        checkpoints=checkpoints,
     )
+
+
+def mlflow_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def resume_command(run_id: str, cfg: RunConfig) -> str:
+    """The exact command that continues ``run_id`` (with the store when one was given)."""
+    uri = cfg.tracking.uri
+    return f"dmlbench train --resume {run_id}" + (f" --tracking-uri {uri}" if uri else "")
 
 
 def snapshot(run: Run, epoch: int, history: list, best: "Best", images: int, seconds: float) -> dict[str, Any]:
@@ -317,56 +377,6 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, float]:
     if has_test(run) and (cfg.eval.test_every_epoch or epoch == 0):
         row.update({f"epoch_test/{metric_name(k)}": v for k, v in run.evaluate("test").items()})
     return row
-
-
-def selection_key(cfg: RunConfig) -> str:
-    """The metric that picks the reported epoch: validation (fair) or test R@1 (paper protocol)."""
-    return "epoch_test/recall_at_1" if cfg.protocol == "paper" else f"val/{metric_name(cfg.eval.select)}"
-
-
-def has_test(run: Run) -> bool:
-    return run.cfg.eval.test and (run.splits.test is not None or run.splits.query is not None)
-
-
-@dataclass
-class Best:
-    """The best-validation epoch so far and a copy of its trainable state (last epoch without val)."""
-
-    score: float = -math.inf
-    epoch: int = 0
-    state: dict[str, torch.Tensor] | None = None
-
-    def offer(self, model: DMLModel, epoch: int, row: dict[str, float], key: str) -> None:
-        score = row.get(key, float(epoch))  # no val split (fair protocol): the last epoch
-        if score > self.score:
-            self.score, self.epoch = score, epoch
-            self.state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
-
-
-def final_metrics(run: Run, history: list[dict[str, float]], best: Best) -> dict[str, float]:
-    """Test metrics of the best-validation checkpoint, plus the papers' test-selected R@1."""
-    row = next(h for h in history if h["epoch"] == best.epoch)
-    final: dict[str, float] = {"best/epoch": float(best.epoch)}
-    if run.splits.val is not None:
-        final["best/val_recall_at_1"] = row["val/recall_at_1"]
-        final["best/val_map_at_r"] = row["val/map_at_r"]
-    if not has_test(run):
-        return final
-    merge = bool(getattr(run.cfg.method_args, "merge", False))
-    if "epoch_test/recall_at_1" in row and not merge:
-        test = {k.removeprefix("epoch_test/"): v for k, v in row.items() if k.startswith("epoch_test/")}
-    else:
-        run.model.load_trainable_state_dict(best.state)
-        if merge:  # LoRA, SSF: the test split sees the merged backbone, at the backbone's own cost
-            final["model/merged"] = float(run.model.merge_())
-        test = {metric_name(k): v for k, v in run.evaluate("test").items()}
-    final.update({f"test/{k}": v for k, v in test.items()})
-    tested = [h for h in history if "epoch_test/recall_at_1" in h]
-    if tested:
-        top = max(tested, key=lambda h: h["epoch_test/recall_at_1"])
-        final["test/selected_recall_at_1"] = top["epoch_test/recall_at_1"]
-        final["test/selected_epoch"] = top["epoch"]
-    return final
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

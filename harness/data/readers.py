@@ -11,7 +11,6 @@ Aircraft's ``variants.txt``, Fashion-MNIST labels 0-9. Tests pass scaled-down ra
 """
 from __future__ import annotations
 
-import gzip
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -109,8 +108,19 @@ def _split_by_ranges(
     array: np.ndarray | None = None,
     boxes: np.ndarray | None = None,
 ) -> dict[str, ImageTable]:
-    """Cut one pooled set into train/test by the spec's inclusive class-id ranges."""
+    """Cut one pooled set into train/test by the spec's inclusive class-id ranges. A class in
+    neither range (an extra class folder shifts the ids past the end) is refused: it would move a
+    class out of the split without a word."""
     out = {}
+    inside = np.zeros(len(ids), dtype=bool)
+    for split in ("train", "test"):
+        if f"{split}_classes" in split_spec:
+            inside |= _range_mask(ids, split_spec[f"{split}_classes"], f"{split}_classes")
+    if not inside.all():
+        extra = sorted({str(names[i]) if names else str(i) for i in np.unique(ids[~inside]).tolist()})
+        raise UserError(f"{len(extra)} class(es) fall outside the split's classes {split_spec.get('train_classes')} + "
+                        f"{split_spec.get('test_classes')}: {', '.join(extra[:5])}; an extra or misnamed class "
+                        "folder shifts every class id (remove it)")
     for split in ("train", "test"):
         key = f"{split}_classes"
         if key not in split_spec:
@@ -128,15 +138,34 @@ def _split_by_ranges(
     return out
 
 
+def class_folders(images: Path) -> list[Path]:
+    """The class folders of ``images/<class>/<file>``, sorted by name: hidden folders (an editor's
+    or a notebook's ``.ipynb_checkpoints``), ``__MACOSX``-style folders and folders without an
+    image are not classes. They would shift every class id and move a class across the
+    class-disjoint boundary, so each one skipped is reported."""
+    import warnings
+
+    folders, skipped = [], []
+    for p in sorted(p for p in images.iterdir() if p.is_dir()):
+        has_images = not p.name.startswith((".", "__")) and any(
+            f.suffix.lower() in IMAGE_EXTS and not f.name.startswith(".") for f in p.iterdir())
+        (folders if has_images else skipped).append(p)
+    if skipped:
+        names = ", ".join(p.name for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(f"{images}: {len(skipped)} folder(s) are not classes and were skipped ({names}): "
+                      "hidden, system or without images", stacklevel=2)
+    return folders
+
+
 def _class_folders(images: Path, split_spec: dict) -> dict[str, ImageTable]:
     """``images/<class>/<file>`` layout: classes sorted by folder name, ids 1..C."""
-    folders = sorted(p for p in images.iterdir() if p.is_dir())
+    folders = class_folders(images)
     if not folders:
         raise UserError(f"no class folders in {images} (expected {images}/<class>/<image>)")
     paths: list[str] = []
     ids: list[int] = []
     for cid, folder in enumerate(folders, start=1):
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith("."))
         paths.extend(str(f) for f in files)
         ids.extend([cid] * len(files))
     names = {i: f.name for i, f in enumerate(folders, start=1)}
@@ -150,7 +179,7 @@ def read_image_folder(root: Path, split_spec: dict) -> dict[str, ImageTable]:
     images = root / "images" if (root / "images").is_dir() else root
     if not images.is_dir():
         raise UserError(f"missing {root} (expected {root}/<class>/<image>)")
-    n = sum(1 for p in images.iterdir() if p.is_dir())
+    n = len(class_folders(images))
     fraction = float(split_spec.get("train_fraction", 0.5))
     n_train = min(max(1, int(round(n * fraction))), n - 1)
     if n < 2:
@@ -340,55 +369,3 @@ def read_inaturalist(root: Path, split_spec: dict) -> dict[str, ImageTable]:
         prefix = str(root) + "/"
         out[split] = _table(np.asarray(cls), paths=[prefix + r for r in rel])
     return out
-
-
-# ----------------------------------------------------------------------------- Fashion-MNIST
-
-FASHION_NAMES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-FASHION_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-)
-
-
-def fashion_dir(root: Path) -> Path | None:
-    """The folder under ``root`` holding the four idx files (plain or .gz), if any."""
-    for d in (root, root / "FashionMNIST" / "raw", root / "raw"):
-        if all((d / f).exists() or (d / f"{f}.gz").exists() for f in FASHION_FILES):
-            return d
-    return None
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an idx file (uint8 payload), gzipped or not."""
-    real = path if path.exists() else path.with_name(path.name + ".gz")
-    opener = gzip.open if real.suffix == ".gz" else open
-    try:
-        with opener(real, "rb") as fh:
-            raw = fh.read()
-        ndim = raw[3]
-        dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
-        # bytearray keeps the array writable (torch warns on read-only numpy arrays)
-        return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-    except (OSError, ValueError, EOFError, IndexError) as exc:
-        raise UserError(f"cannot read idx file {real}: {exc}") from None
-
-
-@register("fashion_mnist")
-def read_fashion_mnist(root: Path, split_spec: dict) -> dict[str, ImageTable]:
-    """All 70,000 images pooled, then split by class (0-4 train, 5-9 test by default)."""
-    d = fashion_dir(root)
-    if d is None:
-        raise UserError(
-            f"missing {root / FASHION_FILES[0]}.gz (Fashion-MNIST needs the four idx files "
-            f"{', '.join(FASHION_FILES)}, optionally .gz)"
-        )
-    images = np.concatenate([read_idx(d / FASHION_FILES[0]), read_idx(d / FASHION_FILES[2])])
-    labels = np.concatenate([read_idx(d / FASHION_FILES[1]), read_idx(d / FASHION_FILES[3])])
-    if len(images) != len(labels):
-        raise UserError(f"Fashion-MNIST in {d}: {len(images)} images but {len(labels)} labels")
-    names = dict(enumerate(FASHION_NAMES))
-    return _split_by_ranges(labels.astype(np.int64), split_spec, names, array=images)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from harness.data.readers import READERS, fashion_dir
+from harness.data.fashion import fashion_dir  # registers the fashion_mnist reader
+from harness.data.readers import READERS
 from harness.data.table import ImageTable
 from harness.errors import UserError, unknown
 
@@ -153,15 +154,32 @@ def resolve_root(spec: DatasetSpec, root: str = "") -> Path:
     )
 
 
-def read_raw(spec: DatasetSpec, root: Path) -> dict[str, ImageTable]:
+def read_raw(spec: DatasetSpec, root: Path, check: bool = True) -> dict[str, ImageTable]:
     """Run the spec's reader, adding the expected layout and download hint to layout errors."""
 
     if spec.reader not in READERS:
         raise unknown(f"reader of dataset '{spec.name}'", spec.reader, READERS)
     try:
-        return READERS[spec.reader](root, spec.split)
+        raw = READERS[spec.reader](root, spec.split)
     except UserError as exc:
         extra = f"; expected layout: {one_line(spec.layout)}" if spec.layout else ""
         raise UserError(f"{exc}{extra}; get it from: {one_line(spec.how_to_get)}") from None
+    if check:
+        check_published(spec, raw, root)
+    return raw
+
+
+def check_published(spec: DatasetSpec, raw: dict[str, ImageTable], root: Path) -> None:
+    """The classes of each split must be the published ones (with the spec's own split): a
+    missing, extra or renamed class folder changes the protocol, so it is refused."""
+    if not spec.published or spec.split != _load_spec(spec.name).split:
+        return  # a split other than the spec's (tests scale it down): no published counts to meet
+    for split, table in raw.items():
+        want = spec.published.get(split, {}).get("classes")
+        if want is not None and table.num_classes != int(want):
+            raise UserError(f"{spec.name} in {root}: the {split} split has {table.num_classes:,} classes, the "
+                            f"published split {int(want):,}; a missing, extra or misnamed class folder changes the "
+                            "protocol (check the folder, or `dmlbench datasets check`; data.check_published=false "
+                            "for a subset made on purpose)")
 
 

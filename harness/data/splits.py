@@ -114,7 +114,7 @@ def _carve(raw: dict[str, ImageTable], data: Any, seed: int, ks: Sequence[int]) 
 def load_splits(cfg: Any) -> Splits:
     """The run's splits for ``cfg`` (a RunConfig), seeded by ``cfg.seed`` (SPECS 1)."""
     spec = get_spec(cfg.dataset)
-    raw = read_raw(spec, resolve_root(spec, cfg.data.root))
+    raw = read_raw(spec, resolve_root(spec, cfg.data.root), check=getattr(cfg.data, "check_published", True))
     ks = cfg.eval.ks or spec.ks
     return _carve(raw, cfg.data, cfg.seed, ks)
 

@@ -13,6 +13,8 @@ FRPT Tables 1-5), ``tuning.{csv,md}``, ``spec.yaml`` and ``figures/``.
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pandas as pd
@@ -57,8 +59,16 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
         raise UserError(f"the runs of study '{spec.name}' in {uri} use metric names from before dmlbench "
                         "namespaced them ('test_recall_at_1', now 'test/recall_at_1'); rerun the study into a "
                         "fresh store (or under a new study name) to report on it")
+    from harness.tracking.store import check_writable
+
+    check_writable(uri)  # the report is logged to MLflow too: refuse before writing any file
     out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / spec.name
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise UserError(f"cannot write the report to {out} ({exc.strerror}); pass --out DIR") from None
     written: list[Path] = []
     notes: list[str] = []
 

@@ -16,7 +16,7 @@ from harness.studies.spec import StudySpec
 
 def summarize(spec: StudySpec, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, entry): mean/std over seeds of every reported metric."""
-    ks = recall_ks(runs) if not runs.empty else [1]
+    ks = (recall_ks(runs) if not runs.empty else []) or [1]  # no reproduction yet: R@1 columns, empty
     metrics = [f"test/recall_at_{k}" for k in ks] + [
         "test/map_at_r", "test/r_precision", "test/selected_recall_at_1", "params/trainable",
         "params/trainable_inference", "params/total", "cost/peak_memory_gb", "cost/throughput_img_s"]

@@ -21,7 +21,7 @@ def load_entry_study(spec: StudySpec, dataset: str, entry: Entry, storage: str |
 
     from harness.studies.storage import open_existing_storage, storage_url
 
-    store = open_existing_storage(storage_url(spec, storage))
+    store = open_existing_storage(storage_url(spec, storage), spec.path)
     if store is None:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)

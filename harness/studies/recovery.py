@@ -13,7 +13,8 @@ from harness.studies.parents import tag_filter
 from harness.studies.spec import Entry, StudySpec
 
 #: seconds between heartbeats written into a running trial's user attributes
-HEARTBEAT_S = 30.0
+#: (``DMLBENCH_HEARTBEAT_S`` changes it, e.g. for tests)
+HEARTBEAT_S = float(os.environ.get("DMLBENCH_HEARTBEAT_S", "30"))
 #: a RUNNING trial whose heartbeat is older than this is considered dead (other hosts)
 STALE_AFTER_S = 10 * HEARTBEAT_S
 
@@ -107,18 +108,34 @@ def _beat(trial: Any) -> None:
 
 @contextmanager
 def heartbeat(study: Any, trial: Any, interval: float = HEARTBEAT_S) -> Iterator[None]:
-    """Record host/pid and refresh ``dmlbench.heartbeat`` while the trial runs."""
+    """Record host/pid and refresh ``dmlbench.heartbeat`` while the trial runs.
+
+    A beat that fails (the database restarting) is tried again at the next interval: the storage
+    reconnects. A trial that cannot beat for half of :data:`STALE_AFTER_S` stops at its next safe
+    point (``interrupts.check``): by then another process may take it for dead and retry it, and
+    it must not train twice."""
+    from harness.core import interrupts
+    from harness.errors import StoreUnavailable
+
     trial.set_user_attr("dmlbench.host", socket.gethostname())
     trial.set_user_attr("dmlbench.pid", os.getpid())
     _beat(trial)
     stop = threading.Event()
 
     def beat() -> None:
+        last = time.monotonic()
         while not stop.wait(interval):
             try:
                 _beat(trial)
-            except Exception:  # noqa: BLE001 - the trial finished between the check and the write
-                return
+                last = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - retried next time; a finished trial stops the loop
+                if stop.is_set():
+                    return
+                if time.monotonic() - last > STALE_AFTER_S / 2:
+                    interrupts.abort(StoreUnavailable(
+                        f"trial {trial.number} could not record its heartbeat for {time.monotonic() - last:.0f} s "
+                        f"({type(exc).__name__}); it stops so that no other worker trains it twice"))
+                    return
 
     thread = threading.Thread(target=beat, daemon=True, name="dmlbench-heartbeat")
     thread.start()
@@ -127,5 +144,6 @@ def heartbeat(study: Any, trial: Any, interval: float = HEARTBEAT_S) -> Iterator
     finally:
         stop.set()
         thread.join()
+        interrupts.abort(None)
 
 

@@ -23,6 +23,8 @@ from harness.studies.spec import Entry, StudySpec
 
 #: how long a process waits for another one to finish enqueueing the seeds
 READY_TIMEOUT_S = 120.0
+#: a seed that failed is retried by the next `study run`, up to this many attempts in all
+MAX_SEED_ATTEMPTS = 3
 
 
 def open_reproductions(spec: StudySpec, dataset: str, entry: Entry, storage: Any,
@@ -62,6 +64,44 @@ def recover_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> li
         fail_run(spec, dataset, entry, seed, t.user_attrs.get("mlflow_run_id"))
         again.append(seed)
     return again
+
+
+def seed_attempts(study: Any) -> dict[int, list[Any]]:
+    """Seed -> its trials in order (surplus asks left out)."""
+    out: dict[int, list[Any]] = {}
+    for t in study.get_trials(deepcopy=False):
+        seed = t.params.get("seed", (t.system_attrs.get("fixed_params") or {}).get("seed"))  # waiting: enqueued
+        if seed is not None and not t.user_attrs.get("dmlbench.surplus"):
+            out.setdefault(int(seed), []).append(t)
+    return out
+
+
+def retry_failed_seeds(study: Any) -> list[int]:
+    """Enqueue again every seed whose latest attempt FAILed (not a dead worker's: those are
+    recovered by :func:`recover_seeds`), while it has attempts left; returns those seeds."""
+    from optuna.trial import TrialState
+
+    again = []
+    for seed, trials in seed_attempts(study).items():
+        states = [t.state for t in trials]
+        if trials[-1].state != TrialState.FAIL or TrialState.COMPLETE in states:
+            continue
+        if sum(s == TrialState.FAIL for s in states) >= MAX_SEED_ATTEMPTS:
+            continue
+        attrs = {k: v for k, v in trials[-1].user_attrs.items() if k in ("dmlbench.config_source", "dmlbench.params")}
+        if attrs:
+            study.enqueue_trial({"seed": seed}, user_attrs=attrs)
+            again.append(seed)
+    return again
+
+
+def failed_seeds(study: Any) -> dict[int, str]:
+    """Seeds whose latest attempt failed, with its error (what a study that ends must report)."""
+    from optuna.trial import TrialState
+
+    return {seed: trials[-1].user_attrs.get("dmlbench.error", "failed")
+            for seed, trials in seed_attempts(study).items()
+            if trials[-1].state == TrialState.FAIL and TrialState.COMPLETE not in [t.state for t in trials]}
 
 
 def fail_run(spec: StudySpec, dataset: str, entry: Entry, seed: int, run_id: str | None) -> None:
@@ -104,7 +144,7 @@ def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id
     """Claim and run seeds until none is left; each result is told to the seeds' study."""
     from optuna.trial import TrialState
 
-    from harness.errors import UserError
+    from harness.errors import DiskFull, StoreUnavailable, UserError
     from harness.studies.parents import base_tags
 
     while True:
@@ -127,6 +167,11 @@ def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id
             study.tell(trial, state=TrialState.FAIL)
             raise
         except Exception as exc:  # noqa: BLE001 - one failed seed must not stop the others
+            from harness.tracking.store import tracking_server_gone
+
+            if (gone := tracking_server_gone(spec.tracking_uri, exc)) is not None or isinstance(exc, (DiskFull, StoreUnavailable)):
+                study.tell(trial, state=TrialState.FAIL)  # the machine's fault: retried by the next run
+                raise gone or exc from None
             trial.set_user_attr("dmlbench.error", f"{type(exc).__name__}: {exc}"[:300])
             study.tell(trial, state=TrialState.FAIL)
             progress(f"{spec.study_name(dataset, entry)} seed {seed}: failed ({type(exc).__name__}: {exc})")

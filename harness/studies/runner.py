@@ -5,22 +5,35 @@ The spec format and the resume/worker model are described in :mod:`harness.studi
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from harness.core import interrupts
-from harness.errors import RunInterrupted, StudyAborted, UserError, caused_by_interrupt
+from harness.core.checkpoint import RunClaimed
+from harness.tracking.store import tracking_server_gone
+from harness.errors import (
+    DiskFull,
+    StoreUnavailable,
+    StudyAborted,
+    StudyIncomplete,
+    UserError,
+    caused_by_interrupt,
+)
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
 from harness.studies.placement import parse_devices, place
+from harness.studies.progress import failed_work, keep_best_weights, trial_counts
+from harness.studies.workers import one_line_exit, share_cores, spawn
 from harness.studies.recovery import enqueue_retry, heartbeat, recover_stale
-from harness.studies.reproductions import open_reproductions, recover_seeds, run_seeds
+from harness.studies.reproductions import (
+    MAX_SEED_ATTEMPTS,
+    open_reproductions,
+    recover_seeds,
+    retry_failed_seeds,
+    run_seeds,
+)
 from harness.studies.rollup import rollup
 from harness.studies.spec import Entry, StudySpec, distributions, load_spec
 from harness.studies.storage import budget_of, open_storage, open_study, storage_url
@@ -37,19 +50,6 @@ def _train_fn() -> TrainFn:
     from harness.core.loop import train
 
     return train
-
-
-def trial_counts(study: Any) -> dict[str, int]:
-    from optuna.trial import TrialState
-
-    out = {s: 0 for s in ("complete", "pruned", "failed", "running", "waiting")}
-    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("dmlbench.surplus"):
-            continue
-        out[names[t.state]] += 1
-    return out
 
 
 def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: Any, parent_id: str,
@@ -81,6 +81,9 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({spec.epoch_metric}={value:.4f})")
 
     started = time.monotonic()
+    if (value := adopted(spec, study, trial)) is not None:
+        progress(f"{study.study_name} trial {trial.number}: {spec.metric} {value:.4f} (its run was finished by hand)")
+        return "complete"
     try:
         with heartbeat(study, trial), inside_parent(spec, parent_id):
             result = train(cfg, on_epoch=on_epoch, tags=tags, nested=True, resume=resumable(trial))
@@ -88,8 +91,15 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         study.tell(trial, state=TrialState.PRUNED)
         progress(f"{study.study_name} trial {trial.number}: pruned ({time.monotonic() - started:.0f} s)")
         return "pruned"
+    except RunClaimed as exc:  # its run is alive in another process: not trained twice
+        trial.set_user_attr("dmlbench.error", str(exc)[:300])
+        study.tell(trial, state=TrialState.FAIL)
+        return "failed"
     except UserError:  # bad input: the trial must not stay RUNNING
         study.tell(trial, state=TrialState.FAIL)
+        raise
+    except (DiskFull, StoreUnavailable):  # the machine's fault, not the trial's: stop, retry it later
+        _fail_interrupted(study, trial)
         raise
     except KeyboardInterrupt:
         _fail_interrupted(study, trial)
@@ -98,6 +108,9 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         if caused_by_interrupt(exc):
             _fail_interrupted(study, trial)
             raise KeyboardInterrupt(f"trial {trial.number} of {study.study_name} interrupted") from None
+        if (gone := tracking_server_gone(spec.tracking_uri, exc)) is not None:  # not the trial's fault: stop, retry it later
+            _fail_interrupted(study, trial)
+            raise gone from None
         trial.set_user_attr("dmlbench.error", f"{type(exc).__name__}: {exc}"[:300])
         study.tell(trial, state=TrialState.FAIL)
         warnings.warn(f"trial {trial.number} of {study.study_name} failed: {type(exc).__name__}: {exc}", stacklevel=2)
@@ -118,29 +131,6 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
     return "complete"
 
 
-def keep_best_weights(study: Any) -> None:
-    """Every trial uploads its trainable weights; only the best completed trial's stay (a ViT study
-    would otherwise store gigabytes of trials). Runs whose weights were removed say so in a tag."""
-    from mlflow.store.artifact.artifact_repository_registry import (
-        get_artifact_repository,
-    )
-    from mlflow.tracking import MlflowClient
-    from optuna.trial import TrialState
-
-    best = study.best_trial.number
-    client = MlflowClient()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if t.number == best or not run_id:
-            continue
-        run = client.get_run(run_id)
-        if run.data.tags.get("dmlbench.weights", "").startswith("removed"):
-            continue
-        if any(a.path == "trainable.safetensors" for a in client.list_artifacts(run_id)):
-            get_artifact_repository(run.info.artifact_uri).delete_artifacts("trainable.safetensors")
-        client.set_tag(run_id, "dmlbench.weights", "removed: not the best trial (tracking.trial_weights=false)")
-
-
 def _fail_interrupted(study: Any, trial: Any) -> None:
     """Ctrl-C: FAIL the trial now, and queue a retry that the next `study run` resumes from the
     interrupted run's checkpoint."""
@@ -150,21 +140,51 @@ def _fail_interrupted(study: Any, trial: Any) -> None:
     enqueue_retry(study, trial)
 
 
-def resumable(trial: Any) -> str | None:
-    """The dead predecessor's MLflow run when this trial retries one that left a checkpoint."""
+def predecessor(trial: Any) -> Any | None:
+    """The MLflow run of the interrupted or dead trial this one retries (``dmlbench.resume_run``)."""
     import mlflow
 
     run_id = trial.user_attrs.get("dmlbench.resume_run")
     if not run_id:
         return None
     try:
-        path = mlflow.get_run(run_id).data.tags.get("dmlbench.checkpoint", "")
+        return mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return None
-    if not path or not Path(path).is_file():
+
+
+def resumable(trial: Any) -> str | None:
+    """The predecessor's run when it left a checkpoint to continue from."""
+    import mlflow
+
+    from harness.core.checkpoint import locate
+
+    run = predecessor(trial)
+    tag = run.data.tags.get("dmlbench.checkpoint", "") if run is not None else ""
+    if not tag or not locate(tag, mlflow.get_tracking_uri()).is_file():
         return None
-    trial.set_user_attr("mlflow_run_id", run_id)
-    return run_id
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def adopted(spec: StudySpec, study: Any, trial: Any) -> float | None:
+    """A retry whose predecessor's run was finished by hand (``train --resume``, as the README
+    offers) is that run's result: it is told to Optuna, not trained again. Returns its value."""
+    import math
+
+    from optuna.trial import TrialState
+
+    run = predecessor(trial)
+    if run is None or run.info.status != "FINISHED" or run.data.tags.get("dmlbench.status") != "finished":
+        return None
+    value = run.data.metrics.get(spec.metric, float("nan"))
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    trial.set_user_attr("dmlbench.adopted", "finished by hand (train --resume)")
+    if not math.isfinite(value):
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    study.tell(trial, float(value))
+    return float(value)
 
 
 def progress(line: str) -> None:
@@ -228,7 +248,7 @@ def _reproduction_params(spec: StudySpec, dataset: str, entry: Entry, storage: A
         best = study.best_trial
     except ValueError:
         return None
-    return dict(best.params), str(best.number)
+    return dict(best.params), str(best.user_attrs.get("dmlbench.source_number") or best.number)
 
 
 def finished_reproductions(spec: StudySpec, dataset: str, entry: Entry, source: str | None = None) -> dict[int, str]:
@@ -262,14 +282,15 @@ def reproduce_all(spec: StudySpec, storage: Any, parents: dict[str, str], train:
                               stacklevel=2)
             continue
         recover_seeds(spec, dataset, entry, study)
+        retry_failed_seeds(study)
         run_seeds(spec, dataset, entry, study, parents[f"{dataset}/{entry.name}"], train, progress)
 
 
 def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[str, str], workers: int,
                  placement: tuple[str, int] | None = None) -> None:
     """Entry point of a tuning worker process (spawned): every unit in spec order."""
-    with _one_line_on_interrupt(f"tuning worker {worker}"):
-        _share_cores(workers)
+    with one_line_exit(f"tuning worker {worker}"):
+        share_cores(workers)
         quiet_optuna()
         spec = place(load_spec(spec_path), placement)
         storage = open_storage(storage_url_)
@@ -280,32 +301,10 @@ def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[s
 def _reproduce_main(spec_path: str, storage_url_: str, parents: dict[str, str], workers: int,
                     placement: tuple[str, int] | None = None) -> None:
     """Entry point of a reproduction worker process (spawned)."""
-    with _one_line_on_interrupt("reproduction worker"):
-        _share_cores(workers)
+    with one_line_exit("reproduction worker"):
+        share_cores(workers)
         quiet_optuna()
         reproduce_all(place(load_spec(spec_path), placement), open_storage(storage_url_), parents)
-
-
-@contextmanager
-def _one_line_on_interrupt(who: str) -> Iterator[None]:
-    """Ctrl-C reaches every worker of the terminal's process group: each stops at its next safe
-    point (:mod:`harness.core.interrupts`), ends its run KILLED and its trial FAIL (in the loop and
-    :func:`run_trial`), then says so in one line and exits 130, instead of multiprocessing's
-    traceback."""
-    interrupts.defer_sigint()
-    try:
-        yield
-    except KeyboardInterrupt as exc:
-        print(f"dmlbench: {who} (pid {os.getpid()}): {exc or 'interrupted before a run started'}",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
-
-
-def _share_cores(workers: int) -> None:
-    """N worker processes on one machine split its cores (oversubscribed threads spin and crawl)."""
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def quiet_optuna() -> None:
@@ -315,7 +314,8 @@ def quiet_optuna() -> None:
 
 
 def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = None, *,
-              train: TrainFn | None = None, devices: str | None = None, workers_per_device: int = 1) -> None:
+              train: TrainFn | None = None, devices: str | None = None, workers_per_device: int = 1,
+              rebuild_from_mlflow: bool = False) -> None:
     """Tune every (dataset, entry) of the spec, then run the reproductions; resumable.
 
     ``workers`` > 1 starts that many spawned processes on the same storage. ``devices`` ("0,1",
@@ -329,9 +329,17 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
     if placements is not None:
         workers = len(placements)
     quiet_optuna()
+    interrupts.defer_signals()  # Ctrl-C and SIGTERM stop trials at safe points, in every process
     spec = load_spec(spec_path)
     url = storage_url(spec, storage)
-    store = open_storage(url)
+    from harness.studies.preflight import preflight
+
+    preflight(spec, url)  # data, weights, models, stores: before any run, trial or journal exists
+    store = open_storage(url, spec.path)
+    from harness.studies.ledger import check_ledger
+
+    if rebuilt := check_ledger(spec, store, url, rebuild=rebuild_from_mlflow):  # never train a finished trial twice
+        progress(f"rebuilt {rebuilt} trial(s) of study {spec.name} from MLflow")
     parents: dict[str, str] = {}
     for dataset, entry in spec.units():
         parents[f"{dataset}/{entry.name}"] = parent_run(spec, dataset, entry)
@@ -346,36 +354,13 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
             tune(spec, dataset, entry, store, parents[f"{dataset}/{entry.name}"], train=train)
         reproduce_all(spec, store, parents, train=train)
     else:
-        _spawn(_worker_main, lambda w: (str(spec.path), url, w, parents, workers, placed(w)), workers, "worker")
-        _spawn(_reproduce_main, lambda w: (str(spec.path), url, parents, workers, placed(w)), workers, "reproduce")
+        spawn(_worker_main, lambda w: (str(spec.path), url, w, parents, workers, placed(w)), workers, "worker")
+        spawn(_reproduce_main, lambda w: (str(spec.path), url, parents, workers, placed(w)), workers, "reproduce")
     rollup(spec, store, parents)  # parents and a summary run carry the results in the MLflow UI
-
-
-def _spawn(target: Callable, args_of: Callable[[int], tuple], workers: int, role: str) -> None:
-    """``workers`` spawned processes, process ``w`` running ``target(*args_of(w))``; a failed one
-    fails the study."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=args_of(w), name=f"dmlbench-{role}-{w}") for w in range(workers)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join()
-    except KeyboardInterrupt:  # the children got the same Ctrl-C: let them tell their trials FAIL
-        for p in procs:
-            p.join(timeout=60)
-        stuck = [p for p in procs if p.is_alive()]
-        for p in stuck:  # a worker that ignores Ctrl-C: its trial is recovered on the next run
-            p.terminate()
-            p.join(timeout=10)
-        raise RunInterrupted(
-            f"interrupted: {len(procs)} {role} process(es) stopped" + (f", {len(stuck)} of them terminated" if stuck
-                                                                      else "") +
-            "; their runs are KILLED in MLflow and their trials FAIL in Optuna; the same `study run` "
-            "continues the study (interrupted trials are retried from their checkpoints)") from None
-    bad = [f"{p.name} exit code {p.exitcode}" for p in procs if p.exitcode != 0]
-    if bad:
-        raise StudyAborted("study worker processes failed: " + "; ".join(bad) + " (their output is above)")
+    unfinished = failed_work(spec, store)
+    if unfinished:
+        raise StudyIncomplete(f"study {spec.name} ended with failed work: " + "; ".join(unfinished) +
+                              f"; the same `study run` retries failed seeds (up to {MAX_SEED_ATTEMPTS} attempts each)")
 
 
 def run_demo(spec: str | Path = "studies/demo.yaml", workers: int = 1) -> Path:

@@ -5,7 +5,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from harness.studies.runner import finished_reproductions, quiet_optuna, trial_counts
+from harness.studies.progress import trial_counts
+from harness.studies.runner import finished_reproductions, quiet_optuna
 from harness.studies.spec import StudySpec, load_spec
 from harness.studies.storage import budget_of, open_existing_storage, storage_url
 
@@ -19,7 +20,7 @@ def study_status(spec_path: str | Path, storage: str | None = None) -> Any:
     spec = load_spec(spec_path)
     url = storage_url(spec, storage)
     # read-only: a missing journal is not created, existing studies are loaded, never created
-    store = open_existing_storage(url)
+    store = open_existing_storage(url, spec.path)
     existing = set() if store is None else {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
     rows = []
     for dataset, entry in spec.units():

@@ -1,6 +1,7 @@
 """Optuna storage, samplers, pruners and the per-(study, dataset, entry) Optuna study."""
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -20,17 +21,75 @@ def storage_url(spec: StudySpec, storage: str | None = None) -> str:
     return str(folder / f"{spec.name}.optuna.journal")
 
 
-def open_storage(url: str) -> Any:
-    """SQLAlchemy URLs -> RDBStorage; anything else is a journal file path (``journal:`` optional)."""
+def open_storage(url: str, spec_path: str | Path = "SPEC") -> Any:
+    """SQLAlchemy URLs -> RDBStorage; anything else is a journal file path (``journal:`` optional),
+    checked first: a damaged journal is refused before anything is appended to it."""
     import optuna
 
     if "://" in url and not url.startswith("journal:"):
         return open_rdb(url)
     from optuna.storages.journal import JournalFileBackend
 
+    from harness.studies.journal import check_journal
+
     path = Path(url.removeprefix("journal:")).expanduser()
+    check_journal(path, spec_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+#: how long a database storage may stay unreachable (a PostgreSQL restart) before a study gives up
+#: (``DMLBENCH_STORAGE_OUTAGE_S`` changes it)
+STORAGE_OUTAGE_S = float(os.environ.get("DMLBENCH_STORAGE_OUTAGE_S", "120"))
+
+
+def retrying_storage(inner: Any, url: str, outage_s: float = STORAGE_OUTAGE_S) -> Any:
+    """``inner`` (an RDBStorage) with every call retried while the database is unreachable, for up
+    to ``outage_s``: a database restart during a trial's per-epoch report, a heartbeat or a tell
+    is waited out (SQLAlchemy's pre-ping reconnects); past that, one StoreUnavailable line."""
+    import optuna
+    import sqlalchemy.exc as sa
+
+    from harness.errors import StoreUnavailable
+
+    transient = (optuna.exceptions.StorageInternalError, sa.OperationalError, sa.InterfaceError)
+
+    def forward(name: str) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            deadline, delay = time.monotonic() + outage_s, 0.5
+            while True:
+                try:
+                    return getattr(self._inner, name)(*args, **kwargs)
+                except transient as exc:
+                    if time.monotonic() > deadline:
+                        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+                        raise StoreUnavailable(f"the Optuna storage {_safe(url)} did not answer for {outage_s:.0f} s "
+                                               f"({reason[:160]}); the study stopped and a rerun continues it") from None
+                    time.sleep(delay)
+                    delay = min(2 * delay, 5.0)
+        return call
+
+    class RetryingStorage(optuna.storages.BaseStorage):
+        def __init__(self) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+    for name in optuna.storages.BaseStorage.__abstractmethods__:
+        setattr(RetryingStorage, name, forward(name))
+    RetryingStorage.__abstractmethods__ = frozenset()
+    return RetryingStorage()
+
+
+def _safe(url: str) -> str:
+    """A storage URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL
+        return url
 
 
 def open_rdb(url: str, attempts: int = 10) -> Any:
@@ -44,7 +103,7 @@ def open_rdb(url: str, attempts: int = 10) -> Any:
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return retrying_storage(optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}), url)
         except (ImportError, ModuleNotFoundError) as exc:
             raise UserError(f"bad --storage {url!r}: its database driver is missing ({exc}); for PostgreSQL "
                             "install the extra: pip install 'dmlbench[postgres]'") from None
@@ -108,12 +167,12 @@ def budget_of(spec: StudySpec, entry: Entry) -> int:
     return spec.budget.n_trials
 
 
-def open_existing_storage(url: str) -> Any | None:
+def open_existing_storage(url: str, spec_path: str | Path = "SPEC") -> Any | None:
     """The storage at ``url`` for reading, or None where a journal file does not exist (it is
     not created just to find it empty)."""
     if "://" not in url and not Path(url.removeprefix("journal:")).expanduser().exists():
         return None
-    return open_storage(url)
+    return open_storage(url, spec_path)
 
 
 def open_study(spec: StudySpec, dataset: str, entry: Entry, storage: Any, offset: int = 0) -> Any:

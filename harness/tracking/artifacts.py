@@ -10,17 +10,31 @@ import torch
 def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]], weights: bool = True,
                   title: str = "") -> None:
     """Trainable weights only (safetensors, unless ``weights`` is false) and a curves figure."""
-    import mlflow
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         if weights:
             path = Path(tmp) / "trainable.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
-            mlflow.log_artifact(str(path))
+            log_whole(path)
         curves = Path(tmp) / "curves.png"
         plot_curves(history, curves, title)
-        mlflow.log_artifact(str(curves))
+        log_whole(curves)
+
+
+def log_whole(path: Path) -> None:
+    """Log an artifact, or nothing: a copy cut short (a full disk) is removed from the store."""
+    import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        mlflow.log_artifact(str(path))
+    except BaseException:
+        try:
+            get_artifact_repository(mlflow.get_artifact_uri()).delete_artifacts(path.name)
+        except Exception:  # noqa: BLE001 - nothing was written, or the store is gone too
+            pass
+        raise
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> None:

@@ -34,9 +34,10 @@ def check_writable(uri: str) -> None:
         if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
             return
         path = Path(uri.removeprefix("sqlite:///"))  # four slashes = absolute path
-        target = path if path.exists() else path.parent
-        if not target.exists() or not os.access(target, os.W_OK):
-            raise UserError(f"cannot write MLflow store {uri}: {target} is not writable (use --tracking-uri)")
+        # SQLite writes its journal beside the file: the folder must be writable too
+        for target in ([path] if path.exists() else []) + [path.parent]:
+            if not target.exists() or not os.access(target, os.W_OK):
+                raise UserError(f"cannot write MLflow store {uri}: {target} is not writable (use --tracking-uri)")
         if path.exists():
             try:
                 sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("select 1").close()
@@ -180,3 +181,32 @@ def retried(write: Callable[[], None], attempts: int = 6) -> None:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2 ** attempt)
+
+
+def abandon_active_run() -> None:
+    """Drop the active run locally when its server is gone: ``end_run`` pops it before it tries
+    (once, not with minutes of retries) to tell the server."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def tracking_server_gone(uri: str, exc: BaseException) -> Exception | None:
+    """When ``exc`` says the MLflow server at ``uri`` stopped answering (not a run failing): the
+    StoreUnavailable error a study stops on, with the active runs dropped locally; else None."""
+    from harness.errors import StoreUnavailable, server_unreachable
+
+    if not uri.startswith("http") or (reason := server_unreachable(exc)) is None:
+        return None
+    abandon_active_run()  # the parent run, entered around the trial
+    return StoreUnavailable(f"the MLflow server {uri} stopped answering ({reason}); the study stopped: once it is "
+                            "back, the same `study run` continues it (interrupted runs resume from their checkpoints)")

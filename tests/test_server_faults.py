@@ -1,0 +1,186 @@
+"""Servers that go away, for real: an MLflow tracking server killed during a run and a study,
+PostgreSQL restarted during a trial's per-epoch report, and PostgreSQL down for good."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+from test_distributed_studies import PG_DATA, as_postgres, free_port, pg_bin, postgres_url  # noqa: F401 - fixture
+from test_signals import TRAIN, wait_for
+from test_studies import write_spec
+
+REPO = Path(__file__).resolve().parent.parent
+#: MLflow's client gives up on a dead server after seconds here, not minutes
+FAST_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Server:
+    """An `mlflow server` on a fixed port and a sqlite store, that can be killed and started again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
+             str(self.folder / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.folder,
+            start_new_session=True)
+
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(up, timeout=120)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    s.start()
+    yield s
+    if s.proc.poll() is None:
+        s.kill()
+
+
+def server_runs(url: str) -> list:
+    client = mlflow.MlflowClient(url)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(server, tmp_path):
+    env = {**os.environ, **FAST_MLFLOW}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", server.url,
+                             "--set", f"tracking.checkpoint_dir={tmp_path / 'ckpt'}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any("train/loss" in r.data.metrics for r in server_runs(server.url)))
+        (run,) = server_runs(server.url)
+        server.kill()
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 5, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"the MLflow server {server.url} stopped answering" in lines[0]
+    assert f"dmlbench train --resume {run.info.run_id} --tracking-uri {server.url}" in lines[0]
+    server.start()
+    assert mlflow.MlflowClient(server.url).get_run(run.info.run_id).info.status == "RUNNING"
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "train", "--resume", run.info.run_id, "--tracking-uri",
+                           server.url, "--set", "optim.epochs=4"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert mlflow.MlflowClient(server.url).get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, tmp_path):
+    """The server dies during a trial: the study stops (exit 5) naming the server, not blaming an
+    active run; with the server back, the rerun resumes that trial's run from its checkpoint and
+    leaves every run in a final state."""
+    env = {**os.environ, **FAST_MLFLOW, "MLFLOW_TRACKING_URI": server.url}
+    path = write_spec(tmp_path, server.url, name="srv", methods=["linear_probe"], budget={"n_trials": 1, "epochs": 4},
+                      reproduce={"seeds": []}, storage=str(tmp_path / "srv.journal"))
+    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics
+                             for r in server_runs(server.url)))
+        server.kill()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 5, err
+    assert "Traceback" not in err and "already active" not in err
+    assert f"the MLflow server {server.url} stopped answering" in err.strip().splitlines()[-1]
+    server.start()
+    (trial_run,) = [r for r in server_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = server_runs(server.url)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    trial_runs = [r for r in runs if r.data.tags.get("dmlbench.role") == "trial"]
+    assert [r.info.run_id for r in trial_runs] == [trial_run.info.run_id]  # resumed, not trained anew
+    steps = sorted(m.step for m in mlflow.MlflowClient(server.url).get_metric_history(trial_run.info.run_id, "train/loss"))
+    assert steps == [1, 2, 3, 4]  # each epoch once: the checkpointed ones were not trained again
+
+
+def _pg_ctl(url: str, action: str) -> None:
+    data, options = PG_DATA[url]
+    subprocess.run(as_postgres([str(pg_bin() / "pg_ctl"), "-D", str(data), "-w", "-m", "fast", "-l",
+                                str(data.parent / "log"), "-o", options, action]), check=True, capture_output=True)
+
+
+def _pg_study(tmp_path: Path, tracking_uri: str, postgres_url: str, name: str, extra_env: dict, epochs: int = 6):
+    pytest.importorskip("psycopg")
+    path = write_spec(tmp_path, tracking_uri, name=name, methods=["linear_probe"], budget={"n_trials": 1, "epochs": epochs},
+                      reproduce={"seeds": []})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1", "DMLBENCH_HEARTBEAT_S": "1",
+           **extra_env}
+    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path), "--storage", postgres_url]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = mlflow.MlflowClient(tracking_uri)
+    wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics
+                         for e in client.search_experiments() for r in client.search_runs([e.experiment_id])))
+    return proc, cmd, env, path
+
+
+def test_a_postgresql_restart_during_a_trial_is_waited_out(tmp_path, tracking_uri, postgres_url):  # noqa: F811
+    """PostgreSQL restarts while a trial trains (its per-epoch reports and heartbeats hit the gap):
+    the study carries on and finishes, the heartbeat too, nothing is left RUNNING."""
+    from harness.studies.storage import open_storage
+
+    proc, _, _, path = _pg_study(tmp_path, tracking_uri, postgres_url, "pgrestart", {}, epochs=40)
+    restarted = time.time()
+    _pg_ctl(postgres_url, "restart")
+    storage = open_storage(postgres_url)
+
+    def beat_after_restart() -> bool:
+        (trial,) = optuna.load_study(study_name="pgrestart/fashion_mnist/linear_probe", storage=storage).trials
+        assert proc.poll() is None, "the trial ended before a heartbeat after the restart"
+        return trial.user_attrs["dmlbench.heartbeat"] > restarted + 1
+
+    wait_for(beat_after_restart, timeout=120)  # the heartbeat thread survived the reconnect
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    (trial,) = optuna.load_study(study_name="pgrestart/fashion_mnist/linear_probe", storage=storage).trials
+    assert trial.state == TrialState.COMPLETE
+
+
+def test_postgresql_down_for_good_is_one_line_and_the_rerun_finishes(tmp_path, tracking_uri, postgres_url):  # noqa: F811
+    proc, cmd, env, path = _pg_study(tmp_path, tracking_uri, postgres_url, "pgdown", {"DMLBENCH_STORAGE_OUTAGE_S": "5"})
+    _pg_ctl(postgres_url, "stop")
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        _pg_ctl(postgres_url, "start")
+    assert proc.returncode == 5, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1 and "the Optuna storage postgresql+psycopg://" in lines[0], err
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (trial_run,) = [r for r in runs if r.data.tags.get("dmlbench.role") == "trial"]
+    assert trial_run.info.status == "FINISHED"  # continued from its checkpoint, not trained anew
