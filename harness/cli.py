@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.errors import RunFailure, UserError
+from harness.errors import RunFailure, UserError, message_line
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -36,11 +36,14 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.core.loop import train
-    from harness.core.overrides import parse_overrides
-    from harness.core.resolve import resolve
+    from harness.core.overrides import parse_overrides, precheck
 
     overrides = parse_overrides(args.set)
+    precheck(overrides)  # before the heavy imports below
+    from harness.core.loop import train
+    from harness.core.resolve import resolve
+    from harness.tracking.links import run_url
+
     if args.tracking_uri:
         overrides["tracking.uri"] = args.tracking_uri
     if args.resume:
@@ -56,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         completed = len(mlflow.MlflowClient().get_metric_history(args.resume, "train/loss"))
         for line in reconcile(cfg, args.resume, choices, overrides, completed):
             print(f"resuming run {args.resume} with {line}")
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, progress=True)
         print(f"run {result.run_id} resumed and finished ({cfg.method} on {cfg.dataset})")
         return 0
     cfg = resolve(
@@ -68,13 +71,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(to_yaml(cfg), end="")
         return 0
-    result = train(cfg, on_epoch=epoch_line(cfg.optim.epochs))
+    result = train(cfg, on_epoch=epoch_line(cfg.optim.epochs), progress=True)
     print(f"run {result.run_id}  ({cfg.method} on {cfg.dataset} with {cfg.backbone})")
     for key in sorted(result.metrics):
         print(f"  {key:32s} {_fmt(result.metrics[key])}")
-    from harness.tracking.links import run_url
-
-    print(f"in the MLflow UI: {run_url(result.run_id)}")
+    print(f"in the MLflow UI: {run_url(result.run_id, args.tracking_uri)}")
     return 0
 
 
@@ -160,7 +161,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from harness.tracking.store import resolve_uri
     from harness.tracking.ui import serve_ui
 
-    return serve_ui(resolve_uri(args.tracking_uri or ""), args.host, args.port, args.timeout)
+    return serve_ui(resolve_uri(args.tracking_uri or ""), args.host, args.port, args.timeout, verbose=args.verbose)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -197,6 +198,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         from harness.studies.plan import print_plan
 
         return print_plan(args.spec, img_s=args.img_s, benchmark=args.benchmark, as_json=args.json)
+    if args.action == "launch":
+        from harness.studies.slurm import launch
+
+        return launch(args.spec, args)
     if args.action == "run":
         run_study(args.spec, workers=args.workers, storage=args.storage, devices=args.devices,
                   workers_per_device=args.workers_per_device, rebuild_from_mlflow=args.rebuild_from_mlflow)
@@ -279,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the store")
     u.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0: every interface)")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=int, default=5000, help="port to serve on (default: 5000)")
+    u.add_argument("--verbose", action="store_true", help="show MLflow's own output (access log, notices)")
     u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server to answer")
     u.add_argument("--tracking-uri", default="")
     u.set_defaults(func=cmd_ui)
@@ -290,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("study", help="run or inspect an Optuna study")
-    s.add_argument("action", choices=["run", "status", "plan", "repair"])
+    s.add_argument("action", choices=["run", "launch", "status", "plan", "repair"])
     s.add_argument("spec")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--devices", default=None, help="run: devices to fill, e.g. 0,1 (GPU indices) or cpu")
@@ -302,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
     s.add_argument("--json", action="store_true", help="status as JSON records")
     s.add_argument("--tracking-uri", default="")
+    from harness.studies.slurm import add_options as add_launch_options
+
+    add_launch_options(s)
     s.set_defaults(func=cmd_study)
 
     r = sub.add_parser("report", help="tables and figures of a study, from MLflow")
@@ -341,8 +350,7 @@ EXAMPLES = {
     "study": "dmlbench study run studies/peft_vit_s.yaml --workers 2 && dmlbench study status studies/peft_vit_s.yaml --json",
     "report": "dmlbench report studies/demo.yaml --out /tmp/demo-report",
     "visualize": "dmlbench visualize cam --run RUN_ID --n 4",
-    "benchmark": "dmlbench benchmark --methods full_finetune,bitfit --backbone vit_small_patch16_224 --baseline "
-                 "--end-to-end --folder cub --pipelines cpu,device --eval-size 60000x384 --out bench/",
+    "benchmark": "dmlbench benchmark --methods full_finetune,bitfit --backbone vit_small_patch16_224 --baseline --end-to-end",
 }
 OPTION_HELP = {
     "method": "registered method (dmlbench methods)", "dataset": "dataset name (dmlbench datasets)",
@@ -353,17 +361,8 @@ OPTION_HELP = {
     "image_size": "input size in pixels", "batch_size": "images per step", "samples_per_class": "images per class in a batch",
     "steps": "timed steps", "warmup": "untimed warm-up steps", "device": "cpu | cuda | '' (auto)",
     "no_amp": "disable bf16 autocast", "set": "override a config key (repeatable)", "num_classes": "training classes",
-    "backbone_kwargs": "JSON kwargs for timm.create_model", "runs": "MLflow run ids", "port": "port to serve on",
+    "backbone_kwargs": "JSON kwargs for timm.create_model", "runs": "MLflow run ids",
 }
-
-
-def one_line(exc: UserError) -> str:
-    """The message on one line; a DataLoader worker wraps it in a traceback: take the original."""
-    lines = str(exc).splitlines()
-    for line in reversed(lines):
-        if line.startswith("harness.errors.UserError: "):
-            return line.removeprefix("harness.errors.UserError: ")
-    return lines[0] if lines else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"dmlbench: error: {one_line(exc)}", file=sys.stderr)
+        print(f"dmlbench: error: {message_line(exc)}", file=sys.stderr)
         return 2
     except RunFailure as exc:
         if args.debug:

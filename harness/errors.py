@@ -128,3 +128,12 @@ def server_unreachable(exc: BaseException) -> str | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def message_line(exc: UserError) -> str:
+    """A UserError's message on one line; a DataLoader worker wraps it in a traceback: take the original."""
+    lines = str(exc).splitlines()
+    for line in reversed(lines):
+        if line.startswith("harness.errors.UserError: "):
+            return line.removeprefix("harness.errors.UserError: ")
+    return lines[0] if lines else type(exc).__name__

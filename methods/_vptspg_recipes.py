@@ -17,12 +17,12 @@ What the code does for every method, and the recipe therefore sets:
   own optimiser and schedule (``p_optimizer``, ``p_scheduler``), weight decay as the rest;
 - heads: LayerNorm + Linear, the Linear xavier-uniform with zero bias (``_init_weights``);
 - ``CosineAnnealingLR(T_max=lr_cosine_length, eta_min=lr_cosine_min)`` stepped once per epoch,
-  no warmup, no gradient clipping, mixed precision, RandomResizedCrop(224) + flip on the
+  no warmup, no gradient clipping, fp16 with a GradScaler (``optim.amp=fp16``), RandomResizedCrop(224) + flip on the
   original JPEG, Resize(256) + CenterCrop(224) at test;
 - the adapter with a LayerNorm after its up-projection (``adapter_ln_position='post'``).
 
-Known departures kept: the code's AMP is fp16 with a GradScaler, ours bf16 autocast; its
-adapter block hard-codes 12 heads and no qkv bias, which we do not copy (SPECS 2).
+Known departure kept: the code's adapter block hard-codes 12 heads and no qkv bias, which we do
+not copy (SPECS 2).
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def dataset_overrides(name: str) -> dict[str, Any]:
         "optim.name": d["optim"], "optim.lr": d["lr"], "optim.weight_decay": d["weight_decay"],
         "optim.momentum": 0.9, "optim.epochs": d["epochs"], "optim.cosine_epochs": d["cosine_epochs"],
         "optim.min_lr": d["min_lr"], "optim.schedule": "cosine", "optim.schedule_unit": "epoch",
-        "optim.warmup_epochs": 0.0, "optim.grad_clip": 0.0, "optim.amp": True, "optim.head_lr_mult": 1.0,
+        "optim.warmup_epochs": 0.0, "optim.grad_clip": 0.0, "optim.amp": "fp16", "optim.head_lr_mult": 1.0,
         "data.batch_size": d["batch"], "data.samples_per_class": d["k"], "data.augment": "standard",
         "data.image_size": 224, "data.resize_size": 256, "data.test_resize": "short",
         "loss.name": "proxy_anchor", "loss.alpha": 32.0, "loss.margin": 0.1, "loss.positive_average": "all",

@@ -163,7 +163,7 @@ def attach_cnn_adapters(model: nn.Module, cfg: AdapterConfig) -> Injection:
     return injection
 
 
-@register_method("adapter", config=AdapterConfig, prefixes=("adapter_",), presets=vptspg_recipes.presets("adapter"))
+@register_method("adapter", display="Adapter", config=AdapterConfig, prefixes=("adapter_",), presets=vptspg_recipes.presets("adapter"))
 def adapter(ctx: BuildContext, cfg: AdapterConfig) -> DMLModel:
     """Frozen backbone with bottleneck adapters (ViT: AdaptFormer; CNN: residual 1x1 convs) and the head."""
     backbone = ctx.backbone.model

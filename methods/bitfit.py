@@ -18,7 +18,7 @@ def unfreeze_biases(module: nn.Module) -> int:
     return count
 
 
-@register_method("bitfit", backbone="biases", presets=vptspg_recipes.presets("bitfit"))
+@register_method("bitfit", display="BitFit", backbone="biases", presets=vptspg_recipes.presets("bitfit"))
 def bitfit(ctx: BuildContext, cfg: object) -> DMLModel:
     """Train the backbone's bias terms (every ``*bias`` parameter) and the head."""
     freeze(ctx.backbone.model)

@@ -18,7 +18,8 @@ map before pooling, and a classifier is trained with cross-entropy. Registry nam
 their own resolution, GAP and CAH reduction 8; ``code`` follows the released code: ReLU + 1x1
 convolution on the third stage resized to a 31x31 grid, CAH reduction 1 plus its two-convolution
 block, GeM pooling (p=3) and a BatchNorm neck (preset ``code`` also sets its label smoothing and
-optimiser). The code's IBN-ResNet with last stride 1 is not reproduced (plain timm backbones).
+optimiser, and fast-reid's backbone: IBN-a ResNet-50 with last stride 1, fp16 with a GradScaler,
+no weight decay on biases).
 
 The IN ablation needs ``variant=code``: IN(M) has zero spatial mean in every channel and W_C is
 constant over space, so GAP(W_C*M + (1-W_C)*IN(M)) = GAP(W_C*M). With the paper's CAH -> GAP
@@ -178,7 +179,7 @@ class FRPTModel(DMLModel):
     def param_groups(self, optim_cfg: Any, loss_cfg: Any) -> list[dict[str, Any]]:
         groups = super().param_groups(optim_cfg, loss_cfg)
         for g in groups:
-            if g["name"] == "dpp":
+            if g["role"] == "dpp":
                 g["lr"] *= self.dpp_lr_factor(optim_cfg.name)
         return groups
 
@@ -331,12 +332,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the released code: projects/FastRetri/configs/base-image_retri.yml + cub.yml, fast-reid
     # defaults for the rest (INPUT.CJ.PROB 0.5, SOLVER.CLIP_GRADIENTS.CLIP_VALUE 5.0 by norm)
     "code": {
+        # MODEL.BACKBONE: WITH_IBN True, LAST_STRIDE 1 (the recipe's kwargs are dropped when
+        # --backbone picks another network)
+        "backbone": "resnet50_ibn_a", "model": {"backbone_kwargs": {"last_stride": 1}},
         "method_args": {"variant": "code", "parser_init": "default"},
         "loss": {"label_smoothing": 0.3, "smoothing_form": "fastreid"},
         "optim": {
             "lr": 0.02, "momentum": 0.0, "weight_decay": 5e-4, "schedule": "cosine", "epochs": 500,
             "min_lr": 2e-5, "warmup_epochs": 0.0, "warmup_steps": 1000, "warmup_factor": 0.1, "grad_clip": 5.0,
-            "amp": True,
+            "amp": "fp16", "weight_decay_bias": 0.0,  # SOLVER.AMP (fast-reid: GradScaler), WEIGHT_DECAY_BIAS
         },
         # INPUT.REA is not enabled in either config (fast-reid's default: off), so no random erasing
         "data": {"batch_size": 256, "augment": "frpt_code", "test_resize": "square", "random_erasing": 0.0},
@@ -360,41 +364,41 @@ def _defaults(**method_args: Any) -> dict[str, Any]:
     return out
 
 
-def _register(name: str, method_args: dict[str, Any], data: dict[str, Any] | None = None):
+def _register(name: str, display: str, method_args: dict[str, Any], data: dict[str, Any] | None = None):
     defaults = _defaults(**method_args)
     if data:
         defaults["data"].update(data)
     return register_method(
         name, config=FRPTConfig, families=("vit", "cnn"), prefixes=PREFIXES, search_space=SEARCH_SPACE,
-        defaults=defaults, presets=PRESETS,
+        defaults=defaults, presets=PRESETS, display=display,
     )
 
 
-@_register("frpt", {})
+@_register("frpt", "FRPT", {})
 def frpt(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
     """FRPT: DPP zoom prompt + frozen backbone + category-specific awareness head."""
     return build_frpt(ctx, cfg)
 
 
-@_register("frpt_dpp", {"use_cah": False})
+@_register("frpt_dpp", "DPP + PT", {"use_cah": False})
 def frpt_dpp(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
     """FRPT ablation DPP + PT: the zoom prompt on a frozen backbone, no CAH (Table 1)."""
     return build_frpt(ctx, cfg)
 
 
-@_register("frpt_cah", {"use_dpp": False})
+@_register("frpt_cah", "PT + CAH", {"use_dpp": False})
 def frpt_cah(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
     """FRPT ablation PT + CAH: frozen backbone with the awareness head, no prompt (Table 1)."""
     return build_frpt(ctx, cfg)
 
 
-@_register("frpt_no_in", {"use_in": False})
+@_register("frpt_no_in", "FRPT w/o IN", {"use_in": False})
 def frpt_no_in(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
     """FRPT ablation without instance norm in CAH: M_R = W_C * M_P (Table 1; use variant=code)."""
     return build_frpt(ctx, cfg)
 
 
-@_register("frpt_bbox", {"use_dpp": False}, data={"crop_to_box": True})
+@_register("frpt_bbox", "Box crop + CAH", {"use_dpp": False}, data={"crop_to_box": True})
 def frpt_bbox(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
     """FRPT with a fixed prompt: images cropped to the annotated bounding box, + CAH (Table 5)."""
     if not getattr(ctx.cfg.data, "crop_to_box", False):
@@ -404,7 +408,7 @@ def frpt_bbox(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
     return build_frpt(ctx, cfg)
 
 
-@_register("frpt_cam", {"use_dpp": False, "crop": "cam"})
+@_register("frpt_cam", "CAM crop + CAH", {"use_dpp": False, "crop": "cam"})
 def frpt_cam(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
     """FRPT with a fixed prompt: crop to the box of the frozen backbone's activation map, + CAH (Table 5)."""
     return build_frpt(ctx, cfg)

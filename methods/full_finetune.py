@@ -8,6 +8,7 @@ from methods import _vptspg_recipes as vptspg_recipes
 
 @register_method(
     "full_finetune",
+    display="Full fine-tuning",
     backbone="all",
     presets={
         **vptspg_recipes.presets("full_finetune"),

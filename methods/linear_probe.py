@@ -17,6 +17,7 @@ class LinearProbeConfig:
 
 @register_method(
     "linear_probe",
+    display="Linear probe",
     config=LinearProbeConfig,
     presets={
         **vptspg_recipes.presets("linear_probe"),

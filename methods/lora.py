@@ -97,7 +97,7 @@ def pointwise_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
             if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.padding in ((0, 0), "valid")}
 
 
-@register_method("lora", config=LoRAConfig, prefixes=("lora_",))
+@register_method("lora", display="LoRA", config=LoRAConfig, prefixes=("lora_",))
 def lora(ctx: BuildContext, cfg: LoRAConfig) -> DMLModel:
     """Frozen backbone with low-rank updates of its linear layers (ViT) or 1x1 convolutions (CNN)."""
     _check(cfg)

@@ -113,7 +113,7 @@ def ssf_targets(model: nn.Module, family: str, cfg: SSFConfig) -> dict[str, nn.M
     return targets
 
 
-@register_method("ssf", config=SSFConfig, prefixes=("ssf_",))
+@register_method("ssf", display="SSF", config=SSFConfig, prefixes=("ssf_",))
 def ssf(ctx: BuildContext, cfg: SSFConfig) -> DMLModel:
     """Frozen backbone with a learnable per-channel scale and shift after its operations (SSF)."""
     if not cfg.init_std >= 0:

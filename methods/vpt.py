@@ -145,14 +145,14 @@ def build_vpt(ctx: BuildContext, cfg: VPTShallowConfig, depth: int, block_step: 
 _SEARCH = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}
 
 
-@register_method("vpt_shallow", config=VPTShallowConfig, prefixes=(PREFIX,), search_space=_SEARCH,
+@register_method("vpt_shallow", display="VPT-Shallow", config=VPTShallowConfig, prefixes=(PREFIX,), search_space=_SEARCH,
                  presets=vptspg_recipes.presets("vpt_shallow"))
 def vpt_shallow(ctx: BuildContext, cfg: VPTShallowConfig) -> DMLModel:
     """VPT-shallow: one set of prompt tokens before the first block (CNN: learnable padding frame)."""
     return build_vpt(ctx, cfg, depth=1, block_step=0, method="vpt_shallow")
 
 
-@register_method("vpt_deep", config=VPTDeepConfig, prefixes=(PREFIX,), search_space=_SEARCH,
+@register_method("vpt_deep", display="VPT-Deep", config=VPTDeepConfig, prefixes=(PREFIX,), search_space=_SEARCH,
                  presets=vptspg_recipes.presets("vpt_deep"))
 def vpt_deep(ctx: BuildContext, cfg: VPTDeepConfig) -> DMLModel:
     """VPT-deep: fresh prompt tokens for each of the first ``depth`` blocks (CNN: learnable padding frame)."""

@@ -221,7 +221,7 @@ class VPTSPGModel(PromptedViT):
         """Default groups plus the proxy bias with its own lr (lr_proxy) and schedule."""
         groups = super().param_groups(optim_cfg, loss_cfg)
         for g in groups:
-            if g["name"] == "proxy_bias":
+            if g["role"] == "proxy_bias":
                 g["lr"], g["schedule"] = self.cfg.lr_proxy, self.cfg.proxy_schedule
         return groups
 
@@ -385,13 +385,13 @@ _DECLARED = {"families": ("vit",), "prefixes": ("prompt_", "proxy_"), "training_
              "backbone": "biases", "search_space": _SEARCH, "defaults": {"loss.name": "proxy_anchor"}}
 
 
-@register_method("vptsp_g", config=VPTSPGConfig, presets=vptspg_recipes.presets("vptsp_g"), **_DECLARED)
+@register_method("vptsp_g", display="VPTSP-G", config=VPTSPGConfig, presets=vptspg_recipes.presets("vptsp_g"), **_DECLARED)
 def vptsp_g(ctx: BuildContext, cfg: VPTSPGConfig) -> DMLModel:
     """VPTSP-G: shared prompts + semantic proxies from class prompts, integrated by a GRU."""
     return build_vptsp(ctx, cfg, "gru", "vptsp_g")
 
 
-@register_method("vptsp_ema", config=VPTSPEMAConfig, presets=vptspg_recipes.presets("vptsp_ema"), **_DECLARED)
+@register_method("vptsp_ema", display="VPTSP-G (EMA)", config=VPTSPEMAConfig, presets=vptspg_recipes.presets("vptsp_ema"), **_DECLARED)
 def vptsp_ema(ctx: BuildContext, cfg: VPTSPEMAConfig) -> DMLModel:
     """VPTSP-G with the paper's EMA integration of the semantic proxies instead of the GRU."""
     return build_vptsp(ctx, cfg, "ema", "vptsp_ema")

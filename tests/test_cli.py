@@ -135,7 +135,7 @@ def test_ui_serves_the_store_and_prints_the_runs_view_and_stops_every_process(tr
         line = ""
         while "MLflow UI for" not in line and proc.poll() is None:
             line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning" in line
+        assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?" in line and "workflowType=machine_learning" in line
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
             assert reply.status == 200
         server = psutil.Process(proc.pid).children(recursive=True)

@@ -3,19 +3,16 @@ damaged or moved checkpoints, unwritable and full disks, damaged and lost journa
 trials finished by hand, specs that cannot run, stray class folders."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 from test_data import make_cub
 from test_signals import TRAIN, training_runs, wait_for

@@ -16,6 +16,7 @@ from harness.core.registry import method_names
 from harness.reports.build import build_report
 from harness.reports.figures import pareto_front
 from harness.reports.formatting import fmt_count, fmt_pm
+from harness.reports.runs import fetch_runs
 from harness.reports.published import (
     load_published,
     matches,
@@ -39,7 +40,8 @@ def finished_study(tmp_path_factory):
         "methods": [{"method": "linear_probe", "label": "Linear probe"}],
         "references": [{"method": "linear_probe", "name": "pretrained", "label": "pretrained (no training)",
                         "published_as": "pretrained", "overrides": {"optim.epochs": 0, "model.embed_dim": 0}}],
-        "overrides": {**overrides, "tracking.uri": uri, "tracking.log_artifacts": False},
+        "overrides": {**overrides, "tracking.uri": uri, "tracking.log_artifacts": False,
+                      "eval.transfer": ["fashion_styles"]},
         "budget": {"n_trials": 2, "epochs": 2}, "reproduce": {"seeds": [0, 1]},
     }
     path = folder / "rep.yaml"
@@ -67,12 +69,29 @@ def test_report_is_rebuilt_identically(finished_study, tmp_path):
     for name in ("report.md", "results.csv", "results.md", "results.tex", "tuning.csv", "spec.yaml",
                  "figures/curves_fashion_mnist.png", "figures/tradeoff_fashion_mnist.png",
                  "figures/comparison_fashion_mnist.png",
-                 "figures/optuna/fashion_mnist__linear_probe_history.png"):
+                 "figures/optuna/fashion_mnist_history.png", "retention.md", "retention.tex",
+                 "figures/retention_fashion_mnist.png"):
         assert name in names
         if name.endswith(".png"):
             assert name.removesuffix(".png") + ".pdf" in names  # vector beside raster
     assert not any("pretrained" in n for n in names if n.startswith("figures/optuna/"))
     assert "published.md" not in names  # nothing published for Fashion-MNIST
+
+
+def test_retention_table_reports_what_each_method_kept(finished_study, tmp_path):
+    """eval.transfer in the spec: reproductions evaluate fashion_styles zero-shot, tuning trials do
+    not (transfer splits are test data); the untrained reference keeps exactly 100 %."""
+    runs = fetch_runs(load_spec(finished_study))
+    key = "metrics.transfer/fashion_styles/retained_recall_at_1"
+    trials_logged = runs[runs["tags.dmlbench.role"] == "trial"][key] if key in runs else []
+    assert key in runs and not pd.Series(trials_logged).notna().any()
+    out = build_report(finished_study, out_dir=tmp_path / "r")
+    table = (out / "retention.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "Method" not in line}
+    assert set(rows) == {"Linear probe", "pretrained (no training)"}
+    assert rows["pretrained (no training)"][0] == "+0.0" and rows["pretrained (no training)"][-1] == "100.0"
+    assert "fashion_styles kept" in table and "Forgetting" in (out / "report.md").read_text()
 
 
 def test_optuna_figures_read_the_optuna_storage_and_never_write_it(finished_study, tmp_path):
@@ -104,7 +123,8 @@ def test_results_are_the_reproduction_runs(finished_study, tmp_path):
         assert row["test/recall_at_1_mean [fraction]"] == pytest.approx(values.mean(), abs=1e-12)
         assert row["test/recall_at_1_std [fraction]"] == pytest.approx(values.std(ddof=1), abs=1e-12)
         cell = fmt_pm(values.mean() * 100, values.std(ddof=1) * 100)
-        assert f"| {row['label']} | 2 | {cell} |" in (out / "results.md").read_text()
+        md = (out / "results.md").read_text()  # the best of a column is bold, as in LaTeX
+        assert (f"| {cell} |" in md or f"| **{cell}** |" in md) and f"| {row['label']} | 2 |" in md
     assert table.loc[1, "params/trainable_inference_mean [count]"] == 0  # the untrained backbone trains nothing used
     tuning = pd.read_csv(out / "tuning.csv")
     assert list(tuning["complete"]) == [2, 0]
@@ -216,7 +236,7 @@ def test_results_latex_is_booktabs_with_the_best_in_bold_and_compiles(finished_s
     tex = (out / "results.tex").read_text()
     assert latex_problems(tex) == []
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"\begin{table*}" in tex
-    assert r"\textbf{" in tex and "over 2 seed(s)" in tex and "protocol 'fair'" in tex
+    assert r"\textbf{" in tex and "over 2 seeds" in tex and "protocol 'fair'" in tex
     assert "Linear probe" in tex and "pretrained (no training)" in tex
     if shutil.which("pdflatex") is None:
         return

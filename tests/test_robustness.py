@@ -248,7 +248,7 @@ def test_weights_are_not_saved_when_log_weights_is_off(tiny_overrides):
 def test_report_on_runs_with_the_old_metric_names_says_so_and_writes_nothing(tmp_path, tracking_uri, capsys):
     """A store written before the metric names were namespaced: one line, not empty columns."""
     client = mlflow.MlflowClient(tracking_uri)
-    exp = client.create_experiment("fashion_mnist", artifact_location=(tmp_path / "art").as_uri())
+    exp = client.create_experiment("fashion_styles", artifact_location=(tmp_path / "art").as_uri())
     run = client.create_run(exp, tags={"dmlbench.study": "demo", "dmlbench.role": "reproduction"})
     for key in ("train_loss", "best_val_map_at_r", "test_recall_at_1"):
         client.log_metric(run.info.run_id, key, 0.9)

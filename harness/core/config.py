@@ -7,10 +7,14 @@ checks in :mod:`harness.core.resolve`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from harness.errors import UserError
 
 
 @dataclass
@@ -140,8 +144,12 @@ class OptimConfig:
     head_lr_mult: float = 1.0
     #: max gradient norm (0 = off)
     grad_clip: float = 1.0
-    #: automatic mixed precision: bf16 on CUDA, off on CPU unless forced
-    amp: bool = True
+    #: mixed precision on CUDA: bf16 autocast, fp16 autocast with a dynamic GradScaler (the FRPT
+    #: and VPTSP-G codes' choice) or off; CPU runs compute in fp32 whatever this says
+    amp: Literal["bf16", "fp16", "off"] = "bf16"
+    #: weight decay of bias parameters (-1 = weight_decay; fast-reid's WEIGHT_DECAY_BIAS, 0 in
+    #: the FRPT code recipe)
+    weight_decay_bias: float = -1.0
     #: fused optimiser kernels on CUDA (one launch updates every parameter); ignored elsewhere
     fused: bool = True
     #: torch.compile the training forward: "off", or a compile mode ("default", "reduce-overhead",
@@ -167,11 +175,14 @@ class EvalConfig:
     every: int = 1
     #: validation metric that selects the checkpoint: recall@1 | map@r
     select: Literal["recall@1", "map@r"] = "recall@1"
+    #: other datasets ("name" or "name=DIR") whose test splits the selected checkpoint is evaluated
+    #: on zero-shot at the end, beside the untrained backbone: transfer/<name>/* (forgetting)
+    transfer: list = field(default_factory=list)
 
 
 @dataclass
 class TrackingConfig:
-    #: MLflow tracking URI ('' = $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db)
+    #: MLflow tracking URI ('' = $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db, in $DMLBENCH_HOME if set)
     uri: str = ""
     #: experiment name ('' = dataset name)
     experiment: str = ""
@@ -217,6 +228,22 @@ class RunConfig:
     #: method-specific options (the method's config dataclass, resolved by name)
     method_args: Any = None
 
+
+
+def home() -> Path:
+    """Where outputs go by default: ``$DMLBENCH_HOME``, else the current directory (never the
+    package's own folder): ``mlflow.db``, study journals, ``checkpoints/``, ``reports/``,
+    ``data/`` for downloads. A ``$DMLBENCH_HOME`` that does not exist yet is created, as the
+    user named it on purpose."""
+    chosen = os.environ.get("DMLBENCH_HOME")
+    if not chosen:
+        return Path.cwd().resolve()
+    path = Path(chosen).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"DMLBENCH_HOME={chosen!r} cannot be created: {exc.strerror}") from None
+    return path
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:

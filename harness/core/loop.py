@@ -20,22 +20,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from harness import data
-from harness.core import checkpoint, interrupts
+from harness.core import checkpoint, interrupts, transfer
 from harness.core.backbones import Backbone, create_backbone
 from harness.core.config import RunConfig
 from harness.core.evaluation import FeatureCache, evaluate, metric_name
 from harness.core.measure import (
     autocast_for,
+    grad_scaler_for,
     peak_memory_gb,
     reset_peak_memory,
     synchronize,
+    system_sample,
 )
 from harness.core.model import DMLModel
+from harness.core.progress import EpochProgress, plan_line
 from harness.core.selection import Best, final_metrics, has_test, selection_key
 from harness.core.training import (
+    backward_and_step,
     build_model,
     make_optimizer,
     make_scheduler,
@@ -84,9 +87,12 @@ class Run:
     optimizer: torch.optim.Optimizer | None
     scheduler: Any
     epochs: int
+    scaler: torch.amp.GradScaler | None = None  # optim.amp=fp16 on CUDA
+    transfer: list = field(default_factory=list)  # eval.transfer's datasets (harness.core.transfer)
     checkpoints: Path = Path("checkpoints")  # the folder of the run's per-epoch checkpoint
     cache: FeatureCache | None = None
 
+    progress: bool = False  # progress lines off a terminal (dmlbench train)
     eval_seconds: float = 0.0  # wall time spent embedding and scoring splits (cost/eval_share)
     log_seconds: float = 0.0  # per-epoch MLflow logging and checkpointing
 
@@ -107,16 +113,21 @@ def train(
     tags: dict[str, str] | None = None,
     nested: bool = False,
     resume: str | None = None,
+    progress: bool = False,
 ) -> RunResult:
     """Train ``cfg.method`` and log everything to MLflow; returns the run's final metrics.
 
     ``resume``: the id of a killed or failed run of this config; it continues from its last
-    checkpoint (the epoch after the last completed one) in the same MLflow run.
+    checkpoint (the epoch after the last completed one) in the same MLflow run. ``progress``: say
+    what will be trained and how long it should take, and show progress off a terminal too.
     """
     import mlflow  # imported here so the benchmark runs where MLflow is not installed
 
     t_start = time.perf_counter()
     run = prepare(cfg)  # every input error is raised here, before an MLflow run exists
+    run.progress = progress
+    if progress and run.epochs:
+        print(plan_line(run), flush=True)
     ckpt_path = resumed = claim = None
     if resume:  # claimed before it is read: two resumes of one run never both train it
         ckpt_path = checkpoint.locate(mlflow.get_run(resume).data.tags.get("dmlbench.checkpoint", ""),
@@ -131,7 +142,9 @@ def train(
     # that study recovery can still find by its tags
     if cfg.tracking.system_metrics:  # CPU/GPU utilisation and memory under system/ in the UI
         mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+        # ERROR: no start/stop lines, and no sampler warning racing the one-line message when the
+        # server dies (the run's own writes report that failure, tests/test_server_faults.py)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     system = {"log_system_metrics": cfg.tracking.system_metrics}
     mlflow_run = mlflow.start_run(run_id=resume, nested=nested, **system) if resume else mlflow.start_run(
         run_name=cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}", nested=nested,
@@ -168,13 +181,15 @@ def train(
                 best.offer(run.model, epoch, row, selection_key(cfg))
             history.append({"epoch": float(epoch), **row})
             logged = time.perf_counter()
-            mlflow.log_metrics(row, step=epoch)
+            sample = system_sample(run.device) if cfg.tracking.system_metrics and epoch > 0 else {}
+            mlflow.log_metrics({**row, **sample}, step=epoch)
             if epoch > 0:
                 checkpoint.save(ckpt_path, snapshot(run, epoch, history, best, train_images, train_seconds))
             run.log_seconds += time.perf_counter() - logged
             if on_epoch is not None and evaluated:
                 on_epoch(epoch, row)
         final = final_metrics(run, history, best)
+        final.update(transfer.transfer_metrics(run, best.state, merged=bool(final.get("model/merged"))))
         synchronize(run.device)
         wall = time.perf_counter() - t_start
         final.update({
@@ -250,6 +265,7 @@ def prepare(cfg: RunConfig) -> Run:
     backbone = create_backbone(
         cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights, kwargs=cfg.model.backbone_kwargs
     )
+    transfers = transfer.prepare(cfg, backbone, device)  # copies the backbone before the method changes it
     model = prepare_for_device(build_model(cfg, splits.train.num_classes, backbone).to(device), cfg, device)
     tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
     checkpoints = checkpoint.checkpoint_dir(mlflow_uri(), cfg.tracking.checkpoint_dir)
@@ -282,7 +298,8 @@ def prepare(cfg: RunConfig) -> Run:
         ks=tuple(cfg.eval.ks) or tuple(splits.ks), amp=autocast_for(device, cfg.optim.amp), counts=counts,
         facts=facts,
         optimizer=optimizer, scheduler=scheduler, epochs=cfg.optim.epochs if optimizer is not None else 0,
-        checkpoints=checkpoints,
+        checkpoints=checkpoints, scaler=grad_scaler_for(device, cfg.optim.amp) if optimizer else None,
+        transfer=transfers,
     )
 
 
@@ -305,6 +322,7 @@ def snapshot(run: Run, epoch: int, history: list, best: "Best", images: int, sec
         "model": {k: v.detach().cpu() for k, v in run.model.trainable_state_dict().items()},
         "model_extra": run.model.resume_state(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else {},
         "rng": checkpoint.rng_state(run.loaders["train"].generator),
         "best_score": best.score, "best_epoch": best.epoch,
         "best_state": {k: v.cpu() for k, v in (best.state or {}).items()},
@@ -317,6 +335,8 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.model.load_resume_state(state.get("model_extra", {}))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(state["rng"], run.loaders["train"].generator)
 
 
@@ -337,7 +357,8 @@ def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
     extra_sums: dict[str, torch.Tensor] = {}
     steps = images_seen = 0
     batches = run.cache.batches(run.loaders["train"]) if run.cache is not None else run.loaders["train"]
-    for images, labels, index in tqdm(batches, desc=f"epoch {epoch}/{run.epochs}", leave=False, disable=None):
+    shown = EpochProgress(batches, epoch, run.epochs, len(run.loaders["train"]), cfg.data.batch_size, run.progress)
+    for images, labels, index in shown:
         if run.cache is not None:
             with run.amp():
                 loss = model.loss_from_features(run.cache.features["train"][0][index], labels)
@@ -346,10 +367,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
             with run.amp():
                 loss, extras = model.training_loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-        optimizer.step()
+        backward_and_step(loss, optimizer, trainable, cfg.optim.grad_clip, run.scaler)
         run.scheduler.step()
         model.after_step()
         interrupts.check()

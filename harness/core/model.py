@@ -137,18 +137,22 @@ class DMLModel(nn.Module):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, optim_cfg: Any, loss_cfg: Any) -> list[dict[str, Any]]:
-        """Parameter groups with per-role learning rates; each dict also carries a ``name``."""
-        roles: dict[str, list[nn.Parameter]] = {}
+        """Parameter groups with per-role learning rates; each dict also carries a ``name`` and its ``role``."""
+        # optim.weight_decay_bias >= 0: each role's biases form a group of their own ("<role>.bias")
+        split_bias = optim_cfg.weight_decay_bias >= 0
+        roles: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if p.requires_grad:
-                roles.setdefault(self.role_of(name), []).append(p)
+                bias = split_bias and name.rsplit(".", 1)[-1] == "bias"
+                roles.setdefault((self.role_of(name), bias), []).append(p)
         mult = {"head": optim_cfg.head_lr_mult, "criterion": loss_cfg.lr_mult}
         groups = [
-            {"name": role, "params": params, "lr": optim_cfg.lr * mult.get(role, 1.0)}
-            for role, params in roles.items()
+            {"name": role + (".bias" if bias else ""), "role": role, "params": params,
+             "lr": optim_cfg.lr * mult.get(role, 1.0), **({"weight_decay": optim_cfg.weight_decay_bias} if bias else {})}
+            for (role, bias), params in roles.items()
         ]
         for g in groups:  # the VPTSP-G code's lr_proxy: an absolute lr for the proxies
-            if g["name"] == "criterion" and loss_cfg.proxy_lr > 0:
+            if g["role"] == "criterion" and loss_cfg.proxy_lr > 0:
                 g["lr"] = loss_cfg.proxy_lr
         return groups
 

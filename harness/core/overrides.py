@@ -35,6 +35,10 @@ def parse_scalar(text: str) -> Any:
     return value
 
 
+#: boolean values of keys that became choices: configs written before keep their meaning
+_LEGACY = {("optim.amp", True): "bf16"}
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check/convert ``value`` to the annotated type ``typ``."""
     origin = typing.get_origin(typ)
@@ -53,6 +57,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 continue
         raise UserError(f"bad value {value!r} for '{key}': expected {typ}")
     if origin is typing.Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on as booleans; amp was a boolean once
+            value = _LEGACY.get((key, value), "on" if value else "off")
         if value not in typing.get_args(typ):
             raise UserError(
                 f"bad value {value!r} for '{key}'; valid: {', '.join(map(str, typing.get_args(typ)))}"
@@ -113,7 +119,8 @@ def set_key(cfg: RunConfig, dotted: str, value: Any) -> None:
         if part not in names:
             raise UserError(
                 f"unknown config key '{dotted}'{closest(dotted, _valid_keys(cfg))}"
-                + ("" if cfg.method_args is not None else " (method options live under method_args.)")
+                + ("" if cfg.method_args is not None or parts[0] in {f.name for f in dataclasses.fields(cfg)}
+                   else " (method options live under method_args.)")
             )
         if i == len(parts) - 1:
             current = getattr(obj, part)
@@ -155,3 +162,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+
+
+def precheck(overrides: dict[str, Any]) -> None:
+    """Check every key and value outside ``method_args`` against the schema alone, before torch,
+    timm and MLflow are imported: a typo answers in a fraction of a second."""
+    for key, value in overrides.items():
+        if not key.startswith("method_args"):
+            set_key(RunConfig(), key, value)

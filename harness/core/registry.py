@@ -65,6 +65,8 @@ class MethodSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     #: named presets: preset name -> run-config overrides (published configurations)
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the method's name as papers write it ("VPTSP-G", "full fine-tuning"), for tables and figures
+    display: str = ""
 
     def applies_to(self, family: str) -> bool:
         return family in self.families
@@ -85,6 +87,7 @@ def register_method(
     search_space: dict[str, dict[str, Any] | None] | None = None,
     defaults: dict[str, Any] | None = None,
     presets: dict[str, dict[str, Any]] | None = None,
+    display: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as method ``name``; its docstring's first line becomes the description."""
     if not dataclasses.is_dataclass(config):
@@ -122,6 +125,7 @@ def register_method(
             search_space={k: v for k, v in space.items() if v is not None},
             defaults=dict(defaults or {}),
             presets=dict(presets or {}),
+            display=display or name,
         )
         return fn
 

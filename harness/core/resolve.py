@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from harness.core import transfer
 from harness.core.backbones import auto_embed_dim, describe
 from harness.core.config import RunConfig, flat_get, flatten, to_dict
 from harness.core.overrides import load_yaml, set_key
@@ -58,6 +59,9 @@ def resolve(
     base_layers: list[dict[str, Any]] = [flatten(dataset.defaults), flatten(method.defaults)]
     if preset:
         recipe = {k: v for k, v in flatten(recipe).items() if k != "dataset"}
+        if "backbone" in recipe and pick("backbone", recipe["backbone"]) != recipe["backbone"]:
+            # the recipe's backbone options belong to its backbone, not to the one the user chose
+            recipe = {k: v for k, v in recipe.items() if not k.startswith("model.backbone_kwargs")}
         base_layers.append({**recipe, "recipe": f"{method.name}:{preset}"})
     for layer in base_layers + layers:
         for key, value in layer.items():
@@ -125,6 +129,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"bad value {cfg.optim.lr!r} for 'optim.lr': must be a finite number > 0")
     if not (math.isfinite(cfg.optim.min_lr) and 0 <= cfg.optim.min_lr < cfg.optim.lr):
         raise UserError(f"bad value {cfg.optim.min_lr!r} for 'optim.min_lr': must be in [0, optim.lr={cfg.optim.lr})")
+    transfer.parse(list(cfg.eval.transfer), cfg.dataset)  # names checked before anything loads
+    if not (cfg.optim.weight_decay_bias == -1 or 0 <= cfg.optim.weight_decay_bias < math.inf):
+        raise UserError(f"bad value {cfg.optim.weight_decay_bias!r} for 'optim.weight_decay_bias': "
+                        "must be >= 0, or -1 for optim.weight_decay")
     if not (math.isfinite(cfg.loss.proxy_lr) and cfg.loss.proxy_lr >= 0):
         raise UserError(f"bad value {cfg.loss.proxy_lr!r} for 'loss.proxy_lr': must be >= 0 (0 = lr * loss.lr_mult)")
     for key in ("data.random_erasing", "optim.warmup_factor", "loss.label_smoothing"):

@@ -56,7 +56,7 @@ def final_metrics(run: Any, history: list[dict[str, float]], best: Best) -> dict
         test = {metric_name(k): v for k, v in run.evaluate("test").items()}
     final.update({f"test/{k}": v for k, v in test.items()})
     tested = [h for h in history if "epoch_test/recall_at_1" in h]
-    if tested:
+    if tested and run.cfg.eval.test_every_epoch:  # the papers' protocol; epoch 0 alone selects nothing
         top = max(tested, key=lambda h: h["epoch_test/recall_at_1"])
         final["test/selected_recall_at_1"] = top["epoch_test/recall_at_1"]
         final["test/selected_epoch"] = top["epoch"]

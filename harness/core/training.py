@@ -58,6 +58,24 @@ def make_optimizer(model: DMLModel, cfg: RunConfig) -> torch.optim.Optimizer | N
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
+                      grad_clip: float, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward, clip (``grad_clip`` > 0) and step. With fp16's scaler: a scaled backward, the
+    true gradients clipped, the step skipped where they hold inf/NaN and the scale adapted."""
+    if scaler is None:
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def prepare_for_device(model: DMLModel, cfg: RunConfig, device: torch.device) -> DMLModel:
     """channels_last for CNNs on CUDA (``model.channels_last``: tensor cores read NHWC without
     transposes) and ``torch.compile`` of the training forward (``optim.compile``). Sets

@@ -19,6 +19,7 @@ from harness.data.splits import (
     n_val_classes,
     verify_splits,
     verify_tables,
+    evaluation_tables,
 )
 from harness.data.table import ImageTable, Splits
 from harness.data.transforms import make_transform
@@ -26,5 +27,5 @@ from harness.data.transforms import make_transform
 __all__ = [
     "Batches", "BatchTransform", "resolve_pipeline", "split_batches", "ClassBalancedBatchSampler", "DatasetSpec", "ImageDataset", "ImageTable", "Splits", "check_dataset",
     "class_groups", "crop_box", "read_all", "get_spec", "load_splits", "loader_workers", "make_loaders",
-    "make_transform", "n_val_classes", "resolve_root", "set_epoch", "spec_names", "verify_splits", "verify_tables",
+    "make_transform", "n_val_classes", "resolve_root", "set_epoch", "spec_names", "verify_splits", "verify_tables", "evaluation_tables",
 ]

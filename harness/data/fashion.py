@@ -45,9 +45,8 @@ def read_idx(path: Path) -> np.ndarray:
         raise UserError(f"cannot read idx file {real}: {exc}") from None
 
 
-@register("fashion_mnist")
-def read_fashion_mnist(root: Path, split_spec: dict) -> dict[str, ImageTable]:
-    """All 70,000 images pooled, then split by class (0-4 train, 5-9 test by default)."""
+def load_fashion(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All 70,000 images (uint8 28x28) and garment labels, train and test files pooled."""
     d = fashion_dir(root)
     if d is None:
         raise UserError(
@@ -58,5 +57,63 @@ def read_fashion_mnist(root: Path, split_spec: dict) -> dict[str, ImageTable]:
     labels = np.concatenate([read_idx(d / FASHION_FILES[1]), read_idx(d / FASHION_FILES[3])])
     if len(images) != len(labels):
         raise UserError(f"Fashion-MNIST in {d}: {len(images)} images but {len(labels)} labels")
-    names = dict(enumerate(FASHION_NAMES))
-    return _split_by_ranges(labels.astype(np.int64), split_spec, names, array=images)
+    return images, labels.astype(np.int64)
+
+
+@register("fashion_mnist")
+def read_fashion_mnist(root: Path, split_spec: dict) -> dict[str, ImageTable]:
+    """All 70,000 images pooled, then split by class (0-4 train, 5-9 test by default)."""
+    images, labels = load_fashion(root)
+    return _split_by_ranges(labels, split_spec, dict(enumerate(FASHION_NAMES)), array=images)
+
+
+#: readers of the Fashion-MNIST files (found by the same search: Debian's package, downloads)
+FASHION_READERS = ("fashion_mnist", "fashion_styles")
+#: ink: a pixel brighter than this (of 255)
+INK = 32
+AREA_BINS = ("smallest", "small", "large", "largest")
+ASPECT_BINS = ("wide", "tall")
+
+
+def style_labels(images: np.ndarray, garments: np.ndarray) -> np.ndarray:
+    """Each image's style within its garment class: the quartile of its ink area (pixels above
+    :data:`INK`) among that garment's images, times the half its ink bounding box's aspect
+    (height/width) falls in among the images of that garment and quartile. Ranks and integer
+    arithmetic only (ties broken by position): the same labels on every machine.
+    Returns ``garment * 8 + area_quartile * 2 + tall`` (0-79)."""
+    ink = images > INK
+    area = ink.sum(axis=(1, 2)).astype(np.int64)
+    rows, cols = ink.any(axis=2), ink.any(axis=1)
+    height = np.where(rows.any(1), 28 - rows.argmax(1) - rows[:, ::-1].argmax(1), 0)
+    width = np.where(cols.any(1), 28 - cols.argmax(1) - cols[:, ::-1].argmax(1), 1)
+    aspect = height * 1000 // np.maximum(width, 1)
+    styles = np.zeros(len(images), np.int64)
+    for g in np.unique(garments):
+        idx = np.flatnonzero(garments == g)
+        order = np.argsort(area[idx], kind="stable")  # quartiles by rank: ties split by position
+        quartile = np.empty(len(idx), np.int64)
+        quartile[order] = np.arange(len(idx)) * 4 // len(idx)
+        tall = np.zeros(len(idx), np.int64)
+        for q in range(4):  # taller or wider than the median of its garment and area quartile: halves
+            members = np.flatnonzero(quartile == q)
+            ranks = np.empty(len(members), np.int64)
+            ranks[np.argsort(aspect[idx][members], kind="stable")] = np.arange(len(members))
+            tall[members] = ranks * 2 // len(members)
+        styles[idx] = g * 8 + quartile * 2 + tall
+    return styles
+
+
+@register("fashion_styles")
+def read_fashion_styles(root: Path, split_spec: dict) -> dict[str, ImageTable]:
+    """Fashion-MNIST made fine-grained: each garment split into 8 styles (:func:`style_labels`),
+    80 classes; classes are numbered so that the training classes hold the smallest and third
+    area quartiles of every garment and the test classes the second and largest (class-disjoint,
+    every garment on both sides, as CUB's birds are birds on both sides)."""
+    images, garments = load_fashion(root)
+    styles = style_labels(images, garments)
+    garment, quartile, tall = styles // 8, styles % 8 // 2, styles % 2
+    # ids 1-40: quartiles 0 and 2 of each garment (train); 41-80: quartiles 1 and 3 (test)
+    ids = 1 + (quartile % 2) * 40 + garment * 4 + (quartile // 2) * 2 + tall
+    names = {int(i): f"{FASHION_NAMES[g]} ({AREA_BINS[q]} area, {ASPECT_BINS[t]})"
+             for i, g, q, t in zip(*np.unique(np.stack([ids, garment, quartile, tall]), axis=1))}
+    return _split_by_ranges(ids, split_spec, names, array=images)

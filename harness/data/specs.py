@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from harness.data.fashion import fashion_dir  # registers the fashion_mnist reader
+from harness.core.config import home
+from harness.data.fashion import FASHION_READERS, fashion_dir  # registers the Fashion-MNIST readers
 from harness.data.readers import READERS
 from harness.data.table import ImageTable
 from harness.errors import UserError, unknown
@@ -90,8 +91,8 @@ def _fashion_candidates() -> list[Path]:
             pass
     if DEBIAN_FASHION not in cands:
         cands.append(DEBIAN_FASHION)
-    cands.append(REPO / "data" / "fashion_mnist")
-    return cands
+    cands += [home() / "data" / "fashion_mnist", REPO / "data" / "fashion_mnist"]
+    return list(dict.fromkeys(cands))
 
 
 def _resolve_fashion() -> Path:
@@ -102,7 +103,7 @@ def _resolve_fashion() -> Path:
         found = fashion_dir(c)
         if found is not None:
             return found
-    target = REPO / "data" / "fashion_mnist"
+    target = home() / "data" / "fashion_mnist"  # downloads go where the user stands
     try:
         import torchvision
 
@@ -121,12 +122,17 @@ def _resolve_fashion() -> Path:
 
 def found_at(spec: DatasetSpec) -> Path | None:
     """Where dataset ``spec`` already is on disk (no download, no error), or None."""
-    if spec.reader == "fashion_mnist":
+    if spec.reader in FASHION_READERS:
         return next((found for c in _fashion_candidates() if (found := fashion_dir(c)) is not None), None)
+    return next((c for c in _root_candidates(spec) if c.exists()), None)
+
+
+def _root_candidates(spec: DatasetSpec) -> list[Path]:
+    """$DMLBENCH_DATA/<name>, then the spec's default root where the user stands and in the repo."""
     rel = Path(spec.default_root)
-    cands = ([Path(os.environ["DMLBENCH_DATA"]) / rel.name] if os.environ.get("DMLBENCH_DATA") else []) + [
-        rel if rel.is_absolute() else REPO / rel]
-    return next((c for c in cands if c.exists()), None)
+    cands = [Path(os.environ["DMLBENCH_DATA"]) / rel.name] if os.environ.get("DMLBENCH_DATA") else []
+    cands += [rel] if rel.is_absolute() else [home() / rel, REPO / rel]
+    return list(dict.fromkeys(cands))
 
 
 def resolve_root(spec: DatasetSpec, root: str = "") -> Path:
@@ -137,13 +143,9 @@ def resolve_root(spec: DatasetSpec, root: str = "") -> Path:
         if not path.exists():
             raise UserError(f"{spec.name} data folder {path} does not exist; {how}")
         return path
-    if spec.reader == "fashion_mnist":
+    if spec.reader in FASHION_READERS:
         return _resolve_fashion()
-    rel = Path(spec.default_root)
-    cands = []
-    if os.environ.get("DMLBENCH_DATA"):
-        cands.append(Path(os.environ["DMLBENCH_DATA"]) / rel.name)
-    cands.append(rel if rel.is_absolute() else REPO / rel)
+    cands = _root_candidates(spec)
     for c in cands:
         if c.exists():
             return c

@@ -5,6 +5,8 @@ quick-run subsets are drawn from independent seeded streams, so changing one lea
 """
 from __future__ import annotations
 
+import copy
+
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +111,14 @@ def _carve(raw: dict[str, ImageTable], data: Any, seed: int, ks: Sequence[int]) 
                 )
             setattr(out, name, t)
     return out
+
+
+def evaluation_tables(raw: dict[str, ImageTable], data: Any, seed: int) -> dict[str, ImageTable]:
+    """A dataset's test split (or query and gallery) under the run's caps, for evaluating a model
+    trained elsewhere (``eval.transfer``)."""
+    caps = copy.copy(data)
+    caps.val_fraction, caps.shots = 0.0, 0
+    return {k: v for k, v in _carve(raw, caps, seed, ()).eval_splits().items() if k != "val"}
 
 
 def load_splits(cfg: Any) -> Splits:

@@ -9,7 +9,7 @@ no date, so deleting the folder and rebuilding gives the same bytes.
 Files: ``report.md`` (everything, with figures linked), ``results.{csv,md,tex}`` (mean +- std over
 the reproduction seeds, test split, checkpoint selected on validation), ``published.{csv,md,tex}``
 (ours beside the papers, with the difference), ``table_<id>.{md,tex}`` (paper-shaped tables such as
-FRPT Tables 1-5), ``tuning.{csv,md}``, ``spec.yaml`` and ``figures/``.
+FRPT Tables 1-5), ``retention.{md,tex}`` (runs with ``eval.transfer``), ``tuning.{csv,md}``, ``spec.yaml`` and ``figures/``.
 """
 from __future__ import annotations
 
@@ -17,16 +17,19 @@ import os
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harness.errors import UserError
-from harness.reports.figures import bars_figure, curves_figure, tradeoff_figure
+from harness.core.config import home
+from harness.reports.figures import bars_figure, curves_figure, identical_groups, tradeoff_figure
 from harness.reports.formatting import md_table
 from harness.reports.published import matches, paper_tables, published_tables
+from harness.reports.retention import gain_retention_figure, retention_summary, retention_tables, transfer_datasets
 from harness.reports.runs import fetch_runs
 from harness.reports.tables import results_tables, summarize, summary_csv, tuning_table
-from harness.reports.tuning_figures import optuna_figures
-from harness.studies.spec import REPO_ROOT, StudySpec, dump_spec, load_spec
+from harness.reports.tuning_figures import history_figure, importance_figures
+from harness.studies.spec import StudySpec, dump_spec, load_spec
 
 MANIFEST = "MANIFEST.txt"
 
@@ -62,7 +65,7 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
     from harness.tracking.store import check_writable
 
     check_writable(uri)  # the report is logged to MLflow too: refuse before writing any file
-    out = Path(out_dir) if out_dir else REPO_ROOT / "reports" / spec.name
+    out = Path(out_dir) if out_dir else home() / "reports" / spec.name
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):
@@ -89,6 +92,14 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
         _write(out, f"table_{table_id}.md", md, written)
         _write(out, f"table_{table_id}.tex", tex, written)
 
+    untrained = frozenset(e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0)
+    retention = retention_summary(spec, runs) if transfer_datasets(runs) else None
+    retention_md = ""
+    if retention is not None:  # eval.transfer: what each method kept on the other datasets
+        retention_md, retention_tex = retention_tables(spec, summary, retention, untrained)
+        _write(out, "retention.md", retention_md, written)
+        _write(out, "retention.tex", retention_tex, written)
+
     tuning = tuning_table(spec, runs)
     _write(out, "tuning.csv", tuning.to_csv(index=False), written)
     _write(out, "spec.yaml", dump_spec(spec), written)
@@ -96,8 +107,7 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
     figures: list[tuple[str, Path]] = []
     for dataset in spec.datasets:
         path = out / "figures" / f"curves_{dataset}.png"
-        untrained = frozenset(e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0)
-        if curves_figure(spec, runs, dataset, path, untrained):
+        if curves_figure(spec, runs, dataset, path, untrained, summary=summary):
             figures.append((f"{dataset}: validation R@1 and training loss per epoch", path))
             written.append(path)
         elif path.exists():
@@ -114,14 +124,27 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
             if not on_gpu:
                 notes.append(f"{dataset}: no R@1 vs memory plot: these runs ran on the CPU, where peak memory is "
                              "the process's RSS (mostly the libraries), not the method's own cost")
+        path = out / "figures" / f"retention_{dataset}.png"
+        if retention is not None and gain_retention_figure(spec, summary, retention, dataset, path, untrained):
+            figures.append((f"{dataset}: gain on {dataset} vs R@1 kept on the other datasets", path))
+            written.append(path)
+        path = out / "figures" / "optuna" / f"{dataset}_history.png"
+        if history_figure(spec, dataset, path, notes, storage):
+            figures.append((f"{dataset}: Optuna optimisation history of every tuned method", path))
+            written.append(path)
         for entry in spec.entries:
             if entry.fixed:
                 continue
-            for p in optuna_figures(spec, dataset, entry, out / "figures" / "optuna", notes, storage):
-                kind = "Optuna optimisation history" if p.stem.endswith("_history") else "parameter importances"
-                figures.append((f"{dataset} / {entry.label}: {kind}", p))
+            for p in importance_figures(spec, dataset, entry, out / "figures" / "optuna", notes, storage):
+                figures.append((f"{dataset} / {entry.label}: parameter importances", p))
                 written.append(p)
 
+    for dataset in spec.datasets:
+        labels = {e.name: e.label for e in spec.entries}
+        for group in identical_groups(summary[summary["dataset"] == dataset]):
+            notes.append(f"{dataset}: {' and '.join(labels[n] for n in group)} give identical results (the same "
+                         "computation on this backbone, e.g. VPT's two variants on a CNN): one point in the trade-off "
+                         "figure, dashed lines in the curves")
     for dataset, entry in spec.units():
         n = int(summary[(summary["dataset"] == dataset) & (summary["entry"] == entry.name)]["seeds"].iloc[0])
         if n < len(spec.seeds):
@@ -129,7 +152,7 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
 
     written += [p.with_suffix(".pdf") for p in list(written) if p.suffix == ".png" and p.with_suffix(".pdf").exists()]
     report = _report_md(spec, results_md, published_md if paired else "", shaped, tuning, figures, notes, out,
-                        untrained_verdicts(spec, summary))
+                        untrained_verdicts(spec, summary), retention_md)
     _write(out, "report.md", report, written)
     _prune_stale(out, written)
     _log_to_mlflow(spec, out)
@@ -137,25 +160,36 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
 
 
 def untrained_verdicts(spec: StudySpec, summary: pd.DataFrame) -> list[str]:
-    """Per dataset, plainly: does any trained method beat the untrained reference rows on test R@1?"""
+    """Per dataset, plainly: does the best trained method beat the untrained pretrained backbone
+    on the test metric of the study's objective, by more than the seeds' spread?"""
     out = []
-    untrained = {e.name for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0}
+    references = [e for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0
+                  and e.overrides.get("model.pretrained", True) is not False]  # the backbone as it comes
+    key = "test/map_at_r" if spec.objective == "val_map_at_r" else "test/recall_at_1"
+    name = "MAP@R" if key == "test/map_at_r" else "R@1"
     for dataset in spec.datasets:
-        part = summary[summary["dataset"] == dataset].dropna(subset=["test/recall_at_1_mean"])
-        refs, trained = part[part["entry"].isin(untrained)], part[~part["entry"].isin(untrained)]
+        part = summary[summary["dataset"] == dataset].dropna(subset=[f"{key}_mean"])
+        refs = part[part["entry"].isin([e.name for e in references])]
+        trained = part[~part["entry"].isin([e.name for e in spec.entries if e.fixed])]
         if refs.empty or trained.empty:
             continue
-        ref, best = refs.loc[refs["test/recall_at_1_mean"].idxmax()], trained.loc[trained["test/recall_at_1_mean"].idxmax()]
-        a, b = best["test/recall_at_1_mean"] * 100, ref["test/recall_at_1_mean"] * 100
-        verdict = "beats" if a > b else "does not beat"
-        out.append(f"{dataset}: the best trained method ({best['label']}, test R@1 {a:.1f}) {verdict} the best "
-                   f"untrained row ({ref['label']}, {b:.1f}); with this budget and data"
-                   + (" tuning buys something." if a > b else ", training does not improve on the backbone."))
+        ref, best = refs.loc[refs[f"{key}_mean"].idxmax()], trained.loc[trained[f"{key}_mean"].idxmax()]
+        a, b = best[f"{key}_mean"] * 100, ref[f"{key}_mean"] * 100
+        spread = max(np.nan_to_num(best[f"{key}_std"]), np.nan_to_num(ref[f"{key}_std"])) * 100
+        if a - b > spread:
+            verdict = f"beats it by {a - b:.1f} points, more than the seeds' spread ({spread:.1f}): tuning buys something"
+        elif a > b:
+            verdict = f"is {a - b:.1f} points above it, within the seeds' spread ({spread:.1f}): no clear gain"
+        else:
+            verdict = "does not beat it: training does not improve on the backbone here"
+        out.append(f"{dataset}: the best trained method, {best['label']} (test {name} {a:.1f}), against the untrained "
+                   f"backbone ({ref['label']}, {b:.1f}) {verdict}.")
     return out
 
 
 def _report_md(spec: StudySpec, results_md: str, published_md: str, shaped: list, tuning: pd.DataFrame,
-               figures: list[tuple[str, Path]], notes: list[str], out: Path, verdicts: list[str]) -> str:
+               figures: list[tuple[str, Path]], notes: list[str], out: Path, verdicts: list[str],
+               retention_md: str = "") -> str:
     b = spec.budget
     lines = [f"# Study `{spec.name}`", ""]
     if spec.description:
@@ -180,6 +214,8 @@ def _report_md(spec: StudySpec, results_md: str, published_md: str, shaped: list
                   "column; the validation-selected figure is the fair one.", "", published_md]
     for _, title, md, _ in shaped:
         lines += [f"## {title}", "", "Each cell: ours (mean ± std over seeds, validation-selected) | paper.", "", md]
+    if retention_md:
+        lines += ["## Forgetting: zero-shot on the other datasets", "", retention_md]
     lines += ["## Tuning", "", md_table(list(tuning.columns), tuning.astype(str).values.tolist())]
     if figures:
         lines += ["## Figures", ""]

@@ -53,9 +53,9 @@ def tex_escape(text: Any) -> str:
 
 
 def tex_table(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str,
-              bold: Sequence[tuple[int, int]] = (), label: str = "") -> str:
+              bold: Sequence[tuple[int, int]] = (), label: str = "", wide: bool | None = None) -> str:
     """A booktabs LaTeX table via pandas' ``Styler``: ``bold`` cells (row, column) in bold, and
-    ``table*`` (both columns of a two-column paper) when there are more than 8 columns."""
+    ``table*`` (both columns of a two-column paper) when ``wide`` (default: more than 6 columns)."""
     import pandas as pd
 
     df = pd.DataFrame([list(r) for r in rows], columns=[f"c{i}" for i in range(len(headers))])
@@ -64,7 +64,7 @@ def tex_table(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: st
         marks.iloc[r, c] = "textbf:--rwrap;"
     styler = df.style.hide(axis="index").format(tex_escape).apply(lambda _: marks, axis=None)
     styler = styler.relabel_index([tex_escape(h) for h in headers], axis=1)
-    wide = len(headers) > 8
+    wide = len(headers) > 6 if wide is None else wide
     return styler.to_latex(
         environment="table*" if wide else "table", position="t", position_float="centering", hrules=True,
         column_format="l" * min(2, len(headers)) + "r" * max(0, len(headers) - 2),

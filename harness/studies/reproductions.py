@@ -43,6 +43,10 @@ def open_reproductions(spec: StudySpec, dataset: str, entry: Entry, storage: Any
         while "dmlbench.ready" not in study.user_attrs and time.monotonic() < deadline:
             time.sleep(0.5)
         return study if study.user_attrs.get("dmlbench.ready") else None
+    from harness.studies.storage import label_study
+
+    label_study(study, spec, dataset, entry, "test/recall_at_1")  # each seed's test R@1
+    study.set_user_attr("seeds", ", ".join(map(str, spec.seeds)))
     found = best()
     if found is not None:
         params, source = found

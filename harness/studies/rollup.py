@@ -39,12 +39,13 @@ def entry_rollup(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> t
                               filter_string=tag_filter(spec, dataset, entry, role="reproduction",
                                                        **{"dmlbench.status": "finished"}))
     if runs:
-        metrics["test/seeds"] = float(len(runs))
+        tags["dmlbench.seeds"] = str(len(runs))  # a count, not a chart
         for key in TEST_METRICS:
             values = np.array([r.data.metrics[key] for r in runs if key in r.data.metrics], dtype=float)
             if len(values):
                 metrics[f"{key}_mean"] = float(values.mean())
-                metrics[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                if len(values) > 1:  # one seed has no spread: no chart of zeros
+                    metrics[f"{key}_std"] = float(values.std(ddof=1))
         for key in CONSTANTS:
             values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
             if values:
@@ -69,7 +70,8 @@ def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
         # every `study run` process rolls up at its end, possibly at the same moment: retried
         retried(lambda: client.log_batch(parent, metrics=[Metric(k, v, now_ms(), 0) for k, v in metrics.items()],
                                          tags=[RunTag(k, v) for k, v in tags.items()]))
-        summary.setdefault(dataset, []).append({"entry": entry.name, "label": entry.label, **metrics})
+        summary.setdefault(dataset, []).append({"entry": entry.name, "label": entry.label, **metrics,
+                                                "test/seeds": int(tags.get("dmlbench.seeds", 0))})
     for dataset, rows in summary.items():
         exp = ensure_experiment(spec.experiments[dataset])
         found = client.search_runs([exp], filter_string=tag_filter(spec, dataset, role="study"))

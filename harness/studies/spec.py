@@ -335,10 +335,10 @@ def load_spec(path: str | Path) -> StudySpec:
         _check_space(space, f"search space of {ewhere}")
         if not fixed and not space:
             raise UserError(f"empty search space for {ewhere}: give a search_space or set 'fixed: true'")
-        if fixed:
-            space = {}
+        space = {} if fixed else space
         entries.append(Entry(
-            name=entry_name, method=spec.name, label=str(raw_entry.get("label") or entry_name),
+            name=entry_name, method=spec.name, label=str(raw_entry.get("label") or (  # as papers write it
+                spec.display if entry_name == spec.name else entry_name)),
             backbone=str(raw_entry.get("backbone") or backbone), overrides=entry_overrides,
             search_space=space, fixed=fixed, published_as=str(raw_entry.get("published_as") or spec.name),
             preset=None if raw_entry.get("preset") is None else str(raw_entry["preset"]),

@@ -8,16 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
-from harness.studies.spec import REPO_ROOT, Entry, StudySpec, grid_size
+from harness.studies.spec import Entry, StudySpec, grid_size
 
 
 def storage_url(spec: StudySpec, storage: str | None = None) -> str:
     """The Optuna storage to use: argument, spec, else a journal file beside the MLflow store
-    (``<dir of mlflow.db>/<study>.optuna.journal``; the repo root for a non-sqlite store)."""
+    (``<dir of mlflow.db>/<study>.optuna.journal``; ``$DMLBENCH_HOME`` or the current directory
+    for a server store)."""
+    from harness.core.config import home
+
     if storage or spec.storage:
         return storage or spec.storage
     uri = spec.tracking_uri
-    folder = Path(uri.removeprefix("sqlite:///")).resolve().parent if uri.startswith("sqlite:///") else REPO_ROOT
+    folder = Path(uri.removeprefix("sqlite:///")).resolve().parent if uri.startswith("sqlite:///") else home()
     return str(folder / f"{spec.name}.optuna.journal")
 
 
@@ -120,28 +123,6 @@ def open_rdb(url: str, attempts: int = 10) -> Any:
     raise AssertionError("unreachable")
 
 
-def make_sampler(spec: StudySpec, entry: Entry, offset: int = 0) -> Any:
-    """Seeded sampler; ``offset`` shifts the seed so workers and resumed runs draw fresh points."""
-    import optuna
-
-    name, seed = spec.sampler["name"], int(spec.sampler.get("seed", 0)) + offset
-    if name == "tpe":
-        kwargs = {"n_startup_trials": int(spec.sampler["n_startup_trials"])} if "n_startup_trials" in spec.sampler else {}
-        return optuna.samplers.TPESampler(seed=seed, **kwargs)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "bruteforce":
-        return optuna.samplers.BruteForceSampler(seed=seed)
-    grid = {}
-    for key, d in entry.search_space.items():
-        if d["type"] == "categorical":
-            grid[key] = list(d["choices"])
-        else:
-            n = grid_size({key: d}) or 1
-            grid[key] = [d["low"] + i * d["step"] for i in range(n)]
-    return optuna.samplers.GridSampler(grid, seed=seed)
-
-
 def make_pruner(spec: StudySpec) -> Any:
     import optuna
 
@@ -178,20 +159,28 @@ def open_existing_storage(url: str, spec_path: str | Path = "SPEC") -> Any | Non
 def open_study(spec: StudySpec, dataset: str, entry: Entry, storage: Any, offset: int = 0) -> Any:
     import optuna
 
+    from harness.studies.samplers import make_sampler  # imports optuna: not on the CLI's fast paths
+
     study = optuna.create_study(
         study_name=spec.study_name(dataset, entry), storage=storage, direction="maximize",
         sampler=make_sampler(spec, entry, offset), pruner=make_pruner(spec), load_if_exists=True,
     )
     if study.metric_names is None:  # optuna-dashboard then says what is maximised, once per study
-        with warnings.catch_warnings():  # experimental in Optuna 4-5, and stable enough for a label
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([spec.metric])
-        labels = {"dataset": dataset, "method": entry.method, "entry": entry.name, "backbone": entry.backbone,
-                  "recipe": entry.preset or "", "protocol": spec.protocol, "objective": spec.metric,
-                  "budget": f"{budget_of(spec, entry)} trials x {spec.budget.epochs} epochs",
-                  "mlflow_experiment": spec.experiments.get(dataset, dataset)}
-        for key, value in labels.items():
-            study.set_user_attr(key, value)
+        label_study(study, spec, dataset, entry, spec.metric)
     return study
 
 
+def label_study(study: Any, spec: StudySpec, dataset: str, entry: Entry, metric: str) -> None:
+    """Name the study's value (optuna-dashboard otherwise says "Objective 0") and record what it
+    is as user attributes: dataset, method, recipe, protocol, budget, MLflow experiment."""
+    import optuna
+
+    with warnings.catch_warnings():  # experimental in Optuna 4-5, and stable enough for a label
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
+    labels = {"dataset": dataset, "method": entry.method, "entry": entry.name, "backbone": entry.backbone,
+              "recipe": entry.preset or "default (harness defaults)", "protocol": spec.protocol, "objective": metric,
+              "budget": f"{budget_of(spec, entry)} trials x {spec.budget.epochs} epochs",
+              "mlflow_experiment": spec.experiments.get(dataset, dataset)}
+    for key, value in labels.items():
+        study.set_user_attr(key, value)

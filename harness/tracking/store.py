@@ -19,8 +19,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    """``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` where the user stands (``$DMLBENCH_HOME`` or
+    the current directory)."""
+    from harness.core.config import home
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
 
 
 def resolve_uri(uri: str = "") -> str:
@@ -95,12 +98,16 @@ def ensure_experiment(name: str) -> str:
     """Id of experiment ``name`` in the current store, created with :func:`artifact_root`."""
     import mlflow
 
+    from harness.tracking.links import KIND, KIND_TAG
+
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(KIND_TAG) != KIND:  # made before this tag: its pages would open in GenAI mode
+            retried(lambda: mlflow.MlflowClient().set_experiment_tag(found.experiment_id, KIND_TAG, KIND))
         return found.experiment_id
     root = artifact_root(mlflow.get_tracking_uri())
     try:
-        return mlflow.create_experiment(name, artifact_location=root and f"{root}/{name}")
+        return mlflow.create_experiment(name, artifact_location=root and f"{root}/{name}", tags={KIND_TAG: KIND})
     except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
         return mlflow.get_experiment_by_name(name).experiment_id
 

@@ -11,23 +11,35 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from harness.errors import UserError
 from harness.tracking.links import runs_view, wait_for
 
 
-def serve_ui(uri: str, host: str, port: int, timeout: float) -> int:
-    """Serve ``uri`` until interrupted; prints the runs view of the latest experiment."""
+def serve_ui(uri: str, host: str, port: int, timeout: float, verbose: bool = False) -> int:
+    """Serve ``uri`` until interrupted; prints the runs view of the latest experiment. MLflow's
+    own output (deprecation notices, one access-log line per request) goes to a log file unless
+    ``verbose``; its end is shown if the server does not come up."""
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    log = None if verbose else tempfile.NamedTemporaryFile("w+", prefix="dmlbench-ui-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT if log else None,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"} if log else None)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
     try:
         if not wait_for(base + "/health", proc, timeout_s=timeout):
+            tail = ""
+            if log is not None:
+                log.flush()
+                lines = [ln for ln in Path(log.name).read_text().splitlines() if ln.strip()]
+                tail = f"; its last line: {lines[-1][:200]}" if lines else ""
             raise UserError(f"the MLflow UI did not answer on {base} within {timeout:.0f} s "
-                            f"(port {port} in use? try --port)")
-        print(f"MLflow UI for {uri}: {base}/{runs_view(uri)}", flush=True)
+                            f"(port {port} in use? try --port){tail}")
+        print(f"MLflow UI for {uri}: {base}/{runs_view(uri)}" + ("" if verbose else f"  (server log: {log.name})"),
+              flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
