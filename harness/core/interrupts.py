@@ -21,6 +21,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _requested = threading.Event()
@@ -86,6 +88,27 @@ def check() -> None:
         raise exc
     if _requested.is_set():
         raise _interrupt(signal.SIGTERM if _signal_name[0] == "SIGTERM" else signal.SIGINT)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """A signal arriving inside the block acts when it ends, through the handler it would have met
+    (raise at once in ``dmlbench train``, set the flag in a study worker): an epoch's metrics and its
+    checkpoint land together, so a logged epoch can always be resumed after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    pending: list[int] = []
+    for s in previous:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending and callable(previous[pending[0]]):
+        previous[pending[0]](pending[0], None)
 
 
 def exit_code(exc: BaseException) -> int:

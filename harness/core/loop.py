@@ -26,14 +26,8 @@ from harness.core import checkpoint, interrupts, transfer
 from harness.core.backbones import Backbone, create_backbone
 from harness.core.config import RunConfig
 from harness.core.evaluation import FeatureCache, evaluate, metric_name
-from harness.core.measure import (
-    autocast_for,
-    grad_scaler_for,
-    peak_memory_gb,
-    reset_peak_memory,
-    synchronize,
-    system_sample,
-)
+from harness.core.measure import (autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize,
+                                  system_sample)
 from harness.core.model import DMLModel
 from harness.core.progress import EpochProgress, plan_line
 from harness.core.selection import Best, final_metrics, has_test, selection_key
@@ -182,9 +176,10 @@ def train(
             history.append({"epoch": float(epoch), **row})
             logged = time.perf_counter()
             sample = system_sample(run.device) if cfg.tracking.system_metrics and epoch > 0 else {}
-            mlflow.log_metrics({**row, **sample}, step=epoch)
-            if epoch > 0:
-                checkpoint.save(ckpt_path, snapshot(run, epoch, history, best, train_images, train_seconds))
+            with interrupts.held():  # a logged epoch has its checkpoint: a signal waits for both
+                mlflow.log_metrics({**row, **sample}, step=epoch)
+                if epoch > 0:
+                    checkpoint.save(ckpt_path, snapshot(run, epoch, history, best, train_images, train_seconds))
             run.log_seconds += time.perf_counter() - logged
             if on_epoch is not None and evaluated:
                 on_epoch(epoch, row)
