@@ -46,6 +46,19 @@ def killed_run(tracking_uri: str, *extra: str) -> str:
     return run.info.run_id
 
 
+def fill(folder: Path) -> Path:
+    """Take every byte left on ``folder``'s disk with one file; returns it (unlink to free)."""
+    filler = folder / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
 def checkpoint_of(run_id: str, tracking_uri: str) -> Path:
     from harness.core.checkpoint import locate
 
@@ -159,14 +172,7 @@ def test_a_full_disk_is_one_line_nothing_partial_and_a_resumable_run(tmp_path, t
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: any(folder.glob("*.pt")))
-        filler = folder / "filler"
-        with open(filler, "wb") as fh:  # take every byte left
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        filler = fill(folder)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -197,16 +203,9 @@ def test_a_full_disk_under_the_store_itself_is_one_line_and_resumable(tmp_path, 
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", uri], cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    filler = folder / "filler"
     try:
         wait_for(lambda: training_runs(uri))
-        with open(filler, "wb") as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        filler = fill(folder)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
