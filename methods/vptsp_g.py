@@ -22,19 +22,22 @@ optimizer step (:meth:`after_step`) h_c is written into the ``proxy_container`` 
 the checkpoint).
 
 Memory bank (``memory_bank: true``, the code's choice for SOP / In-Shop): the class prompts and
-their optimizer state stay on the CPU. The outer optimizer only sees ``proxy_class_slot``, one row
-per class of a batch: before the forward the batch's rows are copied in; global optimizer step
-hooks swap the matching rows of the optimizer's state (momentum / Adam moments; the shared step
-count stays the optimizer's) in before ``step()`` and copy values and state back out after it.
-Classes absent from a batch are not touched ("lazy" update: no momentum or weight-decay drift,
-as in the code); with every class in every batch it equals the on-device update exactly.
+their optimizer state stay in host memory; the outer optimizer only sees ``proxy_class_slot``, one
+row per class of a batch, filled before the forward pass and written back after the step without
+the host ever waiting for the device (:mod:`methods._memory_bank`).
+
+No step reads a device value on the host: the batch's grouping by class (which classes, how many
+samples each, in which order) is computed on the host from the labels the sampler drew
+(:meth:`VPTSPGModel.before_step`) and sent over in one non-blocking copy. Called without it (a
+direct ``training_loss`` call, outside the loop), the grouping is computed on the device, which
+costs two host syncs (``torch.unique`` and the largest count).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,8 +45,10 @@ from torch import nn
 from harness.core.losses import ProxyAnchorLoss
 from harness.core.model import BuildContext, DMLModel, EmbeddingHead, freeze
 from harness.core.registry import register_method
+from harness.data.augment import to_device
 from harness.errors import UserError
 from methods import _vptspg_recipes as vptspg_recipes
+from methods._memory_bank import HostBank
 from methods._vit import (
     check_plain_vit,
     embed_tokens,
@@ -109,16 +114,48 @@ class GRUIntegrator(nn.Module):
         return self.dropout((1 - z) * n + z * h)
 
 
-def group_by_class(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(classes, per_class, mask)``: per_class[u, t] = t-th sample of class u in batch order."""
-    classes, inverse, counts = torch.unique(labels, sorted=True, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(labels), device=labels.device) - starts[inverse[order]]
-    per_class = values.new_zeros(len(classes), int(counts.max()), values.shape[-1])
-    per_class = per_class.index_put((inverse[order], rank), values[order])
-    mask = torch.arange(per_class.shape[1], device=labels.device) < counts[:, None]
-    return classes, per_class, mask
+@dataclass
+class Grouping:
+    """A batch grouped by class, on the device: ``classes`` (sorted), each sample's row in
+    ``classes`` (``rows``), the samples in class order (``order``) with their class row
+    (``sorted_rows``) and rank within the class (``rank``), the count per class and the largest."""
+
+    classes: torch.Tensor
+    rows: torch.Tensor
+    order: torch.Tensor
+    sorted_rows: torch.Tensor
+    rank: torch.Tensor
+    counts: torch.Tensor
+    width: int
+    host_classes: np.ndarray | None = None
+
+
+def host_grouping(labels: np.ndarray, device: torch.device) -> Grouping:
+    """The grouping computed on the host and sent over in one non-blocking copy: no sync."""
+    classes, rows, counts = np.unique(np.asarray(labels, np.int64), return_inverse=True, return_counts=True)
+    rows = rows.reshape(-1)
+    order = np.argsort(rows, kind="stable")
+    rank = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows[order]]
+    parts = [classes, rows, order, rows[order], rank, counts]
+    packed = to_device(np.concatenate(parts).astype(np.int64), device)
+    split = packed.split([len(p) for p in parts])
+    return Grouping(*split, width=int(counts.max()), host_classes=classes)
+
+
+def device_grouping(labels: torch.Tensor) -> Grouping:
+    """The same grouping computed on the device (``torch.unique``, the largest count: two syncs)."""
+    classes, rows, counts = torch.unique(labels, sorted=True, return_inverse=True, return_counts=True)
+    order = torch.argsort(rows, stable=True)
+    rank = torch.arange(len(labels), device=labels.device) - (torch.cumsum(counts, 0) - counts)[rows[order]]
+    return Grouping(classes, rows, order, rows[order], rank, counts, width=int(counts.max()))
+
+
+def group_by_class(values: torch.Tensor, g: Grouping) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per_class, mask)``: per_class[u, t] = the t-th sample of class u in batch order."""
+    per_class = values.new_zeros(len(g.classes), g.width, values.shape[-1])
+    per_class = per_class.index_put((g.sorted_rows, g.rank), values[g.order])
+    mask = torch.arange(g.width, device=values.device) < g.counts[:, None]
+    return per_class, mask
 
 
 class VPTSPGModel(PromptedViT):
@@ -146,44 +183,54 @@ class VPTSPGModel(PromptedViT):
         self.proxy_bias = nn.Parameter(nn.init.xavier_uniform_(torch.empty(num_classes, dim)) / 8.0)
         self.register_buffer("proxy_container", F.normalize(nn.init.xavier_uniform_(torch.empty(num_classes, dim)), dim=1))
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._grouping: Grouping | None = None  # the batch's, from before_step
         if not self.memory_bank:
             self.proxy_class_prompts = nn.ParameterList([nn.Parameter(t) for t in class_prompts])
             return
-        # memory bank: CPU tensors kept out of the module tree, so model.to(device) leaves them
-        self._bank = [t.contiguous() for t in class_prompts]
-        self._bank_state: list[dict[str, torch.Tensor]] = [{} for _ in class_prompts]
+        # memory bank: host tensors kept out of the module tree, so model.to(device) leaves them
+        self._bank = HostBank(class_prompts)
         self.proxy_class_slot = nn.ParameterList(
             [nn.Parameter(torch.zeros(slot_rows, t.shape[1], t.shape[2])) for t in class_prompts]
         )
-        self._slot_classes = torch.zeros(0, dtype=torch.long)
-        _BANK_MODELS.add(self)
-        _install_optimizer_hooks()
 
     # ------------------------------------------------------------------ proxy path
-    def class_layer_prompts(self, labels: torch.Tensor) -> list[torch.Tensor]:
-        """Each sample's class prompts per layer, ``(B, n_l, D)``; loads the bank rows if needed."""
+    def before_step(self, optimizer: torch.optim.Optimizer | None, labels: np.ndarray) -> None:
+        """The batch's grouping by class from its host labels; the memory bank loads its rows."""
+        device = self.proxy_container.device
+        self._grouping = host_grouping(labels, device)
+        if self.memory_bank:
+            classes = self._grouping.host_classes
+            slots = self.proxy_class_slot[0].shape[0]
+            if len(classes) > slots:
+                raise ValueError(f"batch holds {len(classes)} classes, the memory-bank slot only {slots}")
+            self._bank.load(self.proxy_class_slot, optimizer, classes)
+
+    def grouping(self, labels: torch.Tensor) -> Grouping:
+        """This batch's grouping: from :meth:`before_step` (used once), else computed on the device."""
+        g, self._grouping = self._grouping, None
+        if g is not None:
+            return g
+        if self.memory_bank:
+            raise RuntimeError("memory bank: call before_step(optimizer, host labels) before training_loss "
+                               "(the training loop does), so the batch's rows are loaded")
+        return device_grouping(labels)
+
+    def class_layer_prompts(self, labels: torch.Tensor, g: Grouping) -> list[torch.Tensor]:
+        """Each sample's class prompts per layer, ``(B, n_l, D)``."""
         if not self.memory_bank:
             return [p[labels] for p in self.proxy_class_prompts]
-        classes, rows = torch.unique(labels, sorted=True, return_inverse=True)
-        slots = self.proxy_class_slot[0].shape[0]
-        if len(classes) > slots:
-            raise ValueError(f"batch holds {len(classes)} classes, the memory-bank slot only {slots}")
-        self._slot_classes = classes.cpu()
-        with torch.no_grad():
-            for slot, bank in zip(self.proxy_class_slot, self._bank):
-                slot.zero_()
-                slot[: len(classes)] = bank[self._slot_classes].to(slot.device)
-        return [slot[rows] for slot in self.proxy_class_slot]
+        return [slot[g.rows] for slot in self.proxy_class_slot]
 
-    def proxy_observations(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def proxy_observations(self, images: torch.Tensor, labels: torch.Tensor, g: Grouping) -> torch.Tensor:
         """Second pass with class prompts in place of the shared ones -> normalised proxy head output."""
         tokens = embed_tokens(self.backbone, images)
-        tokens = run_blocks(self.backbone, tokens, self.class_layer_prompts(labels), "vptspg")
+        tokens = run_blocks(self.backbone, tokens, self.class_layer_prompts(labels, g), "vptspg")
         return F.normalize(self.proxy_head(pool_tokens(self.backbone, tokens)).float(), dim=-1)
 
-    def integrate(self, observations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def integrate(self, observations: torch.Tensor, g: Grouping) -> tuple[torch.Tensor, torch.Tensor]:
         """``(classes, h)``: each batch class's container value updated by its observations, renormalised."""
-        classes, per_class, mask = group_by_class(observations, labels)
+        classes = g.classes
+        per_class, mask = group_by_class(observations, g)
         h = self.proxy_container[classes]
         if self.proxy_integrator is not None:
             for t in range(per_class.shape[1]):
@@ -201,17 +248,21 @@ class VPTSPGModel(PromptedViT):
         return F.normalize(lam * self.proxy_bias + (1 - lam) * container, dim=-1)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        g = self.grouping(labels)
         embeddings = self.head(self.features(images))
-        classes, h = self.integrate(self.proxy_observations(images, labels), labels)
+        classes, h = self.integrate(self.proxy_observations(images, labels, g), g)
         self._pending = (classes, h.detach())
         return self.criterion(embeddings, labels, proxies=self.proxies(classes, h)), {}
 
-    def after_step(self) -> None:
-        """Write the batch's integrated values into the container (detached: the next step starts there)."""
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Write the batch's integrated values into the container (detached: the next step starts
+        there); the memory bank starts copying the batch's updated rows back to the host."""
         if self._pending is not None:
             classes, h = self._pending
             self.proxy_container[classes] = h.to(self.proxy_container.dtype)
             self._pending = None
+        if self.memory_bank:
+            self._bank.save(self.proxy_class_slot, optimizer)
 
     # ------------------------------------------------------------------ optimisation
     def role_of(self, name: str) -> str:
@@ -225,56 +276,27 @@ class VPTSPGModel(PromptedViT):
                 g["lr"], g["schedule"] = self.cfg.lr_proxy, self.cfg.proxy_schedule
         return groups
 
-    # ------------------------------------------------------------------ memory bank plumbing
-    def _slot_in(self, optimizer: torch.optim.Optimizer) -> bool:
-        first = self.proxy_class_slot[0]
-        return any(p is first for g in optimizer.param_groups for p in g["params"])
-
-    def _row_states(self, optimizer: torch.optim.Optimizer):
-        """(layer, key, optimizer state tensor) for every per-row state of the slot parameters."""
-        for layer, slot in enumerate(self.proxy_class_slot):
-            for key, value in optimizer.state.get(slot, {}).items():
-                if torch.is_tensor(value) and value.shape == slot.shape:
-                    yield layer, key, value
-
-    def bank_load_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Before ``step()``: the batch classes' optimizer state rows into the slot's state."""
-        n = len(self._slot_classes)
-        with torch.no_grad():
-            for layer, key, value in self._row_states(optimizer):
-                bank = self._bank_state[layer].setdefault(key, torch.zeros_like(self._bank[layer]))
-                value.zero_()
-                value[:n] = bank[self._slot_classes].to(value.device, value.dtype)
-
-    def bank_save(self, optimizer: torch.optim.Optimizer) -> None:
-        """After ``step()``: updated prompt rows and their optimizer state back to the CPU bank."""
-        n, rows = len(self._slot_classes), self._slot_classes
-        with torch.no_grad():
-            for slot, bank in zip(self.proxy_class_slot, self._bank):
-                bank[rows] = slot[:n].detach().to("cpu", bank.dtype)
-            for layer, key, value in self._row_states(optimizer):
-                bank = self._bank_state[layer].setdefault(key, torch.zeros_like(self._bank[layer]))
-                bank[rows] = value[:n].to("cpu", bank.dtype)
-
+    # ------------------------------------------------------------------ memory bank state
     def resume_state(self) -> dict[str, Any]:
         if not self.memory_bank:  # on the device the optimizer's own state holds every row
             return {}
-        return {"bank_state": [{k: v.clone() for k, v in layer.items()} for layer in self._bank_state]}
+        state = self._bank.synced().state
+        return {"bank_state": [{k: v.clone() for k, v in layer.items()} for layer in state]}
 
     def load_resume_state(self, state: dict[str, Any]) -> None:
         if self.memory_bank and "bank_state" in state:
-            self._bank_state = [dict(layer) for layer in state["bank_state"]]
+            self._bank.replace(state=state["bank_state"])
 
     def class_prompt_values(self) -> list[torch.Tensor]:
         """Current class prompts per layer ``(C, n_l, D)``, wherever they live."""
         if self.memory_bank:
-            return list(self._bank)
+            return list(self._bank.synced().values)
         return [p.detach() for p in self.proxy_class_prompts]
 
     def count_parameters(self) -> dict[str, int]:
         counts = super().count_parameters()
         if self.memory_bank:  # count the bank, not the slot
-            delta = sum(b.numel() for b in self._bank) - sum(s.numel() for s in self.proxy_class_slot)
+            delta = sum(b.numel() for b in self._bank.values) - sum(s.numel() for s in self.proxy_class_slot)
             counts["params/trainable"] += delta
             counts["params/total"] += delta
         return counts
@@ -283,45 +305,17 @@ class VPTSPGModel(PromptedViT):
         state = super().trainable_state_dict()
         if self.memory_bank:  # same keys as on-device mode, so checkpoints are interchangeable
             state = {k: v for k, v in state.items() if not k.startswith("proxy_class_slot")}
-            state.update({f"proxy_class_prompts.{i}": b for i, b in enumerate(self._bank)})
+            state.update({f"proxy_class_prompts.{i}": b for i, b in enumerate(self._bank.synced().values)})
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.memory_bank:
             state = dict(state)
-            for i, bank in enumerate(self._bank):
-                if f"proxy_class_prompts.{i}" in state:
-                    bank.copy_(state.pop(f"proxy_class_prompts.{i}"))
+            keys = [f"proxy_class_prompts.{i}" for i in range(len(self._bank.values))]
+            if any(k in state for k in keys):
+                self._bank.replace(values=[state.pop(k) if k in state else v.clone()
+                                           for k, v in zip(keys, self._bank.synced().values)])
         super().load_trainable_state_dict(state)
-
-
-# ---------------------------------------------------------------------------- optimizer hooks
-_BANK_MODELS: "weakref.WeakSet[VPTSPGModel]" = weakref.WeakSet()
-_HOOKS: list = []
-
-
-def _pre_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    for model in list(_BANK_MODELS):
-        if model._slot_in(optimizer):
-            model.bank_load_state(optimizer)
-
-
-def _post_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    for model in list(_BANK_MODELS):
-        if model._slot_in(optimizer):
-            model.bank_save(optimizer)
-
-
-def _install_optimizer_hooks() -> None:
-    """Register the global step hooks once: whichever loop steps the optimizer, the bank follows."""
-    if not _HOOKS:
-        from torch.optim.optimizer import (
-            register_optimizer_step_post_hook,
-            register_optimizer_step_pre_hook,
-        )
-
-        _HOOKS.append(register_optimizer_step_pre_hook(_pre_step))
-        _HOOKS.append(register_optimizer_step_post_hook(_post_step))
 
 
 # ---------------------------------------------------------------------------- builders

@@ -1,4 +1,5 @@
-"""The benchmark, the prepared GPU script at toy sizes on CPU, study plans and device placement."""
+"""The benchmark, the prepared GPU script's training stages at toy sizes on CPU, study plans and
+device placement (the GPU window's own behaviour: tests/test_gpu_window.py)."""
 from __future__ import annotations
 
 import json
@@ -19,38 +20,42 @@ STAGES = {"read", "decode", "augment", "to_float_normalise", "collate_transfer",
           "evaluation", "logging"}
 
 
-def test_gpu_script_runs_end_to_end_at_tiny_sizes(tmp_path):
-    """benchmarks/gpu.sh --tiny on CPU: every step runs, every record has its fields, K = 1 and 2
-    concurrent trials per device (--devices cpu --workers-per-device K) use the budget exactly
-    once and leave nothing RUNNING."""
+def test_gpu_window_trains_decodes_and_shares_a_device_at_tiny_sizes(tmp_path):
+    """benchmarks/gpu.sh --tiny on CPU, the stages that train: the data path per pipeline and
+    train() end to end for full fine-tuning, BitFit and VPTSP-G's memory bank, a SOP-shaped
+    folder decoded every batch, K = 2 concurrent trials per device that use the budget exactly
+    once and leave nothing RUNNING, and the decode check; each record with its fields."""
+    from harness.bench.records import read
+
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "PYTHON": sys.executable, "DMLBENCH_BENCH_WORKDIR": str(work), "TINY_METHODS": "bitfit"}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(out), "--tiny"], env=env,
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(out), "--tiny", "--stages",
+                           "e2e,sop,concurrency,decode", "--workdir", str(work)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["concurrency/benchmark.json", "cub/benchmark.json", "decode.json", "env.json",
-                     "sop/benchmark.json", "summary.md"]  # the device tool brings back at most 8 files
-    cub = json.loads((out / "cub" / "benchmark.json").read_text())
-    methods = {r["pipeline"]: r for r in cub if r["kind"] == "method"}
-    assert set(methods) == {"legacy", "cpu", "device"}
-    for pipeline in ("cpu", "device"):
-        r = methods[pipeline]
-        for key in ("method", "img_s", "peak_gb", "data_img_s", "baseline_img_s", "pipeline_img_s", "eval_share"):
-            assert r[key] is not None, (pipeline, key)
-        assert set(r["stages_ms"]) == STAGES and all(v >= 0 for v in r["stages_ms"].values())
-        assert r["img_s"] > 0 and r["data_img_s"] > 0 and 0 < r["eval_share"] < 1
-    assert set(methods["legacy"]["stages_ms"]) == STAGES - {"evaluation", "logging"}
-    kinds = {r["kind"] for r in cub}
-    assert {"evaluation", "plain_pipeline"} <= kinds
-    runs = [r for r in json.loads((out / "concurrency" / "benchmark.json").read_text()) if r["kind"] == "concurrency"]
-    assert [(r["k"], r["trials"], r["budget"]) for r in runs] == [(1, 2, 2), (2, 2, 2)]
-    decode = json.loads((out / "decode.json").read_text())
+    records = read(out)
+    assert [r["status"] for r in records if r.get("kind") == "stage"] == ["ok"] * 4
+    e2e = [r for r in records if r["stage"] == "e2e" and r.get("kind") is None]
+    paths = {r["pipeline"]: r for r in e2e if r["method"].startswith("data path")}
+    assert set(paths) == {"cpu", "device"}
+    for r in paths.values():
+        assert set(r["stages"]) == STAGES - {"step", "evaluation", "logging"} and r["pipeline_img_s"] > 0
+        assert r["decoder"] == "cpu"  # no CUDA: the device pipeline decodes on the CPU, and says so
+    trained = {(r["method"], r["pipeline"]): r for r in e2e if not r["method"].startswith("data path")}
+    assert set(trained) == {(m, p) for m in ("full_finetune", "bitfit", "vptsp_g (memory bank)")
+                            for p in ("cpu", "device")}
+    for r in trained.values():
+        assert r["status"] == "ok" and r["data_img_s"] > 0 and 0 < r["eval_share"] < 1 and r["decoder"] == "cpu", r
+    (sop,) = [r for r in records if r["stage"] == "sop" and r["method"] == "bitfit"]
+    assert sop["pipeline"] == "device" and "train=cpu" in sop["decoded_batches"]
+    (k2,) = [r for r in records if r["stage"] == "concurrency" and r.get("kind") == "concurrency"]
+    assert (k2["k"], k2["trials"], k2["budget"], k2["status"]) == (2, 2, 2, "ok")
+    (decode,) = [r for r in records if r["stage"] == "decode" and r.get("kind") is None]
     assert decode["decode_max_abs_diff"] == 0 and decode["test_transform_max_abs_diff"] == 0  # CPU: same library
     summary = (out / "summary.md").read_text()
-    assert "| data path, host ms per image |" in summary and "concurrent trials per device" in summary
-    k2 = work / "concurrency" / "k2"
-    with sqlite3.connect(k2 / "k2.db") as con:
+    assert "| data path, host ms per image |" in summary and "## concurrency: ok" in summary
+    k2_dir = work / "concurrency" / "k2"
+    with sqlite3.connect(k2_dir / "k2.db") as con:
         states = con.execute("select status from runs").fetchall()
         trial_runs = con.execute("select count(*) from tags where key = 'dmlbench.role' and value = 'trial'").fetchone()
     assert ("RUNNING",) not in states and trial_runs[0] == 2
@@ -59,7 +64,7 @@ def test_gpu_script_runs_end_to_end_at_tiny_sizes(tmp_path):
     from harness.studies.spec import load_spec
     from harness.studies.storage import open_storage, open_study, storage_url
 
-    spec = load_spec(k2 / "study.yaml")
+    spec = load_spec(k2_dir / "study.yaml")
     store = open_storage(storage_url(spec, None))
     trials = [t for d, e in spec.units() for t in open_study(spec, d, e, store).get_trials(deepcopy=False)]
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2

@@ -21,6 +21,7 @@ from harness.core.model import BuildContext
 from harness.core.registry import get_method
 from harness.core.resolve import resolve
 from harness.errors import UserError
+from methods.vptsp_g import device_grouping, group_by_class, host_grouping
 
 VIT = "vit_small_patch16_224"
 TINY_VIT = {"img_size": 32, "depth": 2}
@@ -78,13 +79,15 @@ def optimizer(model, name: str = "sgd", lr: float = 0.05):
 
 
 def step(model, opt, x, y, clip: float = 0.0) -> float:
+    """One step as the loop takes it: the host-side hook first, then loss, backward, step, hook."""
+    model.before_step(opt, y.numpy())
     loss, _ = model.training_loss(x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
     opt.step()
-    model.after_step()
+    model.after_step(opt)
     return loss.item()
 
 
@@ -324,7 +327,7 @@ def test_gru_integration_equals_hand_computation():
     container = model.proxy_container.double().numpy()
     obs = F.normalize(torch.randn(6, 4), dim=1)
     labels = torch.tensor([2, 2, 0, 0, 2, 1])  # class 2 seen 3 times, not consecutively
-    classes, h = model.integrate(obs, labels)
+    classes, h = model.integrate(obs, host_grouping(labels.numpy(), obs.device))
     assert classes.tolist() == [0, 1, 2]
     o = obs.double().numpy()
     expected = {
@@ -337,11 +340,26 @@ def test_gru_integration_equals_hand_computation():
         assert np.allclose(h[row].detach().double().numpy(), e, atol=1e-5)
 
 
+@pytest.mark.parametrize("labels", [[2, 2, 0, 0, 2, 1], [5, 5, 1, 1, 3, 3, 1, 5], [7], [0, 1, 2, 3]])
+def test_host_grouping_is_the_device_grouping(labels):
+    """The grouping the loop plans on the host (no sync) is exactly torch.unique's on the device."""
+    y = torch.tensor(labels)
+    values = torch.randn(len(labels), 3)
+    host, dev = host_grouping(y.numpy(), y.device), device_grouping(y)
+    for name in ("classes", "rows", "order", "sorted_rows", "rank", "counts"):
+        assert torch.equal(getattr(host, name), getattr(dev, name)), name
+    assert host.width == dev.width and host.host_classes.tolist() == sorted(set(labels))
+    per_class, mask = group_by_class(values, host)
+    for u, c in enumerate(sorted(set(labels))):  # the t-th sample of class c, in batch order
+        members = [i for i, v in enumerate(labels) if v == c]
+        assert torch.equal(per_class[u, : len(members)], values[members]) and mask[u].sum() == len(members)
+
+
 def test_ema_integration_equals_hand_computation():
     model = build("vptsp_ema", embed_dim=4, num_classes=2, ema_momentum=0.7)
     obs = F.normalize(torch.randn(4, 4), dim=1)
     labels = torch.tensor([1, 1, 0, 0])
-    classes, h = model.integrate(obs, labels)
+    classes, h = model.integrate(obs, device_grouping(labels))
     c = model.proxy_container
     for row, cls, (a, b) in ((0, 0, (2, 3)), (1, 1, (0, 1))):
         e = 0.7 * c[cls] + 0.3 * (obs[a] + obs[b]) / 2
@@ -352,7 +370,8 @@ def test_proxies_gradients_and_container_write_back():
     model = build("vptsp_g", num_classes=6, proxy_bias_ratio=0.3).train()
     x, y = batch(3, 2)  # classes 0..2 of 6
     stored = model.proxy_container.clone()
-    classes, h = model.integrate(model.proxy_observations(x, y), y)
+    g = device_grouping(y)
+    classes, h = model.integrate(model.proxy_observations(x, y, g), g)
     proxies = model.proxies(classes, h)
     mixed = stored.clone()
     mixed[classes] = h

@@ -155,16 +155,19 @@ def test_1_loss_positive_average_is_one_key_for_every_proxy_anchor_method():
 
 
 def test_3_gru_dropout_acts_on_every_integration_step_in_training_only():
+    from methods.vptsp_g import device_grouping
+
     cfg = resolve(method="vptsp_g", backbone="vit_small_patch16_224",
                   overrides={**TINY_VIT, "method_args.rnn_dropout": 0.5, "model.embed_dim": 8})
     model = build_model(cfg, num_classes=3)
     obs, labels = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1), torch.tensor([0, 0, 1, 1, 2, 2])
     model.train()
     assert model.proxy_integrator.dropout.training
-    a, b = model.integrate(obs, labels)[1], model.integrate(obs, labels)[1]
+    g = device_grouping(labels)
+    a, b = model.integrate(obs, g)[1], model.integrate(obs, g)[1]
     assert not torch.equal(a, b)
     model.eval()
-    assert torch.equal(model.integrate(obs, labels)[1], model.integrate(obs, labels)[1])
+    assert torch.equal(model.integrate(obs, g)[1], model.integrate(obs, g)[1])
 
 
 def scheduled_lrs(overrides: dict, steps_per_epoch: int = 4) -> list[list[float]]:

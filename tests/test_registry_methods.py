@@ -58,6 +58,7 @@ def test_method_is_what_it_says(method, family):
     model.train()
     losses = []
     for _ in range(8):
+        model.before_step(optimizer, labels.numpy())
         loss, _ = model.training_loss(images, labels)
         optimizer.zero_grad()
         loss.backward()
@@ -65,7 +66,7 @@ def test_method_is_what_it_says(method, family):
             if not p.requires_grad:
                 assert p.grad is None, n
         optimizer.step()
-        model.after_step()
+        model.after_step(optimizer)
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
     for n, before in frozen_before.items():

@@ -33,30 +33,32 @@ def study_spec(path: Path, k: int, *, dataset: str, root: Path, backbone: str, m
     return path
 
 
-def concurrent_trials(ks: list[int], device: str, workdir: Path, **spec_args: Any) -> list[dict[str, Any]]:
-    """One record per K: wall seconds, trained images/s over all trials, trials done."""
+def concurrent_trial(k: int, device: str, workdir: Path, **spec_args: Any) -> dict[str, Any]:
+    """One K: wall seconds, trained images/s over all trials, trials done (of the budget)."""
     import optuna
 
     from harness.studies.runner import run_study
     from harness.studies.spec import load_spec
     from harness.studies.storage import open_storage, open_study, storage_url
 
-    records = []
-    for k in ks:
-        path = study_spec(workdir / f"k{k}" / "study.yaml", k, **spec_args)
-        started = time.perf_counter()
-        run_study(path, devices=device, workers_per_device=k)
-        wall = time.perf_counter() - started
-        spec = load_spec(path)
-        store = open_storage(storage_url(spec, None))
-        done = images = 0
-        for dataset, entry in spec.units():
-            for t in open_study(spec, dataset, entry, store).get_trials(deepcopy=False):
-                if t.state == optuna.trial.TrialState.COMPLETE:
-                    done += 1
-                    images += int(t.user_attrs.get("dmlbench.train_images", 0))
-        budget = spec.budget.n_trials * len(spec.units())
-        records.append({"kind": "concurrency", "k": k, "device": device, "trials": done, "budget": budget,
-                        "wall_s": round(wall, 1), "trained_img_s": round(images / wall, 1) if images else None,
-                        "trials_per_min": round(60 * done / wall, 2)})
-    return records
+    path = study_spec(workdir / f"k{k}" / "study.yaml", k, **spec_args)
+    started = time.perf_counter()
+    run_study(path, devices=device, workers_per_device=k)
+    wall = time.perf_counter() - started
+    spec = load_spec(path)
+    store = open_storage(storage_url(spec, None))
+    done = images = 0
+    for dataset, entry in spec.units():
+        for t in open_study(spec, dataset, entry, store).get_trials(deepcopy=False):
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                done += 1
+                images += int(t.user_attrs.get("dmlbench.train_images", 0))
+    budget = spec.budget.n_trials * len(spec.units())
+    return {"kind": "concurrency", "k": k, "device": device, "trials": done, "budget": budget,
+            "wall_s": round(wall, 1), "trained_img_s": round(images / wall, 1) if images else None,
+            "trials_per_min": round(60 * done / wall, 2)}
+
+
+def concurrent_trials(ks: list[int], device: str, workdir: Path, **spec_args: Any) -> list[dict[str, Any]]:
+    """One record per K (see :func:`concurrent_trial`)."""
+    return [concurrent_trial(k, device, workdir, **spec_args) for k in ks]

@@ -1,6 +1,8 @@
 """nvJPEG against libjpeg-turbo on a generated folder: how far the device pipeline's pixels are
-from the CPU pipeline's, and how fast each decodes a batch. ``python -m harness.bench.decode_check
-WORKDIR OUT.json`` (benchmarks/gpu.sh): the first folder of WORKDIR with JPEGs, 256 files."""
+from the CPU pipeline's, how fast each decodes a batch, and which decoder really ran: on CUDA the
+check fails (``status: failed``, exit 1 from the command) when nvJPEG was asked for and a batch
+was decoded on the CPU instead. ``python -m harness.bench.decode_check WORKDIR OUT.json``: the
+first 256 JPEGs under WORKDIR."""
 from __future__ import annotations
 
 import json
@@ -17,14 +19,17 @@ from harness.data.decode import Decoder, as_encoded
 from harness.data.pipeline import BatchTransform
 
 
-def compare(files: list[str], device: torch.device) -> dict:
+def compare(files: list[str], device: torch.device, make_decoder=Decoder) -> dict:
+    """The figures of the module docstring; ``make_decoder(device, on_device=...)`` builds the
+    decoders (a test forces a fallback through it)."""
     from PIL import Image
 
     from harness.data.transforms import make_transform
 
     encoded = [as_encoded(Path(f).read_bytes()) for f in files]
     out: dict = {"files": len(files), "device": str(device)}
-    for name, decoder in (("device", Decoder(device, on_device=True)), ("cpu", Decoder(device, on_device=False))):
+    device_decoder = make_decoder(device, on_device=True)
+    for name, decoder in (("device", device_decoder), ("cpu", make_decoder(device, on_device=False))):
         decoder(encoded[:8], files[:8])  # warm-up (nvJPEG handle, allocator)
         synchronize(device)
         start = time.perf_counter()
@@ -39,10 +44,15 @@ def compare(files: list[str], device: torch.device) -> dict:
                                                test_resize="short", random_erasing=0.0, decode="device"))
     cpu = torch.stack([make_transform(cfg, train=False)(Image.open(f).convert("RGB")) for f in files])
     bt = BatchTransform.from_config(cfg, (0.5,) * 3, (0.5,) * 3, device, train=False, geometry=True)
-    ours = bt._geometry(Decoder(device)(encoded, files), np.random.default_rng(0)).cpu()
+    ours = bt._geometry(make_decoder(device, on_device=True)(encoded, files), np.random.default_rng(0)).cpu()
     d = (ours.int() - cpu.int()).abs()
     out["test_transform_max_abs_diff"] = int(d.max())
     out["test_transform_mean_abs_diff"] = round(float(d.float().mean()), 4)
+    out["decoder"] = device_decoder.used()
+    wanted = "nvjpeg" if device_decoder.gpu else "cpu"
+    if out["decoder"] != wanted:  # the "device" figures would be another decoder's
+        out["status"] = "failed"
+        out["error"] = f"nvJPEG was asked for and the batches were decoded by {out['decoder']}"
     return out
 
 
@@ -56,7 +66,7 @@ def main(argv: list[str]) -> int:
     result = compare(files, device)
     dest.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
-    return 0
+    return 1 if result.get("status") == "failed" else 0
 
 
 if __name__ == "__main__":

@@ -45,10 +45,18 @@ def end_to_end(method: str, backbone: str, dataset: str, root: Path, store: Path
         "pipeline": cfg.data.pipeline, "data_img_s": round(m["cost/throughput_img_s"], 1),
         "eval_share": round(m["cost/eval_share"], 4), "log_share": round(m["cost/log_time_s"] / wall, 4),
         "e2e_wall_s": round(wall, 2), "test_recall_at_1": round(m.get("test/recall_at_1", float("nan")), 4),
+        # what decoded the training images: nvjpeg, cpu, cpu-fallback (never assumed)
+        "decoder": result.facts.get("data/decoder/train", ""),
+        "decoded_batches": decoded_batches(result.facts),
         # per trained image, as the stage breakdown counts: evaluation and logging amortised
         "eval_ms_per_train_img": round(1000 * m["cost/eval_time_s"] / trained, 4),
         "log_ms_per_train_img": round(1000 * m["cost/log_time_s"] / trained, 4),
     }
+
+
+def decoded_batches(facts: dict[str, Any]) -> str:
+    """The decoder of every split, as the run recorded them (``train=nvjpeg, test=nvjpeg``)."""
+    return ", ".join(f"{k.removeprefix('data/decoder/')}={v}" for k, v in facts.items() if k.startswith("data/decoder/"))
 
 
 def evaluation_speed(n: int, dim: int, device: torch.device, ks: tuple[int, ...] = (1, 10, 100),

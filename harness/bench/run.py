@@ -97,7 +97,10 @@ def run_benchmark(o: BenchOptions) -> list[dict[str, Any]]:
         return records + [{"kind": "method", **r} for r in steps.values()]
     workers = o.workers if o.workers >= 0 else min(8, os.cpu_count() or 1)
     pipelines = [("device" if device.type == "cuda" else "cpu") if p == "auto" else p for p in o.pipelines]
-    data_path = {p: data_path_figures(o, dataset, root, p, device, workers) for p in dict.fromkeys(pipelines)}
+    data_path = {p: data_path_figures(o.backbone, dataset, root, p, device, image_size=o.image_size,
+                                      batch_size=o.batch_size, samples_per_class=o.samples_per_class, workers=workers,
+                                      overrides=o.overrides, stage_images=o.stage_images,
+                                      pipeline_batches=o.pipeline_batches) for p in dict.fromkeys(pipelines)}
     if o.baseline:
         images = root / "images" if (root / "images").is_dir() else root
         cfg = _data_cfg(o, dataset, root, "cpu", workers)
@@ -106,7 +109,7 @@ def run_benchmark(o: BenchOptions) -> list[dict[str, Any]]:
                             str(images), cfg, _MEAN, _STD, device, workers, o.pipeline_batches), 1)})
     for method, step in steps.items():
         for pipeline in dict.fromkeys(pipelines):
-            record = {"kind": "method", **step, "pipeline": pipeline, "folder": o.folder, **data_path[pipeline]}
+            record = {"kind": "method", **step, "folder": o.folder, **data_path[pipeline], "pipeline": pipeline}
             stages = dict(record.pop("stages"))
             stages["step"] = round(1000 / step["img_s"], 4)
             if pipeline != "legacy":
@@ -137,29 +140,41 @@ def folder_for(o: BenchOptions) -> tuple[str, Path]:
 
 
 def _data_cfg(o: BenchOptions, dataset: str, root: Path, pipeline: str, workers: int) -> Any:
+    return data_config(o.backbone, dataset, root, pipeline, image_size=o.image_size, batch_size=o.batch_size,
+                       samples_per_class=o.samples_per_class, workers=workers, overrides=o.overrides)
+
+
+def data_config(backbone: str, dataset: str, root: Path, pipeline: str, *, image_size: int, batch_size: int,
+                samples_per_class: int, workers: int, overrides: dict[str, Any] | None = None) -> Any:
+    """A run config of the generated folder, as the benchmark's data-path timings read it."""
     from harness.core.resolve import resolve
 
-    return resolve(method="linear_probe", backbone=o.backbone, dataset=dataset, overrides={
-        "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": o.image_size,
-        "data.resize_size": int(round(o.image_size * 256 / 224)), "data.batch_size": o.batch_size,
-        "data.samples_per_class": o.samples_per_class, "data.num_workers": workers, "model.pretrained": False,
-        **{k: v for k, v in o.overrides.items() if k.startswith("data.")}})
+    return resolve(method="linear_probe", backbone=backbone, dataset=dataset, overrides={
+        "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": image_size,
+        "data.resize_size": int(round(image_size * 256 / 224)), "data.batch_size": batch_size,
+        "data.samples_per_class": samples_per_class, "data.num_workers": workers, "model.pretrained": False,
+        **{k: v for k, v in (overrides or {}).items() if k.startswith(("data.", "model.backbone_kwargs"))}})
 
 
-def data_path_figures(o: BenchOptions, dataset: str, root: Path, pipeline: str, device: torch.device,
-                      workers: int) -> dict[str, Any]:
-    """The pipeline's per-image stage costs and its throughput without a model."""
+def data_path_figures(backbone: str, dataset: str, root: Path, pipeline: str, device: torch.device, *,
+                      image_size: int, batch_size: int, samples_per_class: int, workers: int,
+                      overrides: dict[str, Any] | None = None, stage_images: int = 128,
+                      pipeline_batches: int = 20) -> dict[str, Any]:
+    """The pipeline's per-image stage costs and its throughput without a model, and what decoded."""
     from harness import data
 
-    cfg = _data_cfg(o, dataset, root, "cpu" if pipeline == "legacy" else pipeline, workers)
+    cfg = data_config(backbone, dataset, root, "cpu" if pipeline == "legacy" else pipeline, image_size=image_size,
+                      batch_size=batch_size, samples_per_class=samples_per_class, workers=workers,
+                      overrides=overrides)
     splits = data.load_splits(cfg)
-    files = splits.train.paths[: o.stage_images]
-    out: dict[str, Any] = {"stages": {k: round(v, 4) for k, v in stage_breakdown(
-        files, cfg, _MEAN, _STD, device, pipeline, batch=o.batch_size).items()}}
+    files = splits.train.paths[:stage_images]
+    out: dict[str, Any] = {"pipeline": pipeline, "stages": {k: round(v, 4) for k, v in stage_breakdown(
+        files, cfg, _MEAN, _STD, device, pipeline, batch=batch_size).items()}}
     if pipeline != "legacy":
         batches = data.make_loaders(splits, cfg, _MEAN, _STD, device)["train"]
-        out["pipeline_img_s"] = round(pipeline_throughput(batches, o.pipeline_batches, device), 1)
+        out["pipeline_img_s"] = round(pipeline_throughput(batches, pipeline_batches, device), 1)
         out["workers"] = workers
+        out["decoder"] = batches.decoders()
     return out
 
 

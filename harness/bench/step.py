@@ -1,12 +1,14 @@
 """The model step alone: the harness's training step against a plain timm loop, on a resident batch.
 
-The harness step is ``DMLModel.training_loss`` + backward + the harness's optimiser (fused AdamW
-on CUDA), exactly what ``train_epoch`` runs per batch. The plain loop is what a user would write
+The harness step is :func:`harness.core.training.train_step`, exactly what ``train_epoch`` runs
+per batch: the model's hooks, ``training_loss``, backward, clipping and the harness's optimiser
+(fused AdamW on CUDA). The plain loop is what a user would write
 without the harness: ``timm.create_model(num_classes=0)``, the same head (LayerNorm + Linear on a
 ViT, Linear on a CNN), the same loss module, ``torch.optim.AdamW`` over the parameters the
 method trains (full fine-tuning, linear probe and BitFit have a plain equivalent; other methods
-are compared with the plain full fine-tuning loop), bf16 autocast on CUDA. Both run in the same
-process, alternately, and the best of the rounds is kept, so the ratio is not the machine's noise.
+are compared with the plain full fine-tuning loop), bf16 autocast on CUDA, and the same gradient
+clipping (``optim.grad_clip``). Both run in the same process, alternately, and the best of the
+rounds is kept, so the ratio is not the machine's noise.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.core.measure import autocast_for, peak_memory_gb, reset_peak_memory, synchronize
+import numpy as np
+
+from harness.core.measure import autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize
 from harness.core.registry import get_method
 from harness.core.resolve import resolve
-from harness.core.training import build_model, make_optimizer, pick_device, prepare_for_device
+from harness.core.training import build_model, make_optimizer, pick_device, prepare_for_device, train_step
 
 #: methods whose trainable set a plain loop reproduces with requires_grad alone
 PLAIN_EQUIVALENT = {"full_finetune": "all", "linear_probe": "head", "bitfit": "biases"}
@@ -35,11 +39,13 @@ def step_config(method: str, backbone: str, image_size: int, batch_size: int, sa
 
 
 def synthetic_batch(batch_size: int, image_size: int, samples_per_class: int, num_classes: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Images and labels on the device, and the labels on the host (as the sampler hands them)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
     classes = torch.randperm(num_classes, generator=generator)[: batch_size // samples_per_class]
-    return images, classes.repeat_interleave(samples_per_class).to(device)
+    labels = classes.repeat_interleave(samples_per_class)
+    return images, labels.to(device), labels.numpy()
 
 
 def timed(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
@@ -55,24 +61,24 @@ def timed(step: Callable[[], None], steps: int, warmup: int, device: torch.devic
 
 
 def harness_step(cfg: Any, num_classes: int, device: torch.device) -> tuple[Callable[[], None], Any]:
-    """The harness's step on a resident batch, and its model."""
+    """The harness's step on a resident batch (:func:`train_step`, as the loop takes it), and its model."""
     model = prepare_for_device(build_model(cfg, num_classes).to(device), cfg, device)
     optimizer = make_optimizer(model, cfg)
-    amp = autocast_for(device, cfg.optim.amp)
-    images, labels = synthetic_batch(cfg.data.batch_size, cfg.data.image_size, cfg.data.samples_per_class,
-                                     num_classes, device)
+    amp, scaler = autocast_for(device, cfg.optim.amp), grad_scaler_for(device, cfg.optim.amp)
+    images, labels, host = synthetic_batch(cfg.data.batch_size, cfg.data.image_size, cfg.data.samples_per_class,
+                                           num_classes, device)
     if getattr(model, "channels_last", False):
         images = images.contiguous(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
 
     def step() -> None:
-        with amp():
-            loss, _ = model.training_loss(images, labels)
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.after_step()
+        if optimizer is None:  # nothing trains (an untrained reference): the forward pass alone
+            with amp():
+                model.training_loss(images, labels)
+            return
+        train_step(model, optimizer, images, labels, host, amp=amp, scaler=scaler, grad_clip=cfg.optim.grad_clip,
+                   trainable=trainable)
 
     return step, model
 
@@ -98,9 +104,10 @@ def plain_step(cfg: Any, num_classes: int, device: torch.device, method: str) ->
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   fused=device.type == "cuda")
     amp = autocast_for(device, cfg.optim.amp)
-    images, labels = synthetic_batch(cfg.data.batch_size, cfg.data.image_size, cfg.data.samples_per_class,
-                                     num_classes, device)
+    images, labels, _ = synthetic_batch(cfg.data.batch_size, cfg.data.image_size, cfg.data.samples_per_class,
+                                        num_classes, device)
     backbone.train(trains == "all")  # a frozen backbone stays in eval mode, as in the harness
+    clip = cfg.optim.grad_clip
 
     def step() -> None:
         with amp():
@@ -108,6 +115,8 @@ def plain_step(cfg: Any, num_classes: int, device: torch.device, method: str) ->
         loss = criterion(embeddings.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip > 0:  # as the run config clips, so both loops do the same work
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
 
     return step
@@ -126,14 +135,17 @@ def train_flops_per_image(step: Callable[[], None], batch_size: int) -> float:
 def measure_step(method: str, backbone: str, *, image_size: int = 224, batch_size: int = 64,
                  samples_per_class: int = 2, num_classes: int = 100, steps: int = 20, warmup: int = 5,
                  device: str = "", amp: bool = True, baseline: bool = False, rounds: int = 2,
-                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                 overrides: dict[str, Any] | None = None, plain_cache: dict[str, float] | None = None) -> dict[str, Any]:
     """img/s, peak memory and FLOPs of the harness step (and the plain loop's img/s when
-    ``baseline``), measured in this process."""
+    ``baseline``), measured in this process. ``plain_cache`` keeps the plain loop's seconds per
+    step by trainable set (all, head, biases), so methods that share a set time it once."""
     get_method(method)
     dev = pick_device(device)
     cfg = step_config(method, backbone, image_size, batch_size, samples_per_class, amp, overrides)
     ours, model = harness_step(cfg, num_classes, dev)
-    plain = plain_step(cfg, num_classes, dev, method) if baseline else None
+    kind = PLAIN_EQUIVALENT.get(method, "all")
+    cached = plain_cache is not None and kind in plain_cache
+    plain = plain_step(cfg, num_classes, dev, method) if baseline and not cached else None
     best_ours = best_plain = float("inf")
     peak = 0.0
     for _ in range(rounds):  # alternate, so both see the same machine state
@@ -142,6 +154,8 @@ def measure_step(method: str, backbone: str, *, image_size: int = 224, batch_siz
         peak = max(peak, peak_memory_gb(dev))
         if plain is not None:
             best_plain = min(best_plain, timed(plain, steps, warmup, dev))
+    if baseline and plain_cache is not None:
+        best_plain = plain_cache.setdefault(kind, best_plain)
     flops = train_flops_per_image(ours, batch_size)
     record = {
         "method": method, "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
@@ -152,7 +166,7 @@ def measure_step(method: str, backbone: str, *, image_size: int = 224, batch_siz
     peak_flops = peak_bf16_flops(dev)
     if peak_flops:
         record["pct_bf16_peak"] = round(100 * record["img_s"] * flops / peak_flops, 2)
-    if plain is not None:
+    if baseline:
         record["baseline_img_s"] = round(batch_size / best_plain, 1)
         record["baseline_method"] = method if method in PLAIN_EQUIVALENT else "full_finetune"
         record["step_vs_baseline"] = round(record["img_s"] / record["baseline_img_s"], 3)

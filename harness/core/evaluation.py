@@ -67,11 +67,12 @@ class FeatureCache:
             self.features[name] = (torch.cat(feats), torch.cat(labels))
 
     def batches(self, loader: data.Batches):
-        """The training sampler's batches as (None, labels, indices): no image is decoded."""
-        labels = self.features["train"][1]
+        """The training sampler's batches as (features, labels, host indices): no image is decoded."""
+        features, labels = self.features["train"]
         for idx in loader.batch_sampler:
-            index = to_device(np.asarray(idx), labels.device)
-            yield None, labels[index], index
+            index = np.asarray(idx, dtype=np.int64)
+            rows = to_device(index, labels.device)
+            yield features[rows], labels[rows], index
 
     def evaluate(self, model: DMLModel, ks: tuple[int, ...], split: str) -> dict[str, float]:
         model.eval()

@@ -32,13 +32,13 @@ from harness.core.model import DMLModel
 from harness.core.progress import EpochProgress, plan_line
 from harness.core.selection import Best, final_metrics, has_test, selection_key
 from harness.core.training import (
-    backward_and_step,
     build_model,
     make_optimizer,
     make_scheduler,
     pick_device,
     prepare_for_device,
     seed_everything,
+    train_step,
 )
 from harness.errors import (
     DiskFull,
@@ -62,6 +62,7 @@ class RunResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     config: RunConfig | None = None
+    facts: dict[str, Any] = field(default_factory=dict)  # the run's constants, logged as params
 
 
 @dataclass
@@ -196,8 +197,11 @@ def train(
             "cost/log_time_s": run.log_seconds,
             "cost/eval_share": run.eval_seconds / wall if wall > 0 else 0.0,
         })
+        # what actually decoded each split (nvjpeg, cpu, cpu-fallback, in-memory): never silent
+        run.facts.update({f"data/decoder/{name}": batches.decoders() for name, batches in run.loaders.items()})
         if "model/merged" in final:  # a constant: a param, not a one-bar chart
-            mlflow.log_param("model/merged", bool(final.pop("model/merged")))
+            run.facts["model/merged"] = bool(final.pop("model/merged"))
+        mlflow.log_params({k: v for k, v in run.facts.items() if k.startswith(("data/decoder/", "model/"))})
         mlflow.log_metrics(final)
         if cfg.tracking.log_artifacts:
             log_artifacts(best.state or {}, history, weights=cfg.tracking.log_weights,
@@ -244,7 +248,7 @@ def train(
                 terminated=interrupts.exit_code(exc) == 143) from None
         raise
     metrics = {**{k: float(v) for k, v in run.counts.items()}, **final}
-    return RunResult(run_id=mlflow_run.info.run_id, metrics=metrics, history=history, config=cfg)
+    return RunResult(run_id=mlflow_run.info.run_id, metrics=metrics, history=history, config=cfg, facts=run.facts)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -353,18 +357,13 @@ def train_epoch(run: Run, epoch: int) -> tuple[int, float, dict[str, float]]:
     steps = images_seen = 0
     batches = run.cache.batches(run.loaders["train"]) if run.cache is not None else run.loaders["train"]
     shown = EpochProgress(batches, epoch, run.epochs, len(run.loaders["train"]), cfg.data.batch_size, run.progress)
+    train_labels = run.splits.train.labels  # host labels of the batch's rows: no device read
+    from_features = run.cache is not None
     for images, labels, index in shown:
-        if run.cache is not None:
-            with run.amp():
-                loss = model.loss_from_features(run.cache.features["train"][0][index], labels)
-            extras: dict[str, torch.Tensor] = {}
-        else:
-            with run.amp():
-                loss, extras = model.training_loss(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        backward_and_step(loss, optimizer, trainable, cfg.optim.grad_clip, run.scaler)
+        loss, extras = train_step(model, optimizer, images, labels, train_labels[index], amp=run.amp,
+                                  scaler=run.scaler, grad_clip=cfg.optim.grad_clip, trainable=trainable,
+                                  from_features=from_features)
         run.scheduler.step()
-        model.after_step()
         interrupts.check()
         loss_sum += loss.detach().float()
         for k, v in extras.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,8 +112,14 @@ class DMLModel(nn.Module):
         method's parameters are then unused: call it on a model that has finished training."""
         return False
 
-    def after_step(self) -> None:
-        """Hook after each optimizer step (e.g. VPTSP-G writes its proxy container)."""
+    def before_step(self, optimizer: torch.optim.Optimizer | None, labels: np.ndarray) -> None:
+        """Hook before each training step's forward pass, given the batch's labels on the host
+        (NumPy, as the sampler drew them): a method plans the step there without reading the device
+        (VPTSP-G groups the batch by class and its memory bank loads the batch's rows)."""
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Hook after each optimizer step (VPTSP-G writes its proxy container; its memory bank
+        starts copying the batch's rows back to the host)."""
 
     def resume_state(self) -> dict[str, Any]:
         """Training state held outside parameters, buffers and the optimizer (tensors only) that

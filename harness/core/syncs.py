@@ -10,12 +10,21 @@ driver (benchmarks/gpu.sh).
 
 Scalars that live on the host in a CUDA run too (the optimiser's ``step`` counters when not
 capturable/fused) are not syncs; pass them as ``ignore``.
+
+Transfers do not dispatch an op on CPU tensors, so the counter also patches the tensor methods that
+bring a value to the host or move it without ``non_blocking``: ``.cpu()``, ``.numpy()``,
+``.tolist()`` and ``.to(device)`` (on CUDA each waits for the device, or is a copy from pageable
+memory). It counts those calls made by this project's code (``harness/``, ``methods/``): torch's
+own same-device ``.to`` calls (gradient clipping, the optimisers) are no transfer. Host data
+in the step is NumPy (the batch's indices and labels), so no tensor method is needed to read it.
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,14 +42,55 @@ SYNC_OPS = {
 _MASK_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default}
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts ops that would sync a CUDA host with its device (:data:`SYNC_OPS`), by name."""
+#: tensor methods that read a value on the host or move a tensor (see the module docstring)
+TRANSFERS = ("cpu", "numpy", "tolist", "to")
+#: where this project's code lives: transfers asked for there are counted
+_PROJECT = tuple(str(Path(__file__).resolve().parents[i] / name) for i, name in ((1, ""), (2, "methods")))
 
-    def __init__(self, ignore: Iterable[torch.Tensor] = ()) -> None:
+
+def _is_transfer(name: str, args: tuple, kwargs: dict) -> bool:
+    if name != "to":
+        return True
+    if kwargs.get("non_blocking") or any(a is True for a in args):
+        return False
+    target = kwargs.get("device", next((a for a in args if isinstance(a, (torch.device, str, torch.Tensor))), None))
+    return target is not None
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that would sync a CUDA host with its device (:data:`SYNC_OPS`) and the project's
+    blocking transfers (:data:`TRANSFERS`), by name."""
+
+    def __init__(self, ignore: Iterable[torch.Tensor] = (), roots: tuple[str, ...] = _PROJECT) -> None:
         super().__init__()
         self.ignore = {t.data_ptr() for t in ignore}
+        self.roots = tuple(str(r) for r in roots)  # transfers asked for from code under these folders
         self.counts: Counter[str] = Counter()
         self._paused = False
+        self._originals: dict[str, Callable] = {}
+
+    def __enter__(self) -> "SyncCounter":
+        for name in TRANSFERS:
+            self._originals[name] = original = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._counting(name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            for name, original in self._originals.items():
+                setattr(torch.Tensor, name, original)
+            self._originals.clear()
+
+    def _counting(self, name: str, original: Callable) -> Callable:
+        def method(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if not self._paused and caller.startswith(self.roots) and _is_transfer(name, args, kwargs):
+                self.counts[f"Tensor.{name}"] += 1
+            return original(tensor, *args, **kwargs)
+
+        return method
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -79,3 +129,21 @@ def host_scalars(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
         if isinstance(step, torch.Tensor) and step.device.type == "cpu":
             out.append(step)
     return out
+
+
+def count_syncs(step: Callable[[], Any], device: torch.device, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Host syncs of one call of ``step``: on CUDA the driver's own check
+    (``torch.cuda.set_sync_debug_mode("error")``: a sync raises, with the op that made it), on the
+    CPU :class:`SyncCounter`. Call it after a first step (the optimiser creates its state there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+        return 0
+    with SyncCounter(ignore=host_scalars(optimizer)) as counter:
+        step()
+    return counter.total

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,26 @@ def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, trai
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     scaler.step(optimizer)
     scaler.update()
+
+
+def train_step(model: DMLModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               host_labels: np.ndarray, *, amp: Callable[[], Any], scaler: torch.amp.GradScaler | None,
+               grad_clip: float, trainable: list[torch.nn.Parameter],
+               from_features: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step as the loop (and the benchmark) runs it: the model's ``before_step`` with
+    the batch's labels on the host, the loss under autocast (from cached features when
+    ``from_features``), backward, clipping and the step, then ``after_step``. Returns the loss and
+    the method's extra loss terms, still on the device."""
+    model.before_step(optimizer, host_labels)
+    with amp():
+        if from_features:
+            loss, extras = model.loss_from_features(images, labels), {}
+        else:
+            loss, extras = model.training_loss(images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    backward_and_step(loss, optimizer, trainable, grad_clip, scaler)
+    model.after_step(optimizer)
+    return loss, extras
 
 
 def prepare_for_device(model: DMLModel, cfg: RunConfig, device: torch.device) -> DMLModel:

@@ -162,7 +162,7 @@ def to_device(values: np.ndarray, device: torch.device, dtype: torch.dtype | Non
     may synchronise with the stream, so on CUDA the values go through pinned memory."""
     tensor = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
-        return tensor.to(device)
+        return tensor.to(device, non_blocking=True)
     return tensor.pin_memory().to(device, non_blocking=True)
 
 

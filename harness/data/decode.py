@@ -11,12 +11,18 @@ on a dedicated stream of this pipeline, which is synchronised before each call: 
 only for the previous batch's decode and crops, never for the training step on the default
 stream. torchcodec would add a dependency and needs the same barrier on the hardware path.
 
-Other formats (PNG, ...) and JPEGs that nvJPEG refuses (CMYK) are decoded on the CPU by
-torchvision and copied over. A file that no decoder reads is a :class:`UserError` naming it.
+Other formats (PNG, ...) and JPEGs that nvJPEG refuses (CMYK, a failed batch) are decoded on the
+CPU by torchvision and copied over. That is never silent: the decoder counts what actually ran per
+batch (``nvjpeg``, ``cpu-fallback`` where nvJPEG was asked for and did not decode the batch, ``cpu``
+where the CPU was asked for), the first fallback prints one warning line with its reason, and runs
+log the result per split (``data/decoder/<split>``), benchmark records too. A file that no decoder
+reads is a :class:`UserError` naming it.
 """
 from __future__ import annotations
 
 import io
+import sys
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -51,10 +57,33 @@ class Decoder:
     then copied over, which is also how the same code runs on CPU tensors).
     """
 
-    def __init__(self, device: torch.device, on_device: bool = True) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, on_device: bool = True, name: str = "") -> None:
+        self.device, self.name = device, name
         self.gpu = device.type == "cuda" and on_device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.batches: Counter[str] = Counter()  # batches decoded, by the decoder that decoded them
+        self.warned = False
+
+    def used(self) -> str:
+        """What decoded this decoder's batches so far: ``nvjpeg``, ``cpu``, ``cpu-fallback``, or
+        several joined by ``+`` (``nvjpeg+cpu-fallback``); empty before the first batch."""
+        return "+".join(sorted(self.batches))
+
+    def _fell_back(self, reason: str) -> None:
+        self.batches["cpu-fallback"] += 1
+        if not self.warned:  # once per decoder: the count says how often
+            self.warned = True
+            where = f" ({self.name})" if self.name else ""
+            print(f"dmlbench: warning: nvJPEG did not decode a batch{where}: {reason}; decoding it on the CPU "
+                  f"(recorded as cpu-fallback)", file=sys.stderr, flush=True)
+
+    def _decode_on_device(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        """nvJPEG on the pipeline's own stream, drained first (pytorch/vision#9606)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self.stream.synchronize()  # nothing queued may read the output's memory
+        with torch.cuda.stream(self.stream):
+            return decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device)
 
     def stream_context(self):
         """The pipeline's own stream (a no-op on CPU)."""
@@ -65,20 +94,21 @@ class Decoder:
 
         out: list[torch.Tensor | None] = [None] * len(encoded)
         jpegs = [i for i, e in enumerate(encoded) if is_jpeg(e)]
+        fallback = ""
         if jpegs:
             batch = [encoded[i] for i in jpegs]
             try:
                 if self.gpu:
-                    self.stream.synchronize()  # pytorch/vision#9606: nothing queued may read the output's memory
-                    with torch.cuda.stream(self.stream):
-                        decoded = decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device)
+                    decoded = self._decode_on_device(batch)
                 else:
                     decoded = [self._to_device(t) for t in decode_jpeg(batch, mode=ImageReadMode.RGB)]
-            except RuntimeError:  # a JPEG the batched decoder refuses (CMYK, corrupt): one by one below
-                jpegs = []
+            except RuntimeError as exc:  # a JPEG the batched decoder refuses (CMYK, corrupt): one by one below
+                fallback = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             else:
                 for i, img in zip(jpegs, decoded):
                     out[i] = img
+        if self.gpu and len(jpegs) < len(encoded) and not fallback:
+            fallback = f"{len(encoded) - len(jpegs)} of {len(encoded)} files are not JPEGs"
         for i, img in enumerate(out):
             if img is None:
                 try:
@@ -86,6 +116,10 @@ class Decoder:
                 except RuntimeError as exc:
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise UserError(f"unreadable image {names[i]} ({reason})") from None
+        if self.gpu and fallback:
+            self._fell_back(fallback)
+        elif encoded:
+            self.batches["nvjpeg" if self.gpu else "cpu"] += 1
         return out  # type: ignore[return-value]
 
     def _to_device(self, image: torch.Tensor) -> torch.Tensor:
@@ -99,8 +133,9 @@ class PixelCache:
     are taken from the original pixels, as without a cache): no decoding after the first pass.
     Built only when the decoded size fits the budget (see :func:`decoded_bytes`)."""
 
-    def __init__(self, images: list[torch.Tensor]) -> None:
+    def __init__(self, images: list[torch.Tensor], decoded_by: str = "") -> None:
         self.images = images
+        self.decoded_by = decoded_by  # the decoder(s) that filled the cache (Decoder.used)
 
     @property
     def nbytes(self) -> int:
@@ -119,7 +154,7 @@ class PixelCache:
                 images.extend(t.contiguous() for t in decoder([read(i) for i in idx], [names[i] for i in idx]))
         if decoder.stream is not None:
             decoder.stream.synchronize()  # the cache is read on other streams from now on
-        return cls(images)
+        return cls(images, decoder.used())
 
 
 def decoded_bytes(sizes: np.ndarray) -> int:

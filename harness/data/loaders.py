@@ -83,7 +83,8 @@ def split_batches(table: ImageTable, cfg: Any, mean: Sequence[float], std: Seque
         dataset: Any = SourceDataset(table, encoded, with_files=files)
         workers = workers if (files and encoded is None) else 0  # only reading from disk needs workers
         collate = collate_sources
-        extra = dict(decoder=decode.Decoder(device, on_device=d.decode == "device"), pixels=pixels, array=array,
+        extra = dict(decoder=decode.Decoder(device, on_device=d.decode == "device", name=split), pixels=pixels,
+                     array=array,
                      crop_to_box=crop)
     else:
         dataset = ImageDataset(table, make_transform(cfg, train=train), bool(d.cache_images), crop, workers)
@@ -140,7 +141,7 @@ def pixel_caches(tables: dict[str, ImageTable], cfg: Any, device: torch.device) 
         if need > budget:
             continue
         if key not in _PIXEL_CACHES:
-            decoder = decoder or decode.Decoder(device, on_device=cfg.data.decode == "device")
+            decoder = decode.Decoder(device, on_device=cfg.data.decode == "device", name=f"{name} pixel cache")
             _PIXEL_CACHES[key] = decode.PixelCache.build(lambda i, e=encoded: decode.as_encoded(e[i]),
                                                          tables[name].paths, decoder)
         out[name] = _PIXEL_CACHES[key]

@@ -141,7 +141,9 @@ def collate_sources(items: list[tuple[torch.Tensor | None, int, int]]) -> tuple[
 
 class Batches:
     """Iterate a DataLoader's batches as ``(images, labels, index)`` with images normalised float
-    ``(B, 3, S, S)`` and labels on ``device``; the next batch is prepared on a side stream."""
+    ``(B, 3, S, S)`` and labels on ``device``, and ``index`` the batch's rows of the table as a
+    NumPy array on the host (the training step reads the batch's labels there, with no sync); the
+    next batch is prepared on a side stream."""
 
     def __init__(self, loader: DataLoader, transform: BatchTransform, device: torch.device, seed: int, split: int,
                  table: ImageTable, *, decoder: Decoder | None = None, pixels: PixelCache | None = None,
@@ -176,10 +178,24 @@ class Batches:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
 
+    def decoders(self) -> str:
+        """What decoded this split's images (``data/decoder/<split>``): ``nvjpeg``, ``cpu``,
+        ``cpu-fallback`` (several joined by ``+``) for the device pipeline, from its decoder and its
+        pixel cache's; ``cpu`` (PIL, in the loader workers) for the CPU pipeline; ``in-memory`` for
+        arrays that are never decoded."""
+        if self.table.array is not None:
+            return "in-memory"
+        if not self.transform.geometry:
+            return "cpu"
+        used = set(filter(None, (self.decoder.used() if self.decoder else "").split("+")))
+        if self.pixels is not None:
+            used |= set(filter(None, self.pixels.decoded_by.split("+")))
+        return "+".join(sorted(used)) or "none yet"
+
     def rng(self, batch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed & 0xFFFFFFFF, self.split, self.epoch, batch])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
         pending = None
         for b, raw in enumerate(self.loader):
             ready = self._prepare(raw, b)
@@ -198,6 +214,7 @@ class Batches:
     # ------------------------------------------------------------------ internals
     def _prepare(self, raw: tuple[Any, torch.Tensor, torch.Tensor], b: int) -> tuple:
         payload, labels, index = raw
+        index = index.numpy()  # the loader's own host tensor: no device involved
         rng = self.rng(b)
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
@@ -211,12 +228,12 @@ class Batches:
                 event.record(self.stream)
         return images, labels, index, event
 
-    def _source_images(self, payload: Any, index: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+    def _source_images(self, payload: Any, index: np.ndarray) -> list[torch.Tensor] | torch.Tensor:
         if not self.transform.geometry:  # CPU pipeline: a uint8 batch, cropped by the workers
             return A.to_device(payload, self.device) if self.device.type == "cuda" else payload
-        rows = index.tolist()  # host indices of the batch (the loader's own CPU tensor: no sync)
+        rows = index.tolist()  # host indices of the batch
         if self.array is not None:  # same-size in-memory images (Fashion-MNIST): one gather
-            images = self.array[A.to_device(index.numpy(), self.device)]
+            images = self.array[A.to_device(index, self.device)]
             images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
             return self._boxes(list(images), rows) if self.crop_to_box else images
         if self.pixels is not None:
@@ -234,7 +251,7 @@ class Batches:
             out.append(img[..., y0:y1, x0:x1])
         return out
 
-    def _hand_over(self, ready: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _hand_over(self, ready: tuple) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         images, labels, index, event = ready
         if event is not None:  # the consumer's stream waits for exactly this batch's preparation
             current = torch.cuda.current_stream(self.device)

@@ -1,8 +1,10 @@
 """The study's MLflow parent runs, found again by tags on resume, and the tags of their children."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from harness.studies.spec import Entry, StudySpec
 from harness.studies.storage import budget_of
@@ -22,7 +24,49 @@ def tag_filter(spec: StudySpec, dataset: str, entry: Entry | None = None, role: 
     return " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
 
 
-def parent_run(spec: StudySpec, dataset: str, entry: Entry) -> str:
+#: how long a process waits for the one that creates an entry's parent run to name it
+PARENT_TIMEOUT_S = 120.0
+
+
+def parent_run(spec: StudySpec, dataset: str, entry: Entry, storage: Any = None) -> str:
+    """The MLflow parent run of one (study, dataset, entry): one, however many processes start
+    the study at once. With the study's Optuna ``storage`` the first process to create the study
+    ``<entry study>/mlflow-parent`` (the storage refuses a second creation) finds or creates the
+    run and names it there; the others wait for the name. Searching MLflow alone cannot decide it:
+    two processes that create a run each and then search may each see only its own."""
+    import optuna
+
+    if storage is None:
+        return find_or_create_parent(spec, dataset, entry)
+    name = f"{spec.study_name(dataset, entry)}/mlflow-parent"
+    try:
+        claim = optuna.create_study(study_name=name, storage=storage)
+    except optuna.exceptions.DuplicatedStudyError:
+        claim = optuna.load_study(study_name=name, storage=storage)
+        deadline = time.monotonic() + PARENT_TIMEOUT_S
+        while "run_id" not in claim.user_attrs:
+            if time.monotonic() > deadline:  # its creator died before naming it: take over
+                break
+            time.sleep(0.2)
+        run_id = claim.user_attrs.get("run_id")
+        if run_id and _alive(spec, run_id):
+            return run_id
+    run_id = find_or_create_parent(spec, dataset, entry)
+    claim.set_user_attr("run_id", run_id)
+    return run_id
+
+
+def _alive(spec: StudySpec, run_id: str) -> bool:
+    import mlflow
+
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    try:
+        return mlflow.get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def find_or_create_parent(spec: StudySpec, dataset: str, entry: Entry) -> str:
     """Find (by tags) or create the MLflow parent run of one (study, dataset, entry)."""
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -343,7 +343,7 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
         progress(f"rebuilt {rebuilt} trial(s) of study {spec.name} from MLflow")
     parents: dict[str, str] = {}
     for dataset, entry in spec.units():
-        parents[f"{dataset}/{entry.name}"] = parent_run(spec, dataset, entry)
+        parents[f"{dataset}/{entry.name}"] = parent_run(spec, dataset, entry, store)
         if not entry.fixed:
             recover_stale(spec, dataset, entry, open_study(spec, dataset, entry, store))
 
