@@ -37,7 +37,7 @@ def main() -> dict[str, float]:
     out: dict[str, float] = {}
     py = sys.executable
     out["process_start_imports_s"] = seconds(lambda: subprocess.run(
-        [py, "-c", "import torch, timm, torchvision, peft, harness.core.loop, methods"], check=True, cwd=REPO), 2)
+        [py, "-c", "import torch, timm, torchvision, peft, harness.training.loop, methods"], check=True, cwd=REPO), 2)
 
     from harness.bench.folders import _image
     import numpy as np
@@ -47,7 +47,7 @@ def main() -> dict[str, float]:
     out["jpeg_sop_mean_ms_per_core"] = 1000 * seconds(lambda: [_image(rng, c, 448, 448) for c in range(40)]) / 40
 
     from harness.bench.measures import smoke_method
-    from harness.core.registry import method_names
+    from harness.models.registry import method_names
 
     device = torch.device("cpu")
     names = method_names()

@@ -36,18 +36,18 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.core.overrides import parse_overrides, precheck
+    from harness.config.overrides import parse_overrides, precheck
 
     overrides = parse_overrides(args.set)
     precheck(overrides)  # before the heavy imports below
-    from harness.core.loop import train
-    from harness.core.resolve import resolve
+    from harness.training.loop import train
+    from harness.training.resolve import resolve
     from harness.tracking.links import run_url
 
     if args.tracking_uri:
         overrides["tracking.uri"] = args.tracking_uri
     if args.resume:
-        from harness.core.resume import reconcile, resumable_config
+        from harness.training.resume import reconcile, resumable_config
 
         cfg = resumable_config(args.resume, args.tracking_uri)
         choices = {"method": args.method, "dataset": args.dataset, "backbone": args.backbone,
@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides=overrides, config_file=args.config, preset=args.preset,
     )
     if args.print_config:  # the fully resolved config; no data, model or run is touched
-        from harness.core.config import to_yaml
+        from harness.config.schema import to_yaml
 
         print(to_yaml(cfg), end="")
         return 0
@@ -97,7 +97,7 @@ def epoch_line(epochs: int) -> Any:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from harness.core.summary import describe_methods
+    from harness.training.counts import describe_methods
 
     rows = describe_methods(
         args.backbone, num_classes=args.num_classes, pretrained=not args.no_pretrained,
@@ -121,7 +121,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from harness.core.registry import get_method, method_names
+    from harness.models.registry import get_method, method_names
 
     rows = [
         {"method": m, "preset": name, "dataset": str(preset.get("dataset", "any")),
@@ -366,7 +366,7 @@ OPTION_HELP = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from harness.core import interrupts
+    from harness.runtime import interrupts
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per error, no bars

@@ -12,7 +12,7 @@ zeroing the conv instead would make the first train-mode BN divide a zero batch 
 i.e. a gradient ~300x too large. On ResNet-50 (16 blocks, C = 256/512/1024/2048) that is
 sum(C^2/8 + 2C) = 2,545,152 parameters (10% of the backbone; the full C x C version was 21.2M).
 
-The adapters are attached with :mod:`harness.core.inject` (forward hooks, not module
+The adapters are attached with :mod:`harness.models.inject` (forward hooks, not module
 replacement): the backbone keeps its own attention/MLP code and parameter names (so any head
 count and qkv bias work, unlike the VPTSP-G code's hard-coded 12-head block), and the adapters
 live in ``adapter_modules`` (prefix ``adapter_``; their BatchNorm statistics are saved with them).
@@ -27,9 +27,9 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from harness.core.inject import Injection, select_indices
-from harness.core.model import BuildContext, DMLModel, freeze
-from harness.core.registry import register_method
+from harness.models.inject import Injection, select_indices
+from harness.models.model import BuildContext, DMLModel, freeze
+from harness.models.registry import register_method
 from harness.errors import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 

@@ -68,9 +68,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from harness.core.backbones import Backbone
-from harness.core.model import BuildContext, DMLModel, freeze
-from harness.core.registry import register_method
+from harness.models.backbones import Backbone
+from harness.models.model import BuildContext, DMLModel, freeze
+from harness.models.registry import register_method
 from harness.errors import UserError
 from methods._frpt_parts import (
     CategoryAwareHead,

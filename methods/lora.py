@@ -9,7 +9,7 @@ other weights, with no extra inference cost (``method_args.merge=true`` tests th
 ViT: the chosen linear layers of each chosen block (default ``attn.qkv``, ``attn.proj``,
 ``mlp.fc1``, ``mlp.fc2``). CNN: every pointwise (1x1, ungrouped) convolution, the CNN's linear
 layers over channels (peft's Conv2d LoRA with a 1x1 kernel), so LoRA also runs on the embedded
-EfficientNet-Lite0. The updates are injected with :mod:`harness.core.inject` and live in
+EfficientNet-Lite0. The updates are injected with :mod:`harness.models.inject` and live in
 ``lora_modules``.
 
 Parameter arithmetic (ViT, width D, MLP width 4D, rank r): per block qkv r(D + 3D), proj
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.inject import Injection, MergeableModel, block_targets
-from harness.core.model import BuildContext, DMLModel, freeze
-from harness.core.registry import register_method
+from harness.models.inject import Injection, MergeableModel, block_targets
+from harness.models.model import BuildContext, DMLModel, freeze
+from harness.models.registry import register_method
 from harness.errors import UserError
 
 

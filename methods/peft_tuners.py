@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.core.inject import block_targets
-from harness.core.model import BuildContext, DMLModel, freeze
-from harness.core.registry import register_method
+from harness.models.inject import block_targets
+from harness.models.model import BuildContext, DMLModel, freeze
+from harness.models.registry import register_method
 from harness.errors import UserError
 from methods.lora import pointwise_convs
 

@@ -23,9 +23,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from harness.core.inject import Injection, MergeableModel, block_targets
-from harness.core.model import BuildContext, DMLModel, freeze
-from harness.core.registry import register_method
+from harness.models.inject import Injection, MergeableModel, block_targets
+from harness.models.model import BuildContext, DMLModel, freeze
+from harness.models.registry import register_method
 from harness.errors import UserError
 
 #: the paper's operations inside a timm ViT block

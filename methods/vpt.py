@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from harness.core.model import BuildContext, DMLModel, freeze
-from harness.core.registry import register_method
+from harness.models.model import BuildContext, DMLModel, freeze
+from harness.models.registry import register_method
 from harness.errors import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 from methods._vit import (

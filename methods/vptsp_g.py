@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.losses import ProxyAnchorLoss
-from harness.core.model import BuildContext, DMLModel, EmbeddingHead, freeze
-from harness.core.registry import register_method
+from harness.models.losses import ProxyAnchorLoss
+from harness.models.model import BuildContext, DMLModel, EmbeddingHead, freeze
+from harness.models.registry import register_method
 from harness.data.augment import to_device
 from harness.errors import UserError
 from methods import _vptspg_recipes as vptspg_recipes

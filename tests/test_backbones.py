@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness.core.backbones import create_backbone
+from harness.models.backbones import create_backbone
 from harness.errors import UserError
 
 
@@ -29,7 +29,7 @@ def test_embedded_weights_classify_like_imagenet_model():
     import torchvision.transforms.functional as TF
     from PIL import Image
 
-    from harness.core.backbones import _embedded_state_dict
+    from harness.models.backbones import _embedded_state_dict
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     state, _ = _embedded_state_dict(model)

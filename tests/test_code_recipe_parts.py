@@ -10,10 +10,10 @@ import torch
 import torchvision
 from torch import nn
 
-from harness.core import measure
-from harness.core.backbones import create_backbone
-from harness.core.resolve import resolve
-from harness.core.training import backward_and_step, build_model, make_optimizer
+from harness.runtime import device as measure
+from harness.models.backbones import create_backbone
+from harness.training.resolve import resolve
+from harness.training.setup import backward_and_step, build_model, make_optimizer
 from harness.errors import UserError
 
 
@@ -152,7 +152,7 @@ def test_an_overflowing_step_is_skipped_and_the_scale_backs_off():
 def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_overrides, tmp_path, monkeypatch):
     """The loop with a scaler (a CPU GradScaler stands in for CUDA's) gives the metrics of the
     plain run (exact scaling) and checkpoints the scaler's state."""
-    from harness.core import loop
+    from harness.training import loop
 
     base = {**tiny_overrides, "optim.epochs": 2, "optim.amp": "fp16", "method": "bitfit"}
     plain = loop.train(resolve(overrides=base))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.core.config import RunConfig
-from harness.core.overrides import parse_overrides, set_key
-from harness.core.resolve import resolve
+from harness.config.schema import RunConfig
+from harness.config.overrides import parse_overrides, set_key
+from harness.training.resolve import resolve
 from harness.errors import UserError
 
 

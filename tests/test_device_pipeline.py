@@ -145,8 +145,8 @@ def test_train_transforms_are_seeded_per_sample(augment, jpeg_folder):
 def test_tiny_run_matches_the_cpu_pipeline(tiny_overrides, jpeg_folder):
     """Same data, same seeds: the device pipeline trains as the CPU pipeline does (its augmentation
     draws differ, so its metrics agree within the seeds' spread, not bit for bit)."""
-    from harness.core.loop import train
-    from harness.core.resolve import resolve
+    from harness.training.loop import train
+    from harness.training.resolve import resolve
 
     dataset, root, _ = jpeg_folder
     results = {}
@@ -170,7 +170,7 @@ def test_pixel_cache_fits_a_budget_and_is_reused_across_runs(jpeg_folder):
     data.pixel_cache_gb; the next run of the process on the same files reuses it; budget 0
     decodes every batch, with the same pixels."""
     from harness import data
-    from harness.core.resolve import resolve
+    from harness.training.resolve import resolve
     from harness.data import loaders
 
     dataset, root, _ = jpeg_folder
@@ -196,8 +196,8 @@ def test_channels_last_and_compile_are_wired(tiny_overrides):
     """model.channels_last=on puts a CNN and its batches in NHWC; optim.compile compiles the
     training forward (aot_eager here: the graph capture without code generation) and trains to
     the same numbers; fused kernels are for CUDA only, so a CPU run keeps torch's default AdamW."""
-    from harness.core.loop import prepare, train
-    from harness.core.resolve import resolve
+    from harness.training.loop import prepare, train
+    from harness.training.resolve import resolve
 
     base = {**tiny_overrides, "optim.epochs": 1}
     run = prepare(resolve(method="bitfit", backbone="resnet18", overrides={**base, "model.channels_last": "on"}))

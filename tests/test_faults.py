@@ -60,7 +60,7 @@ def fill(folder: Path) -> Path:
 
 
 def checkpoint_of(run_id: str, tracking_uri: str) -> Path:
-    from harness.core.checkpoint import locate
+    from harness.training.checkpoint import locate
 
     return locate(mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags["dmlbench.checkpoint"], tracking_uri)
 
@@ -269,7 +269,7 @@ def test_stray_folders_are_not_classes_and_a_changed_split_is_refused(tmp_path, 
     A real extra class folder shifts the ids past the published split: refused, as is a split
     whose class count is not the published one."""
     from harness import data
-    from harness.core.resolve import resolve
+    from harness.training.resolve import resolve
 
     base = make_cub(tmp_path / "six", n_classes=6, per_class=2)
     for name in ("images.txt", "image_class_labels.txt", "bounding_boxes.txt", "classes.txt"):
@@ -358,7 +358,7 @@ def test_a_lost_journal_never_retrains_finished_trials(tmp_path, tracking_uri, c
 def test_failed_seeds_are_reported_and_retried_until_the_bound(tmp_path, tracking_uri, capsys):
     """Every reproduction seed fails: the study exits 7 naming them; each rerun retries them, at
     most MAX_SEED_ATTEMPTS times in all; once they succeed the study exits 0."""
-    from harness.core.loop import train as real_train
+    from harness.training.loop import train as real_train
     from harness.studies.reproductions import MAX_SEED_ATTEMPTS
 
     path = _tiny(tmp_path, tracking_uri, "seeds", reproduce={"seeds": [0, 1]})
@@ -387,7 +387,7 @@ def test_failed_seeds_are_reported_and_retried_until_the_bound(tmp_path, trackin
 def test_a_trial_finished_by_hand_is_not_trained_again(tmp_path, tracking_uri, capsys):
     """Ctrl-C stops a trial; the user finishes its run with `train --resume` (as the README
     offers); the next `study run` takes that run as the trial's result instead of training it."""
-    from harness.core.loop import train as real_train
+    from harness.training.loop import train as real_train
 
     path = _tiny(tmp_path, tracking_uri, "byhand", budget={"n_trials": 1, "epochs": 2})
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.core.backbones import create_backbone
-from harness.core.config import RunConfig, to_yaml
-from harness.core.model import BuildContext
-from harness.core.registry import get_method, method_names
-from harness.core.resolve import resolve
+from harness.models.backbones import create_backbone
+from harness.config.schema import RunConfig, to_yaml
+from harness.models.model import BuildContext
+from harness.models.registry import get_method, method_names
+from harness.training.resolve import resolve
 from harness.errors import UserError
 from methods._frpt_parts import (
     CategoryAwareHead,
@@ -296,7 +296,7 @@ def test_gradients_reach_dpp_through_the_second_frozen_pass():
     "name,variant", [(m, "paper") for m in FRPT_METHODS] + [("frpt", "code"), ("frpt_cam", "code")]
 )
 def test_loss_goes_down_on_a_fixed_batch(name, variant):
-    from harness.core.training import make_optimizer
+    from harness.training.setup import make_optimizer
 
     # AdamW at a high lr: random-init features are small, so SGD would need many steps to show
     # learning; the DPP group gets its automatic 1/k^2 factor from the model's param groups
@@ -368,7 +368,7 @@ def _e2e(overrides: dict) -> dict:
 @pytest.mark.parametrize("name", [m for m in FRPT_METHODS if m not in ("frpt", "frpt_bbox")])
 def test_trains_through_the_shared_loop(name, tiny_overrides):
     """frpt itself goes through the loop in the DPP-figure test, frpt_bbox on a boxed dataset."""
-    from harness.core.loop import train
+    from harness.training.loop import train
 
     cfg = resolve(method=name, backbone=SMALL, overrides=_e2e(tiny_overrides))
     result = train(cfg)
@@ -402,7 +402,7 @@ def make_cub_with_boxes(root: Path, classes: int = 102, per_class: int = 3) -> P
 
 
 def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_overrides):
-    from harness.core.loop import train
+    from harness.training.loop import train
 
     root = make_cub_with_boxes(tmp_path / "cub")
     ov = {**_e2e(tiny_overrides), "data.root": str(root), "data.max_classes": 4, "data.check_published": False}
@@ -419,7 +419,7 @@ def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_o
 def test_visualize_dpp_draws_and_logs_the_figure(tmp_path, tiny_overrides, tracking_uri):
     from mlflow import MlflowClient
 
-    from harness.core.loop import train
+    from harness.training.loop import train
     from harness.reports.visualize import visualize_dpp
 
     run = train(resolve(method="frpt", backbone=SMALL, overrides=_e2e(tiny_overrides)))
@@ -473,7 +473,7 @@ def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(tmp_path, tiny
     from mlflow import MlflowClient
 
     from harness.cli import main
-    from harness.core.loop import train
+    from harness.training.loop import train
     from harness.reports.cam import cam_maps
     from harness.reports.visualize import load_run_model
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness.bench.records import read
-from harness.core.registry import get_method, method_names
+from harness.models.registry import get_method, method_names
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu.sh"
@@ -206,8 +206,8 @@ def test_runs_record_the_decoder_of_every_split(split_kind, tiny_overrides, tmp_
     import mlflow
     from PIL import Image
 
-    from harness.core.loop import train
-    from harness.core.resolve import resolve
+    from harness.training.loop import train
+    from harness.training.resolve import resolve
 
     overrides = {**tiny_overrides, "optim.epochs": 1}
     if split_kind != "array":

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.core.loop import train
-from harness.core.resolve import resolve
-from harness.core.training import build_model, make_optimizer, make_scheduler
+from harness.training.loop import train
+from harness.training.resolve import resolve
+from harness.training.setup import build_model, make_optimizer, make_scheduler
 
 
 def run(overrides: dict, method: str = "linear_probe", **kw):

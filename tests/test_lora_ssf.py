@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness.core.backbones import create_backbone
-from harness.core.resolve import resolve
-from harness.core.training import build_model
+from harness.models.backbones import create_backbone
+from harness.training.resolve import resolve
+from harness.training.setup import build_model
 from harness.errors import UserError
 from methods.lora import LowRankUpdate
 from methods.ssf import ScaleShift
@@ -195,7 +195,7 @@ def test_scale_shift_uses_the_channel_dimension():
 
 
 def test_merged_runs_through_the_loop(tiny_vit_overrides):
-    from harness.core.loop import train
+    from harness.training.loop import train
 
     for method in ("lora", "ssf"):
         cfg = resolve(method=method, backbone="vit_small_patch16_224",

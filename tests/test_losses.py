@@ -1,4 +1,4 @@
-"""harness.core.losses against explicit reference formulas and pytorch-metric-learning."""
+"""harness.models.losses against explicit reference formulas and pytorch-metric-learning."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.core.config import LossConfig
-from harness.core.losses import (
+from harness.config.schema import LossConfig
+from harness.models.losses import (
     CrossEntropyLoss,
     NormSoftmaxLoss,
     ProxyAnchorLoss,
@@ -141,7 +141,7 @@ def test_build_loss_uses_config_and_rejects_typos():
 
 
 def test_losses_stay_float32_under_autocast():
-    from harness.core.losses import CrossEntropyLoss, NormSoftmaxLoss, ProxyAnchorLoss
+    from harness.models.losses import CrossEntropyLoss, NormSoftmaxLoss, ProxyAnchorLoss
 
     emb = torch.randn(8, 16)
     labels = torch.arange(4).repeat_interleave(2)

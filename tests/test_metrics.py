@@ -1,4 +1,4 @@
-"""harness.core.metrics must agree with pytorch-metric-learning's AccuracyCalculator (Musgrave et al.).
+"""harness.retrieval.metrics must agree with pytorch-metric-learning's AccuracyCalculator (Musgrave et al.).
 
 pml has no Recall@K for K > 1, so recall is checked against an independent brute-force numpy
 implementation; precision_at_1, MAP@R and R-precision are checked against pml itself.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.core.metrics import evaluate_retrieval, recall_keys
+from harness.retrieval.metrics import evaluate_retrieval, recall_keys
 
 pml_ac = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
 

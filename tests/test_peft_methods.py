@@ -14,12 +14,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from harness.core.backbones import create_backbone
-from harness.core.config import RunConfig
-from harness.core.losses import ProxyAnchorLoss
-from harness.core.model import BuildContext
-from harness.core.registry import get_method
-from harness.core.resolve import resolve
+from harness.models.backbones import create_backbone
+from harness.config.schema import RunConfig
+from harness.models.losses import ProxyAnchorLoss
+from harness.models.model import BuildContext
+from harness.models.registry import get_method
+from harness.training.resolve import resolve
 from harness.errors import UserError
 from methods.vptsp_g import device_grouping, group_by_class, host_grouping
 
@@ -494,7 +494,7 @@ def loop_overrides(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("method,extra", [(m, {}) for m in OURS if m != "vptsp_g"]
                          + [("vptsp_g", {"method_args.memory_bank": True})])
 def test_trains_through_the_shared_loop(method, extra, loop_overrides):
-    from harness.core.loop import train
+    from harness.training.loop import train
 
     result = train(resolve(method=method, backbone=VIT, overrides={**loop_overrides, **extra}))
     assert math.isfinite(result.history[-1]["train/loss"])

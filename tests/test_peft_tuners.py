@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 
-from harness.core.backbones import create_backbone
-from harness.core.inject import module_key
-from harness.core.registry import get_method
-from harness.core.resolve import resolve
-from harness.core.training import build_model
+from harness.models.backbones import create_backbone
+from harness.models.inject import module_key
+from harness.models.registry import get_method
+from harness.training.resolve import resolve
+from harness.training.setup import build_model
 from harness.errors import UserError
 from methods.peft_tuners import ALL_PREFIXES, TUNERS
 

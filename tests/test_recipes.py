@@ -13,11 +13,11 @@ import yaml
 from torch import nn
 
 from harness.cli import main
-from harness.core.backbones import create_backbone
-from harness.core.config import RunConfig
-from harness.core.losses import CrossEntropyLoss, ProxyAnchorLoss
-from harness.core.resolve import resolve
-from harness.core.training import build_model, make_optimizer, make_scheduler
+from harness.models.backbones import create_backbone
+from harness.config.schema import RunConfig
+from harness.models.losses import CrossEntropyLoss, ProxyAnchorLoss
+from harness.training.resolve import resolve
+from harness.training.setup import build_model, make_optimizer, make_scheduler
 from harness.data.pipeline import BatchTransform
 from harness.data.transforms import make_transform
 
@@ -205,7 +205,7 @@ def test_4_min_lr_floors_every_schedule_and_group_and_epoch_steps_match_cosine_a
 
 
 def test_5_paper_protocol_trains_on_all_classes_and_reports_the_best_test_epoch(tiny_overrides):
-    from harness.core.loop import train
+    from harness.training.loop import train
 
     cfg = resolve(method="linear_probe", overrides={**tiny_overrides, "protocol": "paper", "optim.epochs": 3})
     assert cfg.data.val_fraction == 0.0 and cfg.eval.test_every_epoch
@@ -307,7 +307,7 @@ def test_12_cnn_adapter_is_a_bottleneck_on_resnet50():
 
 
 def test_13_parameter_shares_are_logged(tiny_vit_overrides):
-    from harness.core.loop import train
+    from harness.training.loop import train
 
     cfg = resolve(method="bitfit", backbone="vit_small_patch16_224", overrides={**tiny_vit_overrides, "optim.epochs": 1})
     m = train(cfg).metrics

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.core.backbones import create_backbone
-from harness.core.registry import get_method, method_names
-from harness.core.resolve import resolve
-from harness.core.training import build_model, make_optimizer
+from harness.models.backbones import create_backbone
+from harness.models.registry import get_method, method_names
+from harness.training.resolve import resolve
+from harness.training.setup import build_model, make_optimizer
 
 BACKBONES = {
     "cnn": ("tf_efficientnet_lite0", {}),
@@ -124,7 +124,7 @@ def test_readme_example_method_passes_the_registry_checks():
     import re
     from pathlib import Path
 
-    from harness.core import registry
+    from harness.models import registry
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("## Adding a method"):]

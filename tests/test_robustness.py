@@ -15,9 +15,9 @@ import mlflow
 import pytest
 
 from harness.cli import main
-from harness.core import checkpoint
-from harness.core.loop import train
-from harness.core.resolve import resolve
+from harness.training import checkpoint
+from harness.training.loop import train
+from harness.training.resolve import resolve
 from harness.errors import RunInterrupted, UserError
 
 REPO = Path(__file__).resolve().parents[1]

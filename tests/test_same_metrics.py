@@ -50,8 +50,8 @@ def tiny_runs(uri: str) -> dict[str, dict[str, float]]:
     try:
         from harness.training import resolve, train
     except ImportError:  # before issue 23's layout
-        from harness.core.loop import train
-        from harness.core.resolve import resolve
+        from harness.training.loop import train
+        from harness.training.resolve import resolve
     out = {}
     for name, method, backbone, extra in RUNS:
         overrides = {**TINY, **(TINY_VIT if backbone.startswith("vit") else {}), "tracking.uri": uri,

@@ -140,7 +140,7 @@ def _no_stray_children():
 def test_a_signal_during_an_epochs_bookkeeping_waits_for_its_checkpoint():
     """SIGTERM between an epoch's logged metrics and its checkpoint (a CI race: the run was KILLED
     with epoch 1 logged and no checkpoint) acts once both are written, through the usual handler."""
-    from harness.core import interrupts
+    from harness.runtime import interrupts
 
     before = signal.getsignal(signal.SIGTERM)
     interrupts.terminate_like_interrupt()

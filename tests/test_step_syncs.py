@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness.core.loop import prepare, train_epoch
-from harness.core.registry import get_method, method_names
-from harness.core.resolve import resolve
-from harness.core.syncs import SyncCounter, host_scalars
+from harness.training.loop import prepare, train_epoch
+from harness.models.registry import get_method, method_names
+from harness.training.resolve import resolve
+from harness.runtime.syncs import SyncCounter, host_scalars
 
 CASES = [(m, f, {}) for m in method_names() for f in ("cnn", "vit")
          if get_method(m).applies_to(f) and m != "frpt_bbox"]  # frpt_bbox needs boxes (CUB)

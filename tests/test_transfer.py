@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from harness.core import loop, transfer
-from harness.core.resolve import resolve
+from harness.training import loop
+from harness.retrieval import transfer
+from harness.training.resolve import resolve
 from harness.errors import UserError
 
 TRANSFER = {"eval.transfer": ["fashion_styles"], "data.max_per_class": 16}

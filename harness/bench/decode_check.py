@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from harness.core.measure import synchronize
+from harness.runtime.device import synchronize
 from harness.data.decode import Decoder, as_encoded
 from harness.data.pipeline import BatchTransform
 

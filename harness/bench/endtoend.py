@@ -1,11 +1,11 @@
 """The real ``train()`` on a generated folder, and retrieval evaluation at a given size.
 
-:func:`end_to_end` trains one method through :func:`harness.core.loop.train` (its MLflow run goes
+:func:`end_to_end` trains one method through :func:`harness.training.loop.train` (its MLflow run goes
 to a private store in the benchmark's folder, never the user's) and reads the run's own cost
 metrics: training images/s over the epochs (``data_img_s``: data path and step together), the
 evaluation and logging shares of wall time.
 
-:func:`evaluation_speed` times :func:`harness.core.metrics.evaluate_retrieval` (exact kNN,
+:func:`evaluation_speed` times :func:`harness.retrieval.metrics.evaluate_retrieval` (exact kNN,
 Recall@K, MAP@R) on N random unit vectors of dimension D in SOP-like classes (mean 5.3 images)
 on the device, with its peak memory.
 """
@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.core.measure import peak_memory_gb, reset_peak_memory, synchronize
+from harness.runtime.device import peak_memory_gb, reset_peak_memory, synchronize
 
 
 def end_to_end(method: str, backbone: str, dataset: str, root: Path, store: Path, *, pipeline: str,
                epochs: int, image_size: int, batch_size: int, samples_per_class: int, workers: int,
                device: str = "", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One ``train()`` run; returns its throughput and the shares of its wall time."""
-    from harness.core.loop import train
-    from harness.core.resolve import resolve
+    from harness.training.loop import train
+    from harness.training.resolve import resolve
 
     store.mkdir(parents=True, exist_ok=True)
     cfg = resolve(method=method, backbone=backbone, dataset=dataset, overrides={
@@ -62,7 +62,7 @@ def decoded_batches(facts: dict[str, Any]) -> str:
 def evaluation_speed(n: int, dim: int, device: torch.device, ks: tuple[int, ...] = (1, 10, 100),
                      mean_class_size: float = 5.3, seed: int = 0) -> dict[str, Any]:
     """Seconds and peak memory of exact Recall@K + MAP@R + R-precision of ``n`` x ``dim``."""
-    from harness.core.metrics import evaluate_retrieval
+    from harness.retrieval.metrics import evaluate_retrieval
 
     rng = np.random.default_rng(seed)
     classes = max(2, int(n / mean_class_size))
@@ -88,8 +88,8 @@ def cuda_syncs_per_step(method: str, backbone: str, dataset: str, root: Path, *,
     its side stream is drained before each nvJPEG call) counts here when batches are decoded."""
     import warnings
 
-    from harness.core.loop import prepare, train_epoch
-    from harness.core.resolve import resolve
+    from harness.training.loop import prepare, train_epoch
+    from harness.training.resolve import resolve
 
     cfg = resolve(method=method, backbone=backbone, dataset=dataset, overrides={
         "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": image_size,

@@ -63,7 +63,7 @@ def say(line: str) -> None:
 
 
 def vit_methods() -> list[str]:
-    from harness.core.registry import get_method, method_names
+    from harness.models.registry import get_method, method_names
 
     return [m for m in method_names() if get_method(m).applies_to("vit")]
 
@@ -101,8 +101,8 @@ def smoke(rec: Recorder, sizes: Sizes, o: dict) -> None:
     import torch
     import torchvision
 
-    from harness.core.registry import method_names
-    from harness.core.training import pick_device
+    from harness.models.registry import method_names
+    from harness.training.setup import pick_device
 
     from harness.bench.window import missing
 
@@ -125,10 +125,10 @@ def smoke_method(method: str, device: Any) -> dict[str, Any]:
     import torch
 
     from harness.bench.step import step_config, synthetic_batch
-    from harness.core.registry import get_method
-    from harness.core.syncs import count_syncs
-    from harness.core.training import build_model, make_optimizer, prepare_for_device, train_step
-    from harness.core.measure import autocast_for, grad_scaler_for
+    from harness.models.registry import get_method
+    from harness.runtime.syncs import count_syncs
+    from harness.training.setup import build_model, make_optimizer, prepare_for_device, train_step
+    from harness.runtime.device import autocast_for, grad_scaler_for
 
     vit = get_method(method).applies_to("vit")
     backbone = VIT if vit else SMOKE_CNN
@@ -287,7 +287,7 @@ BODIES = {"smoke": smoke, "step": step, "e2e": e2e, "sop": sop, "concurrency": c
 
 def main(argv: list[str]) -> int:
     stage, out, options, parent = argv[0], Path(argv[1]), json.loads(argv[2]), int(argv[3])
-    from harness.core.interrupts import die_with_parent
+    from harness.runtime.interrupts import die_with_parent
 
     die_with_parent(parent)  # a window killed outright (kill -9) takes its stage with it
     sizes = TINY if options.get("tiny") else FULL

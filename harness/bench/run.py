@@ -20,10 +20,10 @@ import torch
 from harness.bench.concurrency import concurrent_trials
 from harness.bench.endtoend import cuda_syncs_per_step, end_to_end, evaluation_speed
 from harness.bench.folders import SHAPES, make_folder
-from harness.bench.stages import pipeline_throughput, plain_pipeline_throughput, stage_breakdown
+from harness.bench.datapath import pipeline_throughput, plain_pipeline_throughput, stage_breakdown
 from harness.bench.step import measure_step
-from harness.core.registry import get_method
-from harness.core.training import pick_device
+from harness.models.registry import get_method
+from harness.training.setup import pick_device
 from harness.errors import UserError
 
 #: normalisation for the data-path timings (the values do not change the cost)
@@ -147,7 +147,7 @@ def _data_cfg(o: BenchOptions, dataset: str, root: Path, pipeline: str, workers:
 def data_config(backbone: str, dataset: str, root: Path, pipeline: str, *, image_size: int, batch_size: int,
                 samples_per_class: int, workers: int, overrides: dict[str, Any] | None = None) -> Any:
     """A run config of the generated folder, as the benchmark's data-path timings read it."""
-    from harness.core.resolve import resolve
+    from harness.training.resolve import resolve
 
     return resolve(method="linear_probe", backbone=backbone, dataset=dataset, overrides={
         "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": image_size,

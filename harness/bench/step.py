@@ -1,6 +1,6 @@
 """The model step alone: the harness's training step against a plain timm loop, on a resident batch.
 
-The harness step is :func:`harness.core.training.train_step`, exactly what ``train_epoch`` runs
+The harness step is :func:`harness.training.setup.train_step`, exactly what ``train_epoch`` runs
 per batch: the model's hooks, ``training_loss``, backward, clipping and the harness's optimiser
 (fused AdamW on CUDA). The plain loop is what a user would write
 without the harness: ``timm.create_model(num_classes=0)``, the same head (LayerNorm + Linear on a
@@ -21,10 +21,10 @@ from torch import nn
 
 import numpy as np
 
-from harness.core.measure import autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize
-from harness.core.registry import get_method
-from harness.core.resolve import resolve
-from harness.core.training import build_model, make_optimizer, pick_device, prepare_for_device, train_step
+from harness.runtime.device import autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize
+from harness.models.registry import get_method
+from harness.training.resolve import resolve
+from harness.training.setup import build_model, make_optimizer, pick_device, prepare_for_device, train_step
 
 #: methods whose trainable set a plain loop reproduces with requires_grad alone
 PLAIN_EQUIVALENT = {"full_finetune": "all", "linear_probe": "head", "bitfit": "biases"}
@@ -87,7 +87,7 @@ def plain_step(cfg: Any, num_classes: int, device: torch.device, method: str) ->
     """The same computation written as a plain timm loop (see the module docstring)."""
     import timm
 
-    from harness.core.losses import build_loss
+    from harness.models.losses import build_loss
 
     trains = PLAIN_EQUIVALENT.get(method, "all")
     torch.manual_seed(0)

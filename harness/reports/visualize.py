@@ -103,9 +103,9 @@ def load_run_model(run_id: str, tracking_uri: str | None = None, need: Any = Non
     from safetensors.torch import load_file
 
     from harness import data
-    from harness.core.backbones import create_backbone
-    from harness.core.resolve import resolve
-    from harness.core.training import build_model, seed_everything
+    from harness.models.backbones import create_backbone
+    from harness.training.resolve import resolve
+    from harness.training.setup import build_model, seed_everything
     from harness.tracking.store import resolve_uri
 
     client = MlflowClient(tracking_uri=resolve_uri(tracking_uri or ""))

@@ -18,7 +18,7 @@ Spec format (every key is checked; a typo names the closest valid key)::
       #   name: frpt_r101            # unique id in the study (default: the method name)
       #   label: "FRPT R101"         # row label in reports (default: the name)
       #   backbone: resnet101        # per-entry backbone
-      #   preset: paper              # a preset of the method (harness.core.registry presets)
+      #   preset: paper              # a preset of the method (harness.models.registry presets)
       #   overrides: {data.shots: 5} # run-config keys for this entry only
       #   search_space:              # merged over the registry's space; `key: null` drops a key
       #     optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}

@@ -21,9 +21,9 @@ def preflight(spec: StudySpec, storage_url: str) -> None:
     import torch
 
     from harness import data
-    from harness.core.backbones import create_backbone
-    from harness.core.checkpoint import checkpoint_dir, ensure_writable
-    from harness.core.training import build_model
+    from harness.models.backbones import create_backbone
+    from harness.training.checkpoint import checkpoint_dir, ensure_writable
+    from harness.training.setup import build_model
     from harness.tracking.store import check_writable
 
     check_writable(spec.tracking_uri)

@@ -114,7 +114,7 @@ def heartbeat(study: Any, trial: Any, interval: float = HEARTBEAT_S) -> Iterator
     reconnects. A trial that cannot beat for half of :data:`STALE_AFTER_S` stops at its next safe
     point (``interrupts.check``): by then another process may take it for dead and retry it, and
     it must not train twice."""
-    from harness.core import interrupts
+    from harness.runtime import interrupts
     from harness.errors import StoreUnavailable
 
     trial.set_user_attr("dmlbench.host", socket.gethostname())

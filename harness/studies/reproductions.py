@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from harness.core import interrupts
+from harness.runtime import interrupts
 from harness.studies.parents import inside_parent, tag_filter
 from harness.studies.recovery import fail_stale, heartbeat
 from harness.studies.spec import Entry, StudySpec

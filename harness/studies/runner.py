@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.core import interrupts
-from harness.core.checkpoint import RunClaimed
+from harness.runtime import interrupts
+from harness.training.checkpoint import RunClaimed
 from harness.tracking.store import tracking_server_gone
 from harness.errors import (
     DiskFull,
@@ -25,7 +25,7 @@ from harness.errors import (
 )
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
 from harness.studies.placement import parse_devices, place
-from harness.studies.progress import failed_work, keep_best_weights, trial_counts
+from harness.studies.outcomes import failed_work, keep_best_weights, trial_counts
 from harness.studies.workers import one_line_exit, share_cores, spawn
 from harness.studies.recovery import enqueue_retry, heartbeat, recover_stale
 from harness.studies.reproductions import (
@@ -48,7 +48,7 @@ TrainFn = Callable[..., Any]
 
 
 def _train_fn() -> TrainFn:
-    from harness.core.loop import train
+    from harness.training.loop import train
 
     return train
 
@@ -158,7 +158,7 @@ def resumable(trial: Any) -> str | None:
     """The predecessor's run when it left a checkpoint to continue from."""
     import mlflow
 
-    from harness.core.checkpoint import locate
+    from harness.training.checkpoint import locate
 
     run = predecessor(trial)
     tag = run.data.tags.get("dmlbench.checkpoint", "") if run is not None else ""

@@ -120,7 +120,7 @@ class StudySpec:
 
     def resolve(self, dataset: str, entry: Entry, params: dict[str, Any] | None = None,
                 seed: int | None = None) -> Any:
-        from harness.core.resolve import resolve
+        from harness.training.resolve import resolve
 
         return resolve(method=entry.method, dataset=dataset, backbone=entry.backbone, preset=entry.preset,
                        overrides=self.run_overrides(dataset, entry, params, seed))
@@ -209,7 +209,7 @@ def _backbone_family(name: str, kwargs: dict) -> str:
     import timm
     import torch
 
-    from harness.core.backbones import check_name, family_of
+    from harness.models.backbones import check_name, family_of
 
     check_name(name)
     with torch.device("meta"):
@@ -229,8 +229,8 @@ def _parse_entry(raw: Any, where: str) -> dict[str, Any]:
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study spec; every mistake is a one-line :class:`UserError`."""
     from harness import data
-    from harness.core.overrides import load_yaml, set_key
-    from harness.core.registry import get_method, method_names
+    from harness.config.overrides import load_yaml, set_key
+    from harness.models.registry import get_method, method_names
     from harness.tracking.store import resolve_uri
 
     path = _find_spec(path)

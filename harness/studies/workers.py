@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from harness.core import interrupts
+from harness.runtime import interrupts
 from harness.errors import DiskFull, RunFailure, RunInterrupted, StoreUnavailable, StudyAborted, UserError
 
 
 @contextmanager
 def one_line_exit(who: str) -> Iterator[None]:
     """Ctrl-C reaches every worker of the terminal's process group, SIGTERM comes from the parent
-    (or Slurm): each worker stops at its next safe point (:mod:`harness.core.interrupts`), ends its
+    (or Slurm): each worker stops at its next safe point (:mod:`harness.runtime.interrupts`), ends its
     run KILLED and its trial FAIL (in the loop and :func:`run_trial`), then says so in one line
     and exits 130 (143 for SIGTERM), instead of multiprocessing's traceback. A worker whose parent
     dies, however, gets SIGTERM from the kernel: none trains on as an orphan."""

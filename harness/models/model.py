@@ -1,7 +1,7 @@
 """The model every method returns: backbone + method modules + embedding head + criterion.
 
 Methods customise it by freezing parameters, inserting modules whose attribute names start with
-the method's declared prefixes (as in peft; see :mod:`harness.core.registry`), or subclassing to
+the method's declared prefixes (as in peft; see :mod:`harness.models.registry`), or subclassing to
 change :meth:`features` / :meth:`training_loss`. Ownership by prefix drives the rest: parameter
 groups, train/eval mode, feature caching, saving and counting. The loop only talks to this class.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.backbones import Backbone
+from harness.models.backbones import Backbone
 
 
 class EmbeddingHead(nn.Module):
@@ -47,7 +47,7 @@ class DMLModel(nn.Module):
     method_prefixes: tuple[str, ...] = ()
     #: the subset of ``method_prefixes`` used in training only
     training_only_prefixes: tuple[str, ...] = ()
-    #: NHWC layout (set by :func:`harness.core.training.prepare_for_device`)
+    #: NHWC layout (set by :func:`harness.training.setup.prepare_for_device`)
     channels_last: bool = False
 
     def __init__(
@@ -230,7 +230,7 @@ class BuildContext:
         return head
 
     def criterion(self, embed_dim: int) -> nn.Module:
-        from harness.core.losses import build_loss
+        from harness.models.losses import build_loss
 
         return build_loss(self.cfg.loss.name, self.num_classes, embed_dim, self.cfg.loss)
 

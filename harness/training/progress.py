@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from harness.core.measure import synchronize
+from harness.runtime.device import synchronize
 
 
 def duration(seconds: float) -> str:

@@ -1,8 +1,8 @@
 """Typed run configuration: the schema of every key a run takes, with its documentation.
 
-Choices are ``Literal`` types, so :mod:`harness.core.overrides` checks them from the annotation
+Choices are ``Literal`` types, so :mod:`harness.config.overrides` checks them from the annotation
 alone; reading files and ``--set`` values lives there, and resolving defaults, presets and range
-checks in :mod:`harness.core.resolve`.
+checks in :mod:`harness.training.resolve`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from harness.core.resnet_ibn import register as _register_ibn
+from harness.models.resnet_ibn import register as _register_ibn
 from harness.errors import UserError, closest
 
 _register_ibn()  # resnet50_ibn_a and resnet101_ibn_a become timm names

@@ -9,11 +9,11 @@ from tqdm.auto import tqdm
 
 from harness import data
 from harness.data.augment import to_device
-from harness.core import interrupts
-from harness.core.backbones import Backbone
-from harness.core.config import RunConfig
-from harness.core.metrics import evaluate_retrieval
-from harness.core.model import DMLModel
+from harness.runtime import interrupts
+from harness.models.backbones import Backbone
+from harness.config.schema import RunConfig
+from harness.retrieval.metrics import evaluate_retrieval
+from harness.models.model import DMLModel
 
 
 @torch.inference_mode()

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import data
-from harness.core.backbones import Backbone
-from harness.core.evaluation import evaluate, metric_name
+from harness.models.backbones import Backbone
+from harness.retrieval.evaluation import evaluate, metric_name
 from harness.data.specs import get_spec, read_raw, resolve_root, spec_names
 from harness.errors import UserError
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from harness.core.model import DMLModel
+from harness.models.model import DMLModel
 from harness.errors import UserError
 
 

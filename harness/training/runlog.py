@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from harness.core.config import RunConfig, flatten, to_dict, to_yaml
+from harness.config.schema import RunConfig, flatten, to_dict, to_yaml
 from harness.tracking import store as tracking
 from harness.tracking.inputs import log_dataset_inputs
 
@@ -24,7 +24,7 @@ def describe_run(cfg: RunConfig, weights: str, tags: dict[str, str]) -> str:
 
 def log_run_start(run: Any, tags: dict[str, str] | None) -> None:
     """Parameters, tags (environment, weight source, device), the resolved config and counts of a
-    prepared :class:`harness.core.loop.Run`, when its MLflow run starts."""
+    prepared :class:`harness.training.loop.Run`, when its MLflow run starts."""
     import mlflow
 
     cfg, device = run.cfg, run.device

@@ -4,7 +4,7 @@ data -> backbone -> method model -> optimiser/schedule -> per epoch: train, eval
 (and test, for the papers' test-selected figure), keep the best-validation state -> final
 metrics -> MLflow. Everything that can be wrong with the input is checked in :func:`prepare`,
 before the MLflow run starts. The steps are small functions below :func:`train`; set-up lives in
-:mod:`harness.core.training`, evaluation in :mod:`harness.core.evaluation`.
+:mod:`harness.training.setup`, evaluation in :mod:`harness.retrieval.evaluation`.
 """
 from __future__ import annotations
 
@@ -22,16 +22,18 @@ import numpy as np
 import torch
 
 from harness import data
-from harness.core import checkpoint, interrupts, transfer
-from harness.core.backbones import Backbone, create_backbone
-from harness.core.config import RunConfig
-from harness.core.evaluation import FeatureCache, evaluate, metric_name
-from harness.core.measure import (autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize,
+from harness.training import checkpoint
+from harness.runtime import interrupts
+from harness.retrieval import transfer
+from harness.models.backbones import Backbone, create_backbone
+from harness.config.schema import RunConfig
+from harness.retrieval.evaluation import FeatureCache, evaluate, metric_name
+from harness.runtime.device import (autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize,
                                   system_sample)
-from harness.core.model import DMLModel
-from harness.core.progress import EpochProgress, plan_line
-from harness.core.selection import Best, final_metrics, has_test, selection_key
-from harness.core.training import (
+from harness.models.model import DMLModel
+from harness.training.progress import EpochProgress, plan_line
+from harness.training.selection import Best, final_metrics, has_test, selection_key
+from harness.training.setup import (
     build_model,
     make_optimizer,
     make_scheduler,
@@ -53,7 +55,7 @@ from harness.errors import (
 )
 from harness.tracking import store as tracking
 from harness.tracking.artifacts import log_artifacts
-from harness.tracking.runlog import log_run_start
+from harness.training.runlog import log_run_start
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Run:
     scheduler: Any
     epochs: int
     scaler: torch.amp.GradScaler | None = None  # optim.amp=fp16 on CUDA
-    transfer: list = field(default_factory=list)  # eval.transfer's datasets (harness.core.transfer)
+    transfer: list = field(default_factory=list)  # eval.transfer's datasets (harness.retrieval.transfer)
     checkpoints: Path = Path("checkpoints")  # the folder of the run's per-epoch checkpoint
     cache: FeatureCache | None = None
 
@@ -315,7 +317,7 @@ def resume_command(run_id: str, cfg: RunConfig) -> str:
 
 
 def snapshot(run: Run, epoch: int, history: list, best: "Best", images: int, seconds: float) -> dict[str, Any]:
-    """Everything the next epoch depends on (see :mod:`harness.core.checkpoint`)."""
+    """Everything the next epoch depends on (see :mod:`harness.training.checkpoint`)."""
     return {
         "epoch": epoch, "history": history, "images": images, "seconds": seconds,
         "model": {k: v.detach().cpu() for k, v in run.model.trainable_state_dict().items()},

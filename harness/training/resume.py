@@ -17,8 +17,8 @@ def reconcile(cfg: Any, run_id: str, choices: dict[str, str | None], overrides: 
               completed: int | None = None) -> list[str]:
     """Apply the changeable ``overrides`` to the recorded ``cfg``; refuse every option that differs
     from it. Returns what was changed, as ``key old -> new`` lines."""
-    from harness.core.config import flat_get, flatten, to_dict
-    from harness.core.overrides import set_key
+    from harness.config.schema import flat_get, flatten, to_dict
+    from harness.config.overrides import set_key
 
     recorded = flatten(to_dict(cfg))
     recorded["recipe"] = cfg.recipe
@@ -52,7 +52,7 @@ def resumable_config(run_id: str, tracking_uri: str) -> Any:
 
     import mlflow
 
-    from harness.core.resolve import resolve
+    from harness.training.resolve import resolve
     from harness.tracking.store import check_writable, resolve_uri
 
     uri = resolve_uri(tracking_uri)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.core.backbones import create_backbone
-from harness.core.registry import get_method, method_names
-from harness.core.resolve import resolve
-from harness.core.training import build_model
+from harness.models.backbones import create_backbone
+from harness.models.registry import get_method, method_names
+from harness.training.resolve import resolve
+from harness.training.setup import build_model
 
 
 def describe_methods(

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from harness.core.config import RunConfig
+from harness.config.schema import RunConfig
 from harness.errors import UserError, closest
 
 

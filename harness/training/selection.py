@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from harness.core.config import RunConfig
-from harness.core.evaluation import metric_name
-from harness.core.model import DMLModel
+from harness.config.schema import RunConfig
+from harness.retrieval.evaluation import metric_name
+from harness.models.model import DMLModel
 
 
 def selection_key(cfg: RunConfig) -> str:

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.core.backbones import Backbone, create_backbone
-from harness.core.config import RunConfig
-from harness.core.model import BuildContext, DMLModel
-from harness.core.registry import get_method
+from harness.models.backbones import Backbone, create_backbone
+from harness.config.schema import RunConfig
+from harness.models.model import BuildContext, DMLModel
+from harness.models.registry import get_method
 
 
 def seed_everything(seed: int) -> None:

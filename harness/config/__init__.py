@@ -1,0 +1,1 @@
+"""The run-config schema, reading --set values and files, and where outputs go."""

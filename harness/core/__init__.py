@@ -1,1 +1,0 @@
-"""The core: config schema and resolution, method registry, model, losses, metrics, backbones and the training loop."""

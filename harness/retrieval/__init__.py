@@ -1,0 +1,1 @@
+"""Retrieval: kNN metrics, embedding and evaluating a split, zero-shot transfer."""

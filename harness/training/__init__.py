@@ -1,0 +1,1 @@
+"""The training engine: config resolution, set-up, the loop, selection, checkpoints and resume."""
