@@ -47,7 +47,7 @@ def main() -> dict[str, float]:
     out["jpeg_sop_mean_ms_per_core"] = 1000 * seconds(lambda: [_image(rng, c, 448, 448) for c in range(40)]) / 40
 
     from harness.bench.measures import smoke_method
-    from harness.models.registry import method_names
+    from methods import method_names
 
     device = torch.device("cpu")
     names = method_names()

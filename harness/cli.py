@@ -36,11 +36,12 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.config.overrides import parse_overrides, precheck
+    from harness.config import parse_overrides, precheck
 
     overrides = parse_overrides(args.set)
     precheck(overrides)  # before the heavy imports below
     from harness.training.loop import train
+    from harness.training.progress import epoch_line
     from harness.training.resolve import resolve
     from harness.tracking.links import run_url
 
@@ -67,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides=overrides, config_file=args.config, preset=args.preset,
     )
     if args.print_config:  # the fully resolved config; no data, model or run is touched
-        from harness.config.schema import to_yaml
+        from harness.config import to_yaml
 
         print(to_yaml(cfg), end="")
         return 0
@@ -77,23 +78,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  {key:32s} {_fmt(result.metrics[key])}")
     print(f"in the MLflow UI: {run_url(result.run_id, args.tracking_uri)}")
     return 0
-
-
-def epoch_line(epochs: int) -> Any:
-    """One summary line per epoch: loss, validation (or test) R@1 and MAP@R, seconds."""
-    def show(epoch: int, row: dict[str, float]) -> None:
-        split = "val" if "val/recall_at_1" in row else "epoch_test"
-        parts = [f"epoch {epoch}/{epochs}"]
-        if "train/loss" in row:
-            parts.append(f"loss {row['train/loss']:.4f}")
-        if f"{split}/recall_at_1" in row:
-            name = "val" if split == "val" else "test"
-            parts.append(f"{name} R@1 {100 * row[f'{split}/recall_at_1']:.1f}  MAP@R {100 * row[f'{split}/map_at_r']:.1f}")
-        if "train/epoch_time_s" in row:
-            parts.append(f"{row['train/epoch_time_s']:.1f} s")
-        print("  ".join(parts), flush=True)
-
-    return show
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -121,7 +105,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from harness.models.registry import get_method, method_names
+    from methods import get_method, method_names
 
     rows = [
         {"method": m, "preset": name, "dataset": str(preset.get("dataset", "any")),
@@ -165,11 +149,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from harness.studies.runner import run_demo
+    """The demo study, then its report. Two worker processes where there are two cores: small
+    convolutions do not use two threads well."""
+    from harness.reports.build import build_report
+    from harness.studies.runner import run_study
 
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    report_dir = run_demo(args.spec)
+    run_study(args.spec, workers=min(2, os.cpu_count() or 1))
+    report_dir = build_report(args.spec)
     table = report_dir / "results.md"
     if table.exists():
         print("\n" + table.read_text().strip())

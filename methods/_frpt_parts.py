@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import UserError
+from harness.models import UserError
 
 
 def gaussian_kernel(size: int, fwhm: float) -> torch.Tensor:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.data.augment import to_device
+from harness.models import to_device
 
 
 def per_row_state(optimizer: torch.optim.Optimizer | None, slot: nn.Parameter) -> Iterator[tuple[str, torch.Tensor]]:

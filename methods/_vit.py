@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from harness.errors import UserError
+from harness.models import UserError
 
 #: prompt placement modes: "vpt" = KMnP/vpt ([prefix, prompts, patches], carried through the
 #: blocks, deep prompts replace the previous outputs); "vptspg" = VPTSP-G code (prompts put before

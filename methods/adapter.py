@@ -27,10 +27,10 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from harness.models.inject import Injection, select_indices
-from harness.models.model import BuildContext, DMLModel, freeze
-from harness.models.registry import register_method
-from harness.errors import UserError
+from harness.models import Injection, select_indices
+from harness.models import BuildContext, DMLModel, freeze
+from harness.models import register_method
+from harness.models import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from harness.models.model import BuildContext, DMLModel, freeze
-from harness.models.registry import register_method
+from harness.models import BuildContext, DMLModel, freeze
+from harness.models import register_method
 from methods import _vptspg_recipes as vptspg_recipes
 
 

@@ -68,10 +68,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from harness.models.backbones import Backbone
-from harness.models.model import BuildContext, DMLModel, freeze
-from harness.models.registry import register_method
-from harness.errors import UserError
+from harness.models import Backbone
+from harness.models import BuildContext, DMLModel, freeze
+from harness.models import register_method
+from harness.models import UserError
 from methods._frpt_parts import (
     CategoryAwareHead,
     ContentParser,

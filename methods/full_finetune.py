@@ -1,8 +1,8 @@
 """Full fine-tuning: every backbone parameter and the head are trained (SPECS section 2)."""
 from __future__ import annotations
 
-from harness.models.model import BuildContext, DMLModel
-from harness.models.registry import register_method
+from harness.models import BuildContext, DMLModel
+from harness.models import register_method
 from methods import _vptspg_recipes as vptspg_recipes
 
 

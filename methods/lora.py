@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models.inject import Injection, MergeableModel, block_targets
-from harness.models.model import BuildContext, DMLModel, freeze
-from harness.models.registry import register_method
-from harness.errors import UserError
+from harness.models import Injection, MergeableModel, block_targets
+from harness.models import BuildContext, DMLModel, freeze
+from harness.models import register_method
+from harness.models import UserError
 
 
 @dataclass

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.models.inject import block_targets
-from harness.models.model import BuildContext, DMLModel, freeze
-from harness.models.registry import register_method
-from harness.errors import UserError
+from harness.models import block_targets
+from harness.models import BuildContext, DMLModel, freeze
+from harness.models import register_method
+from harness.models import UserError
 from methods.lora import pointwise_convs
 
 VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]

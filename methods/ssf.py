@@ -23,10 +23,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from harness.models.inject import Injection, MergeableModel, block_targets
-from harness.models.model import BuildContext, DMLModel, freeze
-from harness.models.registry import register_method
-from harness.errors import UserError
+from harness.models import Injection, MergeableModel, block_targets
+from harness.models import BuildContext, DMLModel, freeze
+from harness.models import register_method
+from harness.models import UserError
 
 #: the paper's operations inside a timm ViT block
 VIT_BLOCK_TARGETS = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]

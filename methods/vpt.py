@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from harness.models.model import BuildContext, DMLModel, freeze
-from harness.models.registry import register_method
-from harness.errors import UserError
+from harness.models import BuildContext, DMLModel, freeze
+from harness.models import register_method
+from harness.models import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 from methods._vit import (
     check_plain_vit,

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models.losses import ProxyAnchorLoss
-from harness.models.model import BuildContext, DMLModel, EmbeddingHead, freeze
-from harness.models.registry import register_method
-from harness.data.augment import to_device
-from harness.errors import UserError
+from harness.models import ProxyAnchorLoss
+from harness.models import BuildContext, DMLModel, EmbeddingHead, freeze
+from harness.models import register_method
+from harness.models import to_device
+from harness.models import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 from methods._memory_bank import HostBank
 from methods._vit import (

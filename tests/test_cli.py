@@ -92,7 +92,7 @@ def test_train_on_cub_layout_and_check_json(capsys, tmp_path, tracking_uri):
 
 
 def test_methods_json_lists_every_method_with_counts(capsys):
-    from harness.models.registry import method_names
+    from methods import method_names
 
     code, out, _ = cli(capsys, "methods", "--json", "--no-pretrained", "--num-classes", "10")
     rows = {r["name"]: r for r in json.loads(out)}

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from harness.runtime import device as measure
+from harness.runtime import precision
 from harness.models.backbones import create_backbone
 from harness.training.resolve import resolve
 from harness.training.setup import backward_and_step, build_model, make_optimizer
@@ -107,10 +107,10 @@ def test_amp_choices_resolve_and_old_booleans_keep_their_meaning():
 def test_cpu_runs_compute_in_fp32_whatever_amp_says():
     cpu = torch.device("cpu")
     for mode in ("bf16", "fp16", "off"):
-        with measure.autocast_for(cpu, mode)():
+        with precision.autocast_for(cpu, mode)():
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-        assert measure.grad_scaler_for(cpu, mode) is None
-    assert measure.grad_scaler_for(torch.device("cuda"), "bf16") is None
+        assert not precision.grad_scaler_for(cpu, mode).is_enabled()  # disabled: a no-op
+    assert not precision.grad_scaler_for(torch.device("cuda"), "bf16").is_enabled()
 
 
 def _tiny_problem(seed: int = 0):

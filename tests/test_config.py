@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config.schema import RunConfig
-from harness.config.overrides import parse_overrides, set_key
+from harness.config import RunConfig
+from harness.config import parse_overrides, set_key
 from harness.training.resolve import resolve
 from harness.errors import UserError
 

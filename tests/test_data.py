@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from harness import data
-from harness.config.schema import RunConfig
+from harness.config import RunConfig
 from harness.data import fashion, readers
 from harness.data import splits as splits_module
 from harness.errors import UserError

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from harness.models.backbones import create_backbone
-from harness.config.schema import RunConfig, to_yaml
+from harness.config import RunConfig, to_yaml
 from harness.models.model import BuildContext
-from harness.models.registry import get_method, method_names
+from methods import get_method, method_names
 from harness.training.resolve import resolve
 from harness.errors import UserError
 from methods._frpt_parts import (

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness.bench.records import read
-from harness.models.registry import get_method, method_names
+from methods import get_method, method_names
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu.sh"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config.schema import LossConfig
+from harness.config import LossConfig
 from harness.models.losses import (
     CrossEntropyLoss,
     NormSoftmaxLoss,

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from harness.models.backbones import create_backbone
-from harness.config.schema import RunConfig
+from harness.config import RunConfig
 from harness.models.losses import ProxyAnchorLoss
 from harness.models.model import BuildContext
-from harness.models.registry import get_method
+from methods import get_method
 from harness.training.resolve import resolve
 from harness.errors import UserError
 from methods.vptsp_g import device_grouping, group_by_class, host_grouping

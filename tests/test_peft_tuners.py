@@ -12,7 +12,7 @@ import torch
 
 from harness.models.backbones import create_backbone
 from harness.models.inject import module_key
-from harness.models.registry import get_method
+from methods import get_method
 from harness.training.resolve import resolve
 from harness.training.setup import build_model
 from harness.errors import UserError

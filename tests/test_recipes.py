@@ -14,7 +14,7 @@ from torch import nn
 
 from harness.cli import main
 from harness.models.backbones import create_backbone
-from harness.config.schema import RunConfig
+from harness.config import RunConfig
 from harness.models.losses import CrossEntropyLoss, ProxyAnchorLoss
 from harness.training.resolve import resolve
 from harness.training.setup import build_model, make_optimizer, make_scheduler

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.models.backbones import create_backbone
-from harness.models.registry import get_method, method_names
+from methods import get_method, method_names
 from harness.training.resolve import resolve
 from harness.training.setup import build_model, make_optimizer
 

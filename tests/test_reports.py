@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import TINY, TINY_VIT
 
-from harness.models.registry import method_names
+from methods import method_names
 from harness.reports.build import build_report
 from harness.reports.figures import pareto_front
 from harness.reports.formatting import fmt_count, fmt_pm

@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 
 from harness.training.loop import prepare, train_epoch
-from harness.models.registry import get_method, method_names
+from methods import get_method, method_names
 from harness.training.resolve import resolve
-from harness.runtime.syncs import SyncCounter, host_scalars
+from harness.runtime import SyncCounter, host_scalars
 
 CASES = [(m, f, {}) for m in method_names() for f in ("cnn", "vit")
          if get_method(m).applies_to(f) and m != "frpt_bbox"]  # frpt_bbox needs boxes (CUB)

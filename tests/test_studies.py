@@ -16,7 +16,7 @@ import yaml
 from conftest import TINY, TINY_VIT
 from optuna.trial import TrialState
 
-from harness.models.registry import get_method, method_names
+from methods import get_method, method_names
 from harness.errors import UserError
 from harness.studies.recovery import STALE_AFTER_S, is_stale
 from harness.studies.runner import run_study

@@ -62,7 +62,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from harness.bench.run import BenchOptions, markdown, run_benchmark, write
-    from harness.config.overrides import parse_overrides
+    from harness.config import parse_overrides
 
     options = BenchOptions(
         methods=[m for m in args.methods.split(",") if m], backbone=args.backbone, image_size=args.image_size,

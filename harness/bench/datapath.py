@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from harness.runtime.device import synchronize
+from harness.runtime import synchronize
 from harness.data import augment as A
 from harness.data.decode import Decoder, as_encoded
 from harness.data.images import read_file

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from harness.runtime.device import synchronize
+from harness.runtime import synchronize
 from harness.data.decode import Decoder, as_encoded
 from harness.data.pipeline import BatchTransform
 

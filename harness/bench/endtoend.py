@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.runtime.device import peak_memory_gb, reset_peak_memory, synchronize
+from harness.runtime import peak_memory_gb, reset_peak_memory, synchronize
 
 
 def end_to_end(method: str, backbone: str, dataset: str, root: Path, store: Path, *, pipeline: str,

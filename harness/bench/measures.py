@@ -63,7 +63,7 @@ def say(line: str) -> None:
 
 
 def vit_methods() -> list[str]:
-    from harness.models.registry import get_method, method_names
+    from methods import get_method, method_names
 
     return [m for m in method_names() if get_method(m).applies_to("vit")]
 
@@ -101,8 +101,8 @@ def smoke(rec: Recorder, sizes: Sizes, o: dict) -> None:
     import torch
     import torchvision
 
-    from harness.models.registry import method_names
-    from harness.training.setup import pick_device
+    from methods import method_names
+    from harness.runtime import pick_device
 
     from harness.bench.window import missing
 
@@ -125,10 +125,10 @@ def smoke_method(method: str, device: Any) -> dict[str, Any]:
     import torch
 
     from harness.bench.step import step_config, synthetic_batch
-    from harness.models.registry import get_method
-    from harness.runtime.syncs import count_syncs
+    from methods import get_method
+    from harness.runtime import count_syncs
     from harness.training.setup import build_model, make_optimizer, prepare_for_device, train_step
-    from harness.runtime.device import autocast_for, grad_scaler_for
+    from harness.runtime import autocast_for, grad_scaler_for
 
     vit = get_method(method).applies_to("vit")
     backbone = VIT if vit else SMOKE_CNN

@@ -22,8 +22,8 @@ from harness.bench.endtoend import cuda_syncs_per_step, end_to_end, evaluation_s
 from harness.bench.folders import SHAPES, make_folder
 from harness.bench.datapath import pipeline_throughput, plain_pipeline_throughput, stage_breakdown
 from harness.bench.step import measure_step
-from harness.models.registry import get_method
-from harness.training.setup import pick_device
+from methods import get_method
+from harness.runtime import pick_device
 from harness.errors import UserError
 
 #: normalisation for the data-path timings (the values do not change the cost)

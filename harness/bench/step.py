@@ -21,10 +21,11 @@ from torch import nn
 
 import numpy as np
 
-from harness.runtime.device import autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize
-from harness.models.registry import get_method
+from harness.runtime import autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize
+from methods import get_method
 from harness.training.resolve import resolve
-from harness.training.setup import build_model, make_optimizer, pick_device, prepare_for_device, train_step
+from harness.training.setup import build_model, make_optimizer, prepare_for_device, train_step
+from harness.runtime import pick_device
 
 #: methods whose trainable set a plain loop reproduces with requires_grad alone
 PLAIN_EQUIVALENT = {"full_finetune": "all", "linear_probe": "head", "bitfit": "biases"}

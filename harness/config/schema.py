@@ -7,14 +7,11 @@ checks in :mod:`harness.training.resolve`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from harness.errors import UserError
 
 
 @dataclass
@@ -228,22 +225,6 @@ class RunConfig:
     #: method-specific options (the method's config dataclass, resolved by name)
     method_args: Any = None
 
-
-
-def home() -> Path:
-    """Where outputs go by default: ``$DMLBENCH_HOME``, else the current directory (never the
-    package's own folder): ``mlflow.db``, study journals, ``checkpoints/``, ``reports/``,
-    ``data/`` for downloads. A ``$DMLBENCH_HOME`` that does not exist yet is created, as the
-    user named it on purpose."""
-    chosen = os.environ.get("DMLBENCH_HOME")
-    if not chosen:
-        return Path.cwd().resolve()
-    path = Path(chosen).expanduser().resolve()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"DMLBENCH_HOME={chosen!r} cannot be created: {exc.strerror}") from None
-    return path
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:

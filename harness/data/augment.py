@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harness.runtime.device import to_device  # noqa: F401 - used as A.to_device too
+
 #: ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale
 _LUMA = (0.2989, 0.587, 0.114)
 
@@ -155,15 +157,6 @@ def _interpolation(name: str):
     from torchvision.transforms import InterpolationMode
 
     return InterpolationMode(name)
-
-
-def to_device(values: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Host parameters onto the device without a host-device sync: a copy from pageable memory
-    may synchronise with the stream, so on CUDA the values go through pinned memory."""
-    tensor = torch.as_tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device, non_blocking=True)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def flip(batch: torch.Tensor, mask: np.ndarray) -> torch.Tensor:

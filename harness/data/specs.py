@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.config.schema import home
+from harness.config import home
 from harness.data.fashion import FASHION_READERS, fashion_dir  # registers the Fashion-MNIST readers
 from harness.data.readers import READERS
 from harness.data.table import ImageTable

@@ -173,7 +173,7 @@ def verify_splits(splits: Splits) -> None:
 
 def check_dataset(name: str, root: str = "", verify_images: bool = True) -> dict:
     """Counts per split with the default validation split; optionally decodes every image."""
-    from harness.config.schema import DataConfig
+    from harness.config import DataConfig
 
     spec = get_spec(name)
     raw = read_raw(spec, resolve_root(spec, root))

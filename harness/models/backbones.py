@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from harness.config import RunConfig
 from harness.models.resnet_ibn import register as _register_ibn
 from harness.errors import UserError, closest
 
@@ -179,6 +180,12 @@ def create_backbone(
         std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
         weight_source=source,
     )
+
+
+def backbone_from(cfg: RunConfig) -> Backbone:
+    """The run's backbone: ``cfg.backbone`` with ``cfg.model``'s weights and timm options."""
+    return create_backbone(cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights,
+                           kwargs=cfg.model.backbone_kwargs)
 
 
 def describe(name: str, kwargs: dict | None = None) -> tuple[str, int, tuple[int, int] | None]:

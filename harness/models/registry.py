@@ -1,8 +1,9 @@
 """Method registry, in the spirit of timm's ``@register_model``, with peft-style conventions.
 
 A method is a builder function ``fn(ctx: BuildContext, cfg: OptionsDataclass) -> DMLModel``
-registered with :func:`register_method`. Every module in the ``methods`` package is imported by
-:func:`discover`, so harness code never imports a method by name.
+registered with :func:`register_method`. ``methods/__init__.py`` imports every method module (as
+timm's ``models/__init__.py`` does), so the layers above import the lookups from ``methods`` and
+the registry sees every method; harness code never imports a method by name.
 
 The registration declares what the harness needs to treat every method alike:
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -73,7 +72,6 @@ class MethodSpec:
 
 
 _METHODS: dict[str, MethodSpec] = {}
-_DISCOVERED = False
 
 
 def register_method(
@@ -132,26 +130,13 @@ def register_method(
     return decorate
 
 
-def discover() -> None:
-    """Import every module of the ``methods`` package once (they register themselves)."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    import methods
-
-    for info in sorted(pkgutil.iter_modules(methods.__path__), key=lambda i: i.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"methods.{info.name}")
-    _DISCOVERED = True
-
-
 def method_names() -> list[str]:
-    discover()
+    """Every registered method (all of them once ``methods`` is imported)."""
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> MethodSpec:
-    discover()
+    """The registered method ``name``; an unknown one is a UserError listing the valid names."""
     if name not in _METHODS:
         raise unknown("method", name, _METHODS)
     return _METHODS[name]

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import UserError
-from harness.config.schema import home
+from harness.config import home
 from harness.reports.figures import bars_figure, curves_figure, identical_groups, tradeoff_figure
 from harness.reports.formatting import md_table
 from harness.reports.published import matches, paper_tables, published_tables

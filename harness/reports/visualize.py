@@ -103,9 +103,10 @@ def load_run_model(run_id: str, tracking_uri: str | None = None, need: Any = Non
     from safetensors.torch import load_file
 
     from harness import data
-    from harness.models.backbones import create_backbone
+    from harness.models import backbone_from
     from harness.training.resolve import resolve
-    from harness.training.setup import build_model, seed_everything
+    from harness.training.setup import build_model
+    from harness.runtime import seed_everything
     from harness.tracking.store import resolve_uri
 
     client = MlflowClient(tracking_uri=resolve_uri(tracking_uri or ""))
@@ -120,9 +121,7 @@ def load_run_model(run_id: str, tracking_uri: str | None = None, need: Any = Non
         state = load_file(str(_download(client, run_id, "trainable.safetensors", tmp)))
     seed_everything(cfg.seed)  # as the loop does, so a random-init backbone is the run's own
     splits = data.load_splits(cfg)
-    backbone = create_backbone(
-        cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights, kwargs=cfg.model.backbone_kwargs
-    )
+    backbone = backbone_from(cfg)
     model = build_model(cfg, splits.train.num_classes, backbone)
     model.load_trainable_state_dict(state)
     model.eval()

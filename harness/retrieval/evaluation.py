@@ -8,10 +8,10 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import data
-from harness.data.augment import to_device
+from harness.runtime import to_device
 from harness.runtime import interrupts
 from harness.models.backbones import Backbone
-from harness.config.schema import RunConfig
+from harness.config import RunConfig
 from harness.retrieval.metrics import evaluate_retrieval
 from harness.models.model import DMLModel
 

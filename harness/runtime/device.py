@@ -1,13 +1,39 @@
-"""Device-side measurement: peak memory, autocast and synchronisation, shared by loop and benchmark."""
+"""The device a run uses: choosing it, seeding, moving host values onto it without a sync,
+synchronising, and what it costs (peak memory, a per-epoch system sample)."""
 from __future__ import annotations
 
+import random
 import resource
-from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
+
+
+def pick_device(name: str) -> torch.device:
+    """``name`` ("cpu", "cuda", "cuda:1", "mps"), or CUDA when there is one, else the CPU."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (the data order has its own: the sampler's)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(values: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values onto the device without a host-device sync: a copy from pageable memory may
+    synchronise with the stream, so on CUDA the values go through pinned memory."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device, non_blocking=True)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -31,23 +57,6 @@ def peak_memory_gb(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def autocast_for(device: torch.device, amp: str | bool) -> Callable[[], Any]:
-    """A factory of autocast contexts on CUDA (``optim.amp``: bf16 or fp16), else of no-op
-    contexts: CPU runs compute in fp32, so CPU results do not depend on CPU autocast kernels."""
-    mode = ("bf16" if amp else "off") if isinstance(amp, bool) else amp
-    if device.type == "cuda" and mode in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-        return lambda: torch.autocast(device.type, dtype=dtype)
-    return nullcontext
-
-
-def grad_scaler_for(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
-    """fp16's dynamic loss scaler (None for bf16, off and CPU runs). With the fused optimisers
-    (``optim.fused``) the inf check stays on the device; torch's unfused step reads it on the host
-    once per step."""
-    return torch.amp.GradScaler(device.type) if device.type == "cuda" and amp == "fp16" else None
 
 
 def synchronize(device: torch.device) -> None:

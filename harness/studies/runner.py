@@ -362,12 +362,3 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
     if unfinished:
         raise StudyIncomplete(f"study {spec.name} ended with failed work: " + "; ".join(unfinished) +
                               f"; the same `study run` retries failed seeds (up to {MAX_SEED_ATTEMPTS} attempts each)")
-
-
-def run_demo(spec: str | Path = "studies/demo.yaml", workers: int | None = None) -> Path:
-    """Run the demo study and its report; returns the report folder. Two worker processes by
-    default where there are two cores: small convolutions do not use two threads well."""
-    from harness.reports.build import build_report
-
-    run_study(spec, workers=workers or min(2, os.cpu_count() or 1))
-    return build_report(spec)

@@ -229,8 +229,8 @@ def _parse_entry(raw: Any, where: str) -> dict[str, Any]:
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study spec; every mistake is a one-line :class:`UserError`."""
     from harness import data
-    from harness.config.overrides import load_yaml, set_key
-    from harness.models.registry import get_method, method_names
+    from harness.config import load_yaml, set_key
+    from methods import get_method, method_names
     from harness.tracking.store import resolve_uri
 
     path = _find_spec(path)

@@ -15,7 +15,7 @@ def storage_url(spec: StudySpec, storage: str | None = None) -> str:
     """The Optuna storage to use: argument, spec, else a journal file beside the MLflow store
     (``<dir of mlflow.db>/<study>.optuna.journal``; ``$DMLBENCH_HOME`` or the current directory
     for a server store)."""
-    from harness.config.schema import home
+    from harness.config import home
 
     if storage or spec.storage:
         return storage or spec.storage

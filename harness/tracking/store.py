@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` where the user stands (``$DMLBENCH_HOME`` or
     the current directory)."""
-    from harness.config.schema import home
+    from harness.config import home
 
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.models.backbones import create_backbone
-from harness.models.registry import get_method, method_names
+from methods import get_method, method_names
 from harness.training.resolve import resolve
 from harness.training.setup import build_model
 

@@ -26,22 +26,21 @@ from harness.training import checkpoint
 from harness.runtime import interrupts
 from harness.retrieval import transfer
 from harness.models.backbones import Backbone, create_backbone
-from harness.config.schema import RunConfig
+from harness.config import RunConfig
 from harness.retrieval.evaluation import FeatureCache, evaluate, metric_name
-from harness.runtime.device import (autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize,
-                                  system_sample)
+from harness.runtime import (
+    autocast_for,
+    grad_scaler_for,
+    peak_memory_gb,
+    reset_peak_memory,
+    synchronize,
+    system_sample,
+)
 from harness.models.model import DMLModel
 from harness.training.progress import EpochProgress, plan_line
 from harness.training.selection import Best, final_metrics, has_test, selection_key
-from harness.training.setup import (
-    build_model,
-    make_optimizer,
-    make_scheduler,
-    pick_device,
-    prepare_for_device,
-    seed_everything,
-    train_step,
-)
+from harness.training.setup import build_model, make_optimizer, make_scheduler, prepare_for_device, train_step
+from harness.runtime import pick_device, seed_everything
 from harness.errors import (
     DiskFull,
     RunInterrupted,

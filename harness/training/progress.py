@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
-from harness.runtime.device import synchronize
+from harness.runtime import synchronize
 
 
 def duration(seconds: float) -> str:
@@ -105,3 +105,20 @@ class EpochProgress:
                 print(f"epoch {self.epoch}/{self.epochs}: step {step}/{steps}, {rate:,.0f} img/s, "
                       f"ETA {duration((steps - step) * self.batch_size / rate)}", flush=True)
                 last = now
+
+
+def epoch_line(epochs: int) -> Callable[[int, dict[str, float]], None]:
+    """One summary line per epoch: loss, validation (or test) R@1 and MAP@R, seconds."""
+    def show(epoch: int, row: dict[str, float]) -> None:
+        split = "val" if "val/recall_at_1" in row else "epoch_test"
+        parts = [f"epoch {epoch}/{epochs}"]
+        if "train/loss" in row:
+            parts.append(f"loss {row['train/loss']:.4f}")
+        if f"{split}/recall_at_1" in row:
+            name = "val" if split == "val" else "test"
+            parts.append(f"{name} R@1 {100 * row[f'{split}/recall_at_1']:.1f}  MAP@R {100 * row[f'{split}/map_at_r']:.1f}")
+        if "train/epoch_time_s" in row:
+            parts.append(f"{row['train/epoch_time_s']:.1f} s")
+        print("  ".join(parts), flush=True)
+
+    return show

@@ -13,9 +13,9 @@ import torch
 
 from harness.retrieval import transfer
 from harness.models.backbones import auto_embed_dim, describe
-from harness.config.schema import RunConfig, flat_get, flatten, to_dict
-from harness.config.overrides import load_yaml, set_key
-from harness.models.registry import get_method, method_names
+from harness.config import RunConfig, flat_get, flatten, to_dict
+from harness.config import load_yaml, set_key
+from methods import get_method, method_names
 from harness.data.specs import get_spec
 from harness.errors import UserError
 

@@ -17,8 +17,8 @@ def reconcile(cfg: Any, run_id: str, choices: dict[str, str | None], overrides: 
               completed: int | None = None) -> list[str]:
     """Apply the changeable ``overrides`` to the recorded ``cfg``; refuse every option that differs
     from it. Returns what was changed, as ``key old -> new`` lines."""
-    from harness.config.schema import flat_get, flatten, to_dict
-    from harness.config.overrides import set_key
+    from harness.config import flat_get, flatten, to_dict
+    from harness.config import set_key
 
     recorded = flatten(to_dict(cfg))
     recorded["recipe"] = cfg.recipe

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from harness.config.schema import RunConfig, flatten, to_dict, to_yaml
+from harness.config import RunConfig, flatten, to_dict, to_yaml
 from harness.tracking import store as tracking
 from harness.tracking.inputs import log_dataset_inputs
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from harness.config.schema import RunConfig
+from harness.config import RunConfig
 from harness.retrieval.evaluation import metric_name
 from harness.models.model import DMLModel
 

@@ -2,42 +2,22 @@
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from harness.models.backbones import Backbone, create_backbone
-from harness.config.schema import RunConfig
+from harness.models.backbones import Backbone, backbone_from
+from harness.config import RunConfig
 from harness.models.model import BuildContext, DMLModel
-from harness.models.registry import get_method
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+from methods import get_method
 
 
 def build_model(cfg: RunConfig, num_classes: int, backbone: Backbone | None = None) -> DMLModel:
     """Backbone with its weights, then the method's builder (seeded, so heads init the same)."""
     if backbone is None:
-        backbone = create_backbone(
-            cfg.backbone,
-            pretrained=cfg.model.pretrained,
-            weights=cfg.model.weights,
-            kwargs=cfg.model.backbone_kwargs,
-        )
+        backbone = backbone_from(cfg)
     spec = get_method(cfg.method)
     torch.manual_seed(cfg.seed)
     return spec.builder(BuildContext(backbone=backbone, num_classes=num_classes, cfg=cfg), cfg.method_args)
