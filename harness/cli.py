@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     precheck(overrides)  # before the heavy imports below
     from harness.training.loop import train
     from harness.training.progress import epoch_line
-    from harness.training.resolve import resolve
+    from harness.training.resolution import resolve
     from harness.tracking.links import run_url
 
     if args.tracking_uri:

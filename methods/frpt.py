@@ -208,15 +208,24 @@ class FRPTModel(DMLModel):
             return {"images": warped, "saliency": saliency, "grid": grid}
         if self.crop == "cam":
             with torch.no_grad():
-                boxes = cam_boxes(final_feature_map(self.backbone, images), images.shape[-2:], self.cam_threshold)
+                boxes = cam_boxes(self.feature_map(images), images.shape[-2:], self.cam_threshold)
                 return {"images": crop_and_resize(images, boxes), "boxes": boxes}
         return {"images": images}
 
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's last feature map of ``images`` as they are (no prompt, no CAH):
+        what class activation maps are drawn over (``dmlbench visualize cam``)."""
+        return final_feature_map(self.backbone, images)
+
+    def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The run's pooling of a feature map: GeM (the code variant) or average."""
+        return gem_pool(fmap) if self.pool == "gem" else fmap.mean(dim=(2, 3))
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        fmap = final_feature_map(self.backbone, self.prompt(images)["images"])
+        fmap = self.feature_map(self.prompt(images)["images"])
         if self.cah_head is not None:
             fmap = self.cah_head(fmap)
-        return gem_pool(fmap) if self.pool == "gem" else fmap.mean(dim=(2, 3))
+        return self.pool_map(fmap)
 
 
 class BNNeck(nn.Module):

@@ -30,4 +30,6 @@ class LinearProbeConfig:
 def linear_probe(ctx: BuildContext, cfg: LinearProbeConfig) -> DMLModel:
     """Frozen backbone; train the embedding head only."""
     freeze(ctx.backbone.model)
-    return ctx.model(frozen_backbone=True)
+    model = ctx.model(frozen_backbone=True)
+    model.wants_feature_cache = cfg.cache_features
+    return model

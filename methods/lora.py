@@ -120,4 +120,5 @@ def lora(ctx: BuildContext, cfg: LoRAConfig) -> DMLModel:
             injection.add(path, conv, update, source="input")
     model = ctx.model(frozen_backbone=True, cls=LoRAModel)
     model.attach(injection)
+    model.merges_on_test = cfg.merge
     return model

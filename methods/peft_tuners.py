@@ -212,6 +212,7 @@ def build_tuned(ctx: BuildContext, name: str, options: Any) -> DMLModel:
             ext_log.setLevel(level)
     model = ctx.model(frozen_backbone=True, cls=PeftTunedModel)
     model.peft_config = config
+    model.merges_on_test = bool(getattr(options, "merge", False))
     return model
 
 

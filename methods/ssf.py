@@ -126,4 +126,5 @@ def ssf(ctx: BuildContext, cfg: SSFConfig) -> DMLModel:
         injection.add(path, op, ScaleShift(channels, dim, cfg.init, cfg.init_std), combine="replace")
     model = ctx.model(frozen_backbone=True, cls=SSFModel)
     model.attach(injection)
+    model.merges_on_test = cfg.merge
     return model

@@ -3,6 +3,7 @@ GradScaler, and bias weight decay; and the FRPT ``code`` recipe that uses them."
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import timm
@@ -12,8 +13,9 @@ from torch import nn
 
 from harness.runtime import precision
 from harness.models.backbones import create_backbone
-from harness.training.resolve import resolve
-from harness.training.setup import backward_and_step, build_model, make_optimizer
+from harness.training.resolution import resolve
+from harness.training.setup import build_model, make_optimizer
+from harness.training.step import train_step
 from harness.errors import UserError
 
 
@@ -113,6 +115,27 @@ def test_cpu_runs_compute_in_fp32_whatever_amp_says():
     assert not precision.grad_scaler_for(torch.device("cuda"), "bf16").is_enabled()
 
 
+class _Plain:
+    """A plain network behind the step protocol of a DMLModel (hooks that do nothing)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def before_step(self, optimizer, labels) -> None:
+        pass
+
+    def after_step(self, optimizer) -> None:
+        pass
+
+    def training_loss(self, x, y):
+        return nn.functional.cross_entropy(self.net(x), y), {}
+
+
+def _step(net, opt, x, y, clip, scaler) -> None:
+    train_step(_Plain(net), opt, x, y, y.numpy(), amp=nullcontext, scaler=scaler, grad_clip=clip,
+               trainable=list(net.parameters()))
+
+
 def _tiny_problem(seed: int = 0):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -123,16 +146,16 @@ def _tiny_problem(seed: int = 0):
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_the_scaled_step_equals_the_plain_step_when_gradients_are_finite(clip):
     """A power-of-two loss scale is exact in fp32: scaled backward + unscale + clip + step gives
-    the same parameters as the plain step, so fp16 runs differ only by the fp16 forward."""
+    the same parameters as the plain step (the one backward path with a disabled scaler), so fp16
+    runs differ only by the fp16 forward."""
     plain, x, y = _tiny_problem()
     scaled = copy.deepcopy(plain)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, scaled)]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=2)
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(5):
-        for model, opt, sc in ((plain, opts[0], None), (scaled, opts[1], scaler)):
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            backward_and_step(loss, opt, list(model.parameters()), clip, sc)
+        for model, opt, sc in ((plain, opts[0], disabled), (scaled, opts[1], scaler)):
+            _step(model, opt, x, y, clip, sc)
     for a, b in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert scaler.get_scale() == 2.0 ** 18  # grew twice after 2 + 2 finite steps
@@ -143,8 +166,13 @@ def test_an_overflowing_step_is_skipped_and_the_scale_backs_off():
     before = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    loss = nn.functional.cross_entropy(net(x), y) * float("inf")
-    backward_and_step(loss, opt, list(net.parameters()), 1.0, scaler)
+
+    class Overflowing(_Plain):
+        def training_loss(self, x, y):
+            return nn.functional.cross_entropy(self.net(x), y) * float("inf"), {}
+
+    train_step(Overflowing(net), opt, x, y, y.numpy(), amp=nullcontext, scaler=scaler,
+               grad_clip=1.0, trainable=list(net.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert scaler.get_scale() == 2.0 ** 15
 
@@ -153,6 +181,7 @@ def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_override
     """The loop with a scaler (a CPU GradScaler stands in for CUDA's) gives the metrics of the
     plain run (exact scaling) and checkpoints the scaler's state."""
     from harness.training import loop
+    from harness.training import setup as preparing
 
     base = {**tiny_overrides, "optim.epochs": 2, "optim.amp": "fp16", "method": "bitfit"}
     plain = loop.train(resolve(overrides=base))
@@ -160,9 +189,9 @@ def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_override
 
     def cpu_scaler(device, amp):
         made.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
-        return made[-1] if amp == "fp16" else None
+        return made[-1] if amp == "fp16" else torch.amp.GradScaler("cpu", enabled=False)
 
-    monkeypatch.setattr(loop, "grad_scaler_for", cpu_scaler)
+    monkeypatch.setattr(preparing, "grad_scaler_for", cpu_scaler)
     scaled = loop.train(resolve(overrides=base))
     assert made and made[0].get_scale() > 2.0 ** 10  # it stepped through the scaler
     for key in ("test/recall_at_1", "test/map_at_r"):

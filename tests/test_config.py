@@ -5,7 +5,7 @@ import pytest
 
 from harness.config import RunConfig
 from harness.config import parse_overrides, set_key
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.errors import UserError
 
 

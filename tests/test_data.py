@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from harness import data
+from harness.training.setup import splits_for
 from harness.config import RunConfig
 from harness.data import fashion, readers
 from harness.data import splits as splits_module
@@ -226,7 +227,7 @@ def test_real_fashion_mnist(monkeypatch):
     monkeypatch.delenv("DMLBENCH_DATA", raising=False)
     cfg = RunConfig(dataset="fashion_mnist")
     cfg.data.val_fraction = 0.4
-    s = data.load_splits(cfg)
+    s = splits_for(cfg)
     assert len(s.train) + len(s.val) + len(s.test) == 70_000
     assert s.train.num_classes + s.val.num_classes == 5 and s.val.num_classes == 2
     assert len(s.test) == 35_000 and s.test.num_classes == 5
@@ -245,27 +246,27 @@ def cub20(tmp_path, small_split):
 
 
 def test_val_split_is_seeded_held_out_train_classes(cub20):
-    s0 = data.load_splits(cfg_for("cub200", cub20, val_fraction=0.2))
+    s0 = splits_for(cfg_for("cub200", cub20, val_fraction=0.2))
     assert s0.val.num_classes == 4 and s0.train.num_classes == 16 and s0.test.num_classes == 4
     assert not set(s0.val.class_names) & set(s0.train.class_names)
     assert not set(s0.val.class_names) & set(s0.test.class_names)
     assert int(s0.val.class_names[0].split(".")[0]) <= 20
-    again = data.load_splits(cfg_for("cub200", cub20, val_fraction=0.2))
+    again = splits_for(cfg_for("cub200", cub20, val_fraction=0.2))
     assert again.val.class_names == s0.val.class_names
     other = RunConfig(dataset="cub200", seed=1, data=cfg_for("cub200", cub20, val_fraction=0.2).data)
-    assert data.load_splits(other).val.class_names != s0.val.class_names
-    assert data.load_splits(cfg_for("cub200", cub20, val_fraction=0.0)).val is None
-    assert data.load_splits(cfg_for("cub200", cub20, val_fraction=0.01)).val.num_classes == 1
+    assert splits_for(other).val.class_names != s0.val.class_names
+    assert splits_for(cfg_for("cub200", cub20, val_fraction=0.0)).val is None
+    assert splits_for(cfg_for("cub200", cub20, val_fraction=0.01)).val.num_classes == 1
     assert s0.ks == (1, 2, 4, 8)
 
 
 def test_shots_max_per_class_max_classes(cub20):
-    s = data.load_splits(cfg_for("cub200", cub20, shots=2))
+    s = splits_for(cfg_for("cub200", cub20, shots=2))
     assert len(s.train) == 2 * s.train.num_classes and len(s.val) == 5 * s.val.num_classes
-    s = data.load_splits(cfg_for("cub200", cub20, max_per_class=3))
+    s = splits_for(cfg_for("cub200", cub20, max_per_class=3))
     for t in (s.train, s.val, s.test):
         assert np.bincount(t.labels).max() == 3
-    s = data.load_splits(cfg_for("cub200", cub20, max_classes=10, val_fraction=0.2))
+    s = splits_for(cfg_for("cub200", cub20, max_classes=10, val_fraction=0.2))
     assert s.train.num_classes + s.val.num_classes == 10 and s.test.num_classes == 4
 
 
@@ -306,7 +307,7 @@ def test_corrupt_image_is_named(tmp_path, small_split):
         data.check_dataset("cub200", str(tmp_path))
     counts = data.check_dataset("cub200", str(tmp_path), verify_images=False)
     assert counts["test"] == {"images": 6, "classes": 3} and counts["val"]["classes"] == 1
-    s = data.load_splits(cfg_for("cub200", tmp_path))
+    s = splits_for(cfg_for("cub200", tmp_path))
     ds = data.ImageDataset(s.test, None)
     with pytest.raises(UserError, match=str(bad)):
         ds[s.test.paths.index(str(bad))]
@@ -345,12 +346,12 @@ def test_transforms_make_three_channel_uint8_normalised_on_the_device(augment):
     cfg = cfg_for("cub200", Path("."), augment=augment)
     gray = np.full((28, 28), 100, np.uint8)
     for train in (True, False):
-        tf = data.make_transform(cfg, train)
+        tf = data.make_transform(cfg.data, train)
         for x in (gray, Image.fromarray(gray), Image.new("RGB", (30, 20))):
             y = tf(x)
             assert y.shape == (3, 16, 16) and y.dtype == torch.uint8
-    y = data.make_transform(cfg, False)(gray)
-    normalise = data.BatchTransform.from_config(cfg, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), False, geometry=False)
+    y = data.make_transform(cfg.data, False)(gray)
+    normalise = data.BatchTransform.from_config(cfg.data, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), False, geometry=False)
     z = normalise(y[None], np.random.default_rng(0))
     assert torch.allclose(z, torch.full_like(z, (100 / 255 - 0.5) / 0.25), atol=1e-5)
 
@@ -360,8 +361,8 @@ def test_make_loaders(tmp_path, small_split):
     small_split(SMALL)
     cfg = cfg_for("cub200", tmp_path, batch_size=4, samples_per_class=2, cache_images=True)
     cfg.eval.batch_size = 5
-    s = data.load_splits(cfg)
-    loaders = data.make_loaders(s, cfg, (0.5,) * 3, (0.5,) * 3, "cpu")
+    s = splits_for(cfg)
+    loaders = data.make_loaders(s, cfg.data, cfg.seed, cfg.eval.batch_size, (0.5,) * 3, (0.5,) * 3, "cpu")
     assert set(loaders) == {"train", "val", "test"}
     x, y, idx = next(iter(loaders["train"]))
     assert x.shape == (4, 3, 16, 16) and y[0] == y[1] and y[2] == y[3]
@@ -369,7 +370,7 @@ def test_make_loaders(tmp_path, small_split):
     batches = list(loaders["test"])
     assert [len(b[0]) for b in batches] == [5, 5, 2] and batches[0][2].tolist() == [0, 1, 2, 3, 4]
     cfg.data.samples_per_class = 0
-    plain = data.make_loaders(s, cfg, (0.5,) * 3, (0.5,) * 3, "cpu")["train"]
+    plain = data.make_loaders(s, cfg.data, cfg.seed, cfg.eval.batch_size, (0.5,) * 3, (0.5,) * 3, "cpu")["train"]
     assert all(len(b[0]) == 4 for b in plain)
 
 
@@ -385,7 +386,7 @@ def test_image_cache_gives_the_same_crops_from_the_original_resolution(tmp_path)
                             boxes=np.array([[1, 2, 6, 7]] * len(paths), dtype=float))
     cfg = RunConfig()
     cfg.data.image_size, cfg.data.resize_size = 8, 10
-    tf = data.make_transform(cfg, train=True)
+    tf = data.make_transform(cfg.data, train=True)
     for crop in (False, True):
         plain = data.ImageDataset(table, tf, cache=False, crop_to_box=crop)
         cached = data.ImageDataset(table, tf, cache=True, crop_to_box=crop)

@@ -20,6 +20,7 @@ from harness.data import augment as A
 from harness.data.decode import Decoder, as_encoded
 from harness.data.pipeline import BatchTransform
 from harness.data.transforms import make_transform
+from harness.training.setup import splits_for
 
 DRAWS = 4000
 
@@ -110,8 +111,8 @@ def test_crops_and_test_transform_give_the_cpu_pipelines_pixels(jpeg_folder):
     images = Decoder(torch.device("cpu"))([as_encoded(open(f, "rb").read()) for f in files], files)
     for test_resize in ("short", "square"):
         cfg = _cfg(test_resize=test_resize)
-        cpu = torch.stack([make_transform(cfg, train=False)(Image.open(f).convert("RGB")) for f in files])
-        device = BatchTransform.from_config(cfg, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), False, True)
+        cpu = torch.stack([make_transform(cfg.data, train=False)(Image.open(f).convert("RGB")) for f in files])
+        device = BatchTransform.from_config(cfg.data, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), False, True)
         assert torch.equal(device._geometry(images, np.random.default_rng(0)), cpu), test_resize
     boxes = A.sample_resized_crops(np.random.default_rng(4), np.full(16, 90), np.full(16, 120))
     ours = A.crop_resize(images, boxes, 64, "bilinear")
@@ -130,7 +131,7 @@ def test_normalisation_is_bit_identical_to_torchvision():
 def test_train_transforms_are_seeded_per_sample(augment, jpeg_folder):
     _, _, files = jpeg_folder
     images = Decoder(torch.device("cpu"))([as_encoded(open(f, "rb").read()) for f in files[:8]], files[:8])
-    bt = BatchTransform.from_config(_cfg(augment=augment, random_erasing=0.5), (0.5,) * 3, (0.5,) * 3,
+    bt = BatchTransform.from_config(_cfg(augment=augment, random_erasing=0.5).data, (0.5,) * 3, (0.5,) * 3,
                                     torch.device("cpu"), True, True)
     a = bt(images, np.random.default_rng(7))
     b = bt(images, np.random.default_rng(7))
@@ -146,7 +147,7 @@ def test_tiny_run_matches_the_cpu_pipeline(tiny_overrides, jpeg_folder):
     """Same data, same seeds: the device pipeline trains as the CPU pipeline does (its augmentation
     draws differ, so its metrics agree within the seeds' spread, not bit for bit)."""
     from harness.training.loop import train
-    from harness.training.resolve import resolve
+    from harness.training.resolution import resolve
 
     dataset, root, _ = jpeg_folder
     results = {}
@@ -170,34 +171,35 @@ def test_pixel_cache_fits_a_budget_and_is_reused_across_runs(jpeg_folder):
     data.pixel_cache_gb; the next run of the process on the same files reuses it; budget 0
     decodes every batch, with the same pixels."""
     from harness import data
-    from harness.training.resolve import resolve
+    from harness.training.resolution import resolve
     from harness.data import loaders
 
     dataset, root, _ = jpeg_folder
     cfg = resolve(method="bitfit", backbone="tf_efficientnet_lite0", dataset=dataset, overrides={
         "data.root": str(root), "data.pipeline": "device", "data.image_size": 32, "data.resize_size": 37,
         "data.batch_size": 16, "data.samples_per_class": 2, "data.num_workers": 0, "model.pretrained": False})
-    splits = data.load_splits(cfg)
-    first = data.make_loaders(splits, cfg, (0.5,) * 3, (0.5,) * 3, "cpu")
+    splits = splits_for(cfg)
+    first = data.make_loaders(splits, cfg.data, cfg.seed, cfg.eval.batch_size, (0.5,) * 3, (0.5,) * 3, "cpu")
     assert all(b.pixels is not None for b in first.values())
     assert first["train"].pixels.nbytes == sum(3 * 90 * 120 for _ in splits.train.paths)
-    again = data.make_loaders(splits, cfg, (0.5,) * 3, (0.5,) * 3, "cpu")
+    again = data.make_loaders(splits, cfg.data, cfg.seed, cfg.eval.batch_size, (0.5,) * 3, (0.5,) * 3, "cpu")
     assert again["train"].pixels is first["train"].pixels  # no second decode
     cfg.data.pixel_cache_gb = 0.0
-    uncached = data.make_loaders(splits, cfg, (0.5,) * 3, (0.5,) * 3, "cpu")
+    uncached = data.make_loaders(splits, cfg.data, cfg.seed, cfg.eval.batch_size, (0.5,) * 3, (0.5,) * 3, "cpu")
     assert all(b.pixels is None for b in uncached.values())
     a, b = next(iter(first["test"])), next(iter(uncached["test"]))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     cfg.data.pixel_cache_gb = 1e-4  # 100 kB: nothing fits
-    assert loaders.pixel_caches({"train": splits.train}, cfg, torch.device("cpu")) == {}
+    assert loaders.pixel_caches({"train": splits.train}, cfg.data, torch.device("cpu")) == {}
 
 
 def test_channels_last_and_compile_are_wired(tiny_overrides):
     """model.channels_last=on puts a CNN and its batches in NHWC; optim.compile compiles the
     training forward (aot_eager here: the graph capture without code generation) and trains to
     the same numbers; fused kernels are for CUDA only, so a CPU run keeps torch's default AdamW."""
-    from harness.training.loop import prepare, train
-    from harness.training.resolve import resolve
+    from harness.training.setup import prepare
+    from harness.training.loop import train
+    from harness.training.resolution import resolve
 
     base = {**tiny_overrides, "optim.epochs": 1}
     run = prepare(resolve(method="bitfit", backbone="resnet18", overrides={**base, "model.channels_last": "on"}))

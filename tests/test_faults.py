@@ -269,7 +269,8 @@ def test_stray_folders_are_not_classes_and_a_changed_split_is_refused(tmp_path, 
     A real extra class folder shifts the ids past the published split: refused, as is a split
     whose class count is not the published one."""
     from harness import data
-    from harness.training.resolve import resolve
+    from harness.training.setup import splits_for
+    from harness.training.resolution import resolve
 
     base = make_cub(tmp_path / "six", n_classes=6, per_class=2)
     for name in ("images.txt", "image_class_labels.txt", "bounding_boxes.txt", "classes.txt"):
@@ -289,12 +290,12 @@ def test_stray_folders_are_not_classes_and_a_changed_split_is_refused(tmp_path, 
         shutil.copy(one, cub / f"{c:03d}.class" / "a.jpg")
     cfg = resolve(method="linear_probe", dataset="cub200", overrides={"data.root": str(cub.parent)})
     with pytest.raises(Exception, match=r"1 class\(es\) fall outside the split's classes \[1, 100\] \+ \[101, 200\]: 200.class"):
-        data.load_splits(cfg)
+        splits_for(cfg)
     shutil.rmtree(cub / "200.class")
     shutil.rmtree(cub / "150.class")
     (cub / "150.class").mkdir()  # now empty: skipped, so the test split has 99 classes
     with pytest.raises(Exception, match="the test split has 99 classes, the published split 100"):
-        data.load_splits(cfg)
+        splits_for(cfg)
 
 
 # ----------------------------------------------------------------------------- journals and ledgers

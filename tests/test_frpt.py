@@ -16,7 +16,7 @@ from harness.models.backbones import create_backbone
 from harness.config import RunConfig, to_yaml
 from harness.models.model import BuildContext
 from methods import get_method, method_names
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.errors import UserError
 from methods._frpt_parts import (
     CategoryAwareHead,

@@ -207,7 +207,7 @@ def test_runs_record_the_decoder_of_every_split(split_kind, tiny_overrides, tmp_
     from PIL import Image
 
     from harness.training.loop import train
-    from harness.training.resolve import resolve
+    from harness.training.resolution import resolve
 
     overrides = {**tiny_overrides, "optim.epochs": 1}
     if split_kind != "array":

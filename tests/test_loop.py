@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.training.loop import train
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.training.setup import build_model, make_optimizer, make_scheduler
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from harness.models.backbones import create_backbone
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.training.setup import build_model
 from harness.errors import UserError
 from methods.lora import LowRankUpdate

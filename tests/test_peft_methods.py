@@ -19,7 +19,7 @@ from harness.config import RunConfig
 from harness.models.losses import ProxyAnchorLoss
 from harness.models.model import BuildContext
 from methods import get_method
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.errors import UserError
 from methods.vptsp_g import device_grouping, group_by_class, host_grouping
 

@@ -13,7 +13,7 @@ import torch
 from harness.models.backbones import create_backbone
 from harness.models.inject import module_key
 from methods import get_method
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.training.setup import build_model
 from harness.errors import UserError
 from methods.peft_tuners import ALL_PREFIXES, TUNERS

@@ -16,7 +16,7 @@ from harness.cli import main
 from harness.models.backbones import create_backbone
 from harness.config import RunConfig
 from harness.models.losses import CrossEntropyLoss, ProxyAnchorLoss
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.training.setup import build_model, make_optimizer, make_scheduler
 from harness.data.pipeline import BatchTransform
 from harness.data.transforms import make_transform
@@ -277,13 +277,13 @@ def test_10_frpt_code_choices():
     model = build_model(cfg, 4)
     bns = [m for m in model.cah_head.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(b.momentum == 0.01 for b in bns)
-    train_tf = make_transform(cfg, train=True)
+    train_tf = make_transform(cfg.data, train=True)
     jitter = [t for t in train_tf.transforms if type(t).__name__ == "RandomApply"]
     assert jitter and jitter[0].p == 0.5
-    test_tf = make_transform(cfg, train=False)
+    test_tf = make_transform(cfg.data, train=False)
     assert test_tf.transforms[2].size == [256, 256]  # Resize((256, 256)) then CenterCrop(224)
     cfg.data.random_erasing = 0.5  # applied on the device, after normalisation, in both pipelines
-    erasing = BatchTransform.from_config(cfg, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), True, geometry=False)
+    erasing = BatchTransform.from_config(cfg.data, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), True, geometry=False)
     out = erasing(torch.full((64, 3, 224, 224), 200, dtype=torch.uint8), np.random.default_rng(0))
     erased = (out == 0).all(dim=1).flatten(1).any(dim=1)
     assert 0.3 < erased.float().mean() < 0.7

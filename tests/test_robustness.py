@@ -17,7 +17,8 @@ import pytest
 from harness.cli import main
 from harness.training import checkpoint
 from harness.training.loop import train
-from harness.training.resolve import resolve
+from harness.training.setup import splits_for
+from harness.training.resolution import resolve
 from harness.errors import RunInterrupted, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def test_malformed_cub_metadata_names_file_and_line(tmp_path, file, line, text):
     rows = (base / file).read_text().splitlines()
     (base / file).write_text("\n".join([line] + rows[1:]) + "\n")
     with pytest.raises(UserError, match=text.replace("<", ".").replace(">", ".")):
-        data.load_splits(cfg_for("cub200", tmp_path))
+        splits_for(cfg_for("cub200", tmp_path))
 
 
 def test_missing_box_names_the_image(tmp_path):
@@ -167,7 +168,7 @@ def test_missing_box_names_the_image(tmp_path):
     rows = (base / "bounding_boxes.txt").read_text().splitlines()
     (base / "bounding_boxes.txt").write_text("\n".join(rows[1:]) + "\n")
     with pytest.raises(UserError, match="image id '1' of images.txt has no box"):
-        data.load_splits(cfg_for("cub200", tmp_path))
+        splits_for(cfg_for("cub200", tmp_path))
 
 
 def silent_server() -> tuple[socket.socket, int]:

@@ -51,7 +51,7 @@ def tiny_runs(uri: str) -> dict[str, dict[str, float]]:
         from harness.training import resolve, train
     except ImportError:  # before issue 23's layout
         from harness.training.loop import train
-        from harness.training.resolve import resolve
+        from harness.training.resolution import resolve
     out = {}
     for name, method, backbone, extra in RUNS:
         overrides = {**TINY, **(TINY_VIT if backbone.startswith("vit") else {}), "tracking.uri": uri,

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness.training.loop import prepare, train_epoch
+from harness.training.setup import prepare
+from harness.training.loop import train_epoch
 from methods import get_method, method_names
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.runtime import SyncCounter, host_scalars
 
 CASES = [(m, f, {}) for m in method_names() for f in ("cnn", "vit")
@@ -53,10 +54,12 @@ def test_training_step_never_syncs(method, family, extra, tiny_overrides, tiny_v
     run = prepare(resolve(method=method, backbone=backbone,
                           overrides={**overrides, "data.max_per_class": 48, **extra}))
     train_epoch(run, 1)  # the optimiser creates its state (host step counters) in the first step
+    first = run.images
     counter = SyncCounter(ignore=host_scalars(run.optimizer))
     run.loaders["train"] = PausedWhileFetching(run.loaders["train"], counter)
     with counter:
-        images, _, row = train_epoch(run, 2)
+        row = train_epoch(run, 2)
+    images = run.images - first
     steps = images // run.cfg.data.batch_size
     assert steps >= 3
     reads = len([k for k in row if k.startswith("train/") and k not in ("train/lr", "train/epoch_time_s")])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from harness.training import loop
+from harness.training import loop, prepare
 from harness.retrieval import transfer
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.errors import UserError
 
 TRANSFER = {"eval.transfer": ["fashion_styles"], "data.max_per_class": 16}
@@ -45,5 +45,5 @@ def test_transfer_names_are_checked_before_anything_runs(tiny_overrides):
     with pytest.raises(UserError, match="eval.transfer lists 'fashion_mnist', the dataset the run trains on"):
         resolve(method="bitfit", overrides={**tiny_overrides, "eval.transfer": ["fashion_mnist"]})
     with pytest.raises(UserError, match="does not exist"):
-        loop.prepare(resolve(method="bitfit", overrides={**tiny_overrides,
+        prepare(resolve(method="bitfit", overrides={**tiny_overrides,
                                                          "eval.transfer": ["fashion_styles=/nonexistent/dir"]}))

@@ -76,7 +76,7 @@ def stage_breakdown(files: list[str], cfg: Any, mean: Any, std: Any, device: tor
         decoded: list[torch.Tensor] = []
         out["decode"] = _ms_per_item(lambda: [decoded.extend(decoder(tensors[i:i + batch], files[i:i + batch]))
                                               for i in range(0, n, batch)], n, device)
-        bt = BatchTransform.from_config(cfg, mean, std, device, train=True, geometry=True)
+        bt = BatchTransform.from_config(cfg.data, mean, std, device, train=True, geometry=True)
         crops: list[torch.Tensor] = []
         rng = np.random.default_rng(0)
         out["augment"] = _ms_per_item(lambda: crops.extend(bt._geometry(decoded[i:i + batch], rng)
@@ -87,7 +87,7 @@ def stage_breakdown(files: list[str], cfg: Any, mean: Any, std: Any, device: tor
         return out
     pils: list[Any] = []
     out["decode"] = _ms_per_item(lambda: pils.extend(Image.open(f).convert("RGB") for f in files), n, device)
-    tf = make_transform(cfg, train=True)
+    tf = make_transform(cfg.data, train=True)
     crops = []
     out["augment"] = _ms_per_item(lambda: crops.extend(tf(p) for p in pils), n, device)
     mean_t = torch.tensor(mean, dtype=torch.float32)

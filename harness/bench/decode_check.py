@@ -42,8 +42,8 @@ def compare(files: list[str], device: torch.device, make_decoder=Decoder) -> dic
     out["decode_mean_abs_diff"] = round(float(np.mean([float(d.float().mean()) for d in diffs])), 4)
     cfg = SimpleNamespace(data=SimpleNamespace(image_size=224, resize_size=256, augment="standard",
                                                test_resize="short", random_erasing=0.0, decode="device"))
-    cpu = torch.stack([make_transform(cfg, train=False)(Image.open(f).convert("RGB")) for f in files])
-    bt = BatchTransform.from_config(cfg, (0.5,) * 3, (0.5,) * 3, device, train=False, geometry=True)
+    cpu = torch.stack([make_transform(cfg.data, train=False)(Image.open(f).convert("RGB")) for f in files])
+    bt = BatchTransform.from_config(cfg.data, (0.5,) * 3, (0.5,) * 3, device, train=False, geometry=True)
     ours = bt._geometry(make_decoder(device, on_device=True)(encoded, files), np.random.default_rng(0)).cpu()
     d = (ours.int() - cpu.int()).abs()
     out["test_transform_max_abs_diff"] = int(d.max())

@@ -26,7 +26,7 @@ def end_to_end(method: str, backbone: str, dataset: str, root: Path, store: Path
                device: str = "", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One ``train()`` run; returns its throughput and the shares of its wall time."""
     from harness.training.loop import train
-    from harness.training.resolve import resolve
+    from harness.training.resolution import resolve
 
     store.mkdir(parents=True, exist_ok=True)
     cfg = resolve(method=method, backbone=backbone, dataset=dataset, overrides={
@@ -88,8 +88,9 @@ def cuda_syncs_per_step(method: str, backbone: str, dataset: str, root: Path, *,
     its side stream is drained before each nvJPEG call) counts here when batches are decoded."""
     import warnings
 
-    from harness.training.loop import prepare, train_epoch
-    from harness.training.resolve import resolve
+    from harness.training.setup import prepare
+    from harness.training.loop import train_epoch
+    from harness.training.resolution import resolve
 
     cfg = resolve(method=method, backbone=backbone, dataset=dataset, overrides={
         "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": image_size,
@@ -103,7 +104,9 @@ def cuda_syncs_per_step(method: str, backbone: str, dataset: str, root: Path, *,
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            images, _, row = train_epoch(run, 2)
+            before = run.images
+            row = train_epoch(run, 2)
+            images = run.images - before
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)

@@ -127,7 +127,8 @@ def smoke_method(method: str, device: Any) -> dict[str, Any]:
     from harness.bench.step import step_config, synthetic_batch
     from methods import get_method
     from harness.runtime import count_syncs
-    from harness.training.setup import build_model, make_optimizer, prepare_for_device, train_step
+    from harness.training.setup import build_model, make_optimizer, prepare_for_device
+    from harness.training.step import train_step
     from harness.runtime import autocast_for, grad_scaler_for
 
     vit = get_method(method).applies_to("vit")

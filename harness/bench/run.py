@@ -147,7 +147,7 @@ def _data_cfg(o: BenchOptions, dataset: str, root: Path, pipeline: str, workers:
 def data_config(backbone: str, dataset: str, root: Path, pipeline: str, *, image_size: int, batch_size: int,
                 samples_per_class: int, workers: int, overrides: dict[str, Any] | None = None) -> Any:
     """A run config of the generated folder, as the benchmark's data-path timings read it."""
-    from harness.training.resolve import resolve
+    from harness.training.resolution import resolve
 
     return resolve(method="linear_probe", backbone=backbone, dataset=dataset, overrides={
         "data.root": str(root), "data.check_published": False, "data.pipeline": pipeline, "data.image_size": image_size,
@@ -162,16 +162,17 @@ def data_path_figures(backbone: str, dataset: str, root: Path, pipeline: str, de
                       pipeline_batches: int = 20) -> dict[str, Any]:
     """The pipeline's per-image stage costs and its throughput without a model, and what decoded."""
     from harness import data
+    from harness.training.setup import splits_for
 
     cfg = data_config(backbone, dataset, root, "cpu" if pipeline == "legacy" else pipeline, image_size=image_size,
                       batch_size=batch_size, samples_per_class=samples_per_class, workers=workers,
                       overrides=overrides)
-    splits = data.load_splits(cfg)
+    splits = splits_for(cfg)
     files = splits.train.paths[:stage_images]
     out: dict[str, Any] = {"pipeline": pipeline, "stages": {k: round(v, 4) for k, v in stage_breakdown(
         files, cfg, _MEAN, _STD, device, pipeline, batch=batch_size).items()}}
     if pipeline != "legacy":
-        batches = data.make_loaders(splits, cfg, _MEAN, _STD, device)["train"]
+        batches = data.make_loaders(splits, cfg.data, cfg.seed, cfg.eval.batch_size, _MEAN, _STD, device)["train"]
         out["pipeline_img_s"] = round(pipeline_throughput(batches, pipeline_batches, device), 1)
         out["workers"] = workers
         out["decoder"] = batches.decoders()

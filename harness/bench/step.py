@@ -23,8 +23,9 @@ import numpy as np
 
 from harness.runtime import autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize
 from methods import get_method
-from harness.training.resolve import resolve
-from harness.training.setup import build_model, make_optimizer, prepare_for_device, train_step
+from harness.training.resolution import resolve
+from harness.training.setup import build_model, make_optimizer, prepare_for_device
+from harness.training.step import train_step
 from harness.runtime import pick_device
 
 #: methods whose trainable set a plain loop reproduces with requires_grad alone

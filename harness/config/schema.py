@@ -2,7 +2,7 @@
 
 Choices are ``Literal`` types, so :mod:`harness.config.overrides` checks them from the annotation
 alone; reading files and ``--set`` values lives there, and resolving defaults, presets and range
-checks in :mod:`harness.training.resolve`.
+checks in :mod:`harness.training.resolution`.
 """
 from __future__ import annotations
 

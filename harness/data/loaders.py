@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from harness.config import DataConfig
 from harness.data import decode
 from harness.data.images import ImageDataset, read_all
 from harness.data.pipeline import Batches, BatchTransform, SourceDataset, collate_sources, resolve_pipeline
@@ -47,30 +48,29 @@ def loader_workers(requested: int) -> int:
     return min(8, os.cpu_count() or 1) if requested < 0 else int(requested)
 
 
-def make_loaders(splits: Splits, cfg: Any, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device | str) -> dict[str, Batches]:
+def make_loaders(splits: Splits, d: DataConfig, seed: int, eval_batch_size: int, mean: Sequence[float],
+                 std: Sequence[float], device: torch.device | str) -> dict[str, Batches]:
     """``train`` plus one entry per evaluation split present (test transform, no shuffle)."""
     device = torch.device(device)
-    pipeline = resolve_pipeline(cfg.data.pipeline, device)
+    pipeline = resolve_pipeline(d.pipeline, device)
     tables = {"train": splits.train, **splits.eval_splits()}
-    pixels = pixel_caches(tables, cfg, device) if pipeline == "device" else {}
-    gen = torch.Generator().manual_seed(int(cfg.seed))
+    pixels = pixel_caches(tables, d, device) if pipeline == "device" else {}
+    gen = torch.Generator().manual_seed(int(seed))
     out = {}
     for name, table in tables.items():
-        out[name] = split_batches(table, cfg, mean, std, device, pipeline, train=name == "train", split=name,
-                                  generator=gen, pixels=pixels.get(name))
+        out[name] = split_batches(table, d, seed, eval_batch_size, mean, std, device, pipeline, train=name == "train",
+                                  split=name, generator=gen, pixels=pixels.get(name))
     return out
 
 
-def split_batches(table: ImageTable, cfg: Any, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                  pipeline: str, *, train: bool, split: str, generator: torch.Generator | None = None,
-                  pixels: decode.PixelCache | None = None) -> Batches:
+def split_batches(table: ImageTable, d: DataConfig, seed: int, eval_batch_size: int, mean: Sequence[float],
+                  std: Sequence[float], device: torch.device, pipeline: str, *, train: bool, split: str,
+                  generator: torch.Generator | None = None, pixels: decode.PixelCache | None = None) -> Batches:
     """One split's :class:`Batches`: the train sampler and augmentation, or the test transform."""
-    d = cfg.data
     workers = loader_workers(d.num_workers)
     crop = bool(getattr(d, "crop_to_box", False))
     geometry = pipeline == "device"
-    transform = BatchTransform.from_config(cfg, mean, std, device, train=train, geometry=geometry)
+    transform = BatchTransform.from_config(d, mean, std, device, train=train, geometry=geometry)
     extra: dict[str, Any] = {}
     if geometry:
         if crop and table.boxes is None:
@@ -87,7 +87,7 @@ def split_batches(table: ImageTable, cfg: Any, mean: Sequence[float], std: Seque
                      array=array,
                      crop_to_box=crop)
     else:
-        dataset = ImageDataset(table, make_transform(cfg, train=train), bool(d.cache_images), crop, workers)
+        dataset = ImageDataset(table, make_transform(d, train=train), bool(d.cache_images), crop, workers)
         collate = None
     common: dict[str, Any] = dict(
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -96,20 +96,20 @@ def split_batches(table: ImageTable, cfg: Any, mean: Sequence[float], std: Seque
         **({"collate_fn": collate} if collate is not None else {}),
     )
     if train and d.samples_per_class > 0:
-        sampler = ClassBalancedBatchSampler(table.labels, d.batch_size, d.samples_per_class, cfg.seed)
+        sampler = ClassBalancedBatchSampler(table.labels, d.batch_size, d.samples_per_class, seed)
         loader = DataLoader(dataset, batch_sampler=sampler, **common)
     elif train:
         loader = DataLoader(dataset, batch_size=d.batch_size, shuffle=True,
                             drop_last=len(table) >= d.batch_size, **common)
     else:
-        loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, **common)
-    return Batches(loader, transform, device, cfg.seed, _SPLIT_IDS[split], table, **extra)
+        loader = DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, **common)
+    return Batches(loader, transform, device, seed, _SPLIT_IDS[split], table, **extra)
 
 
-def pixel_budget_bytes(cfg: Any, device: torch.device) -> int:
+def pixel_budget_bytes(d: DataConfig, device: torch.device) -> int:
     """``data.pixel_cache_gb`` in bytes; ``-1`` (auto) is 40% of the GPU's memory (25% of the
     host's on CPU) shared among the processes on that device (``DMLBENCH_PROCS_PER_DEVICE``)."""
-    gb = float(cfg.data.pixel_cache_gb)
+    gb = float(d.pixel_cache_gb)
     if gb >= 0:
         return int(gb * 1e9)
     share = max(1, int(os.environ.get("DMLBENCH_PROCS_PER_DEVICE", "1")))
@@ -122,26 +122,25 @@ def pixel_budget_bytes(cfg: Any, device: torch.device) -> int:
     return int(total * fraction / share)
 
 
-def pixel_caches(tables: dict[str, ImageTable], cfg: Any, device: torch.device) -> dict[str, decode.PixelCache]:
+def pixel_caches(tables: dict[str, ImageTable], d: DataConfig, device: torch.device) -> dict[str, decode.PixelCache]:
     """Decoded-pixel caches of the file-backed splits that fit the budget, train first; kept for
     the next run of this process on the same files (a study's trials decode once)."""
-    budget = pixel_budget_bytes(cfg, device)
+    budget = pixel_budget_bytes(d, device)
     keys = {name: (str(device), len(t.paths), t.paths[0], t.paths[-1], hash(tuple(t.paths)))
             for name, t in tables.items() if t.paths}
     for key in set(_PIXEL_CACHES) - set(keys.values()):  # other data now: free those pixels first
         del _PIXEL_CACHES[key]
     out: dict[str, decode.PixelCache] = {}
-    decoder = None
     for name, key in keys.items():
         if key in _PIXEL_CACHES:
             need = _PIXEL_CACHES[key].nbytes
         else:
-            encoded = read_all(tables[name].paths, loader_workers(cfg.data.num_workers))
+            encoded = read_all(tables[name].paths, loader_workers(d.num_workers))
             need = decode.decoded_bytes(np.array([decode.image_size(b) for b in encoded]))
         if need > budget:
             continue
         if key not in _PIXEL_CACHES:
-            decoder = decode.Decoder(device, on_device=cfg.data.decode == "device", name=f"{name} pixel cache")
+            decoder = decode.Decoder(device, on_device=d.decode == "device", name=f"{name} pixel cache")
             _PIXEL_CACHES[key] = decode.PixelCache.build(lambda i, e=encoded: decode.as_encoded(e[i]),
                                                          tables[name].paths, decoder)
         out[name] = _PIXEL_CACHES[key]

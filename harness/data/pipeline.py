@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from harness.config import DataConfig
 from harness.data import augment as A
 from harness.data.decode import Decoder, PixelCache, as_encoded
 from harness.data.table import ImageTable
@@ -62,9 +63,8 @@ class BatchTransform:
     geometry: bool = True
 
     @classmethod
-    def from_config(cls, cfg: Any, mean: Sequence[float], std: Sequence[float], device: torch.device,
+    def from_config(cls, d: DataConfig, mean: Sequence[float], std: Sequence[float], device: torch.device,
                     train: bool, geometry: bool) -> "BatchTransform":
-        d = cfg.data
         return cls(train=train, augment=d.augment if train else "none", size=int(d.image_size),
                    resize=int(d.resize_size), test_resize=d.test_resize,
                    erasing=float(d.random_erasing) if train else 0.0,

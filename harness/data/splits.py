@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.config import DataConfig
 from harness.data.specs import get_spec, one_line, read_raw, resolve_root
 from harness.data.table import ImageTable, Splits
 from harness.errors import UserError
@@ -121,12 +122,12 @@ def evaluation_tables(raw: dict[str, ImageTable], data: Any, seed: int) -> dict[
     return {k: v for k, v in _carve(raw, caps, seed, ()).eval_splits().items() if k != "val"}
 
 
-def load_splits(cfg: Any) -> Splits:
-    """The run's splits for ``cfg`` (a RunConfig), seeded by ``cfg.seed`` (SPECS 1)."""
-    spec = get_spec(cfg.dataset)
-    raw = read_raw(spec, resolve_root(spec, cfg.data.root), check=getattr(cfg.data, "check_published", True))
-    ks = cfg.eval.ks or spec.ks
-    return _carve(raw, cfg.data, cfg.seed, ks)
+def load_splits(dataset: str, d: DataConfig, seed: int, ks: Sequence[int] = ()) -> Splits:
+    """The splits of ``dataset`` under the data config ``d``, seeded by ``seed`` (SPECS 1); ``ks``
+    the Recall@K values (empty: the dataset spec's)."""
+    spec = get_spec(dataset)
+    raw = read_raw(spec, resolve_root(spec, d.root), check=getattr(d, "check_published", True))
+    return _carve(raw, d, seed, ks or spec.ks)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -173,8 +174,6 @@ def verify_splits(splits: Splits) -> None:
 
 def check_dataset(name: str, root: str = "", verify_images: bool = True) -> dict:
     """Counts per split with the default validation split; optionally decodes every image."""
-    from harness.config import DataConfig
-
     spec = get_spec(name)
     raw = read_raw(spec, resolve_root(spec, root))
     data = DataConfig()

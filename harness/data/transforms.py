@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.config import DataConfig
 
-def make_transform(cfg: Any, train: bool) -> Any:
+
+def make_transform(d: DataConfig, train: bool) -> Any:
     """Output 3xSxS uint8. Train: ``data.augment``; test: resize (shorter side, or square for
     FRPT's code) and centre crop."""
     from torchvision.transforms import InterpolationMode, v2
 
-    d = cfg.data
     size, resize = int(d.image_size), int(d.resize_size)
     head = [v2.ToImage(), v2.RGB()]
     bicubic = InterpolationMode.BICUBIC

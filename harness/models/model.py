@@ -49,6 +49,12 @@ class DMLModel(nn.Module):
     training_only_prefixes: tuple[str, ...] = ()
     #: NHWC layout (set by :func:`harness.training.setup.prepare_for_device`)
     channels_last: bool = False
+    #: capabilities a builder declares from its options, so the loop never reads option names:
+    #: train the head on frozen features computed once (the linear probe's ``cache_features``)
+    wants_feature_cache: bool = False
+    #: test (and transfer) with the method folded into the backbone's weights (``merge`` of
+    #: LoRA, SSF and peft's tuners; :meth:`merge_`)
+    merges_on_test: bool = False
 
     def __init__(
         self, backbone: Backbone, head: nn.Module, criterion: nn.Module, *, frozen_backbone: bool

@@ -47,18 +47,12 @@ def grad_cam(fmap: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]) 
 
 def cam_maps(model: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The three maps of :mod:`this module <harness.reports.cam>` for ``images``, ``(B, H, W)`` each."""
-    from methods._frpt_parts import gem_pool
-    from methods.frpt import final_feature_map
-
-    def pool(x: torch.Tensor) -> torch.Tensor:
-        return gem_pool(x) if model.pool == "gem" else x.mean(dim=(2, 3))
-
     def classify(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(model.head(pool(x)), model.criterion.classifier.weight)
+        return F.linear(model.head(model.pool_map(x)), model.criterion.classifier.weight)
 
     size = images.shape[-2:]
     with torch.no_grad():
-        fmap = final_feature_map(model.backbone, images)
+        fmap = model.feature_map(images)  # through the loaded model: no import of the method's code
     maps = {"pretrained backbone": normalised(fmap.mean(1), size)}
     if model.cah_head is not None:
         maps["FRPT without CAH"] = normalised(grad_cam(fmap, classify), size)

@@ -37,8 +37,8 @@ def _test_images(cfg, splits, backbone, n: int) -> torch.Tensor:
     if name is None:
         raise UserError(f"dataset {cfg.dataset} has no evaluation split to draw images from")
     table = getattr(splits, name)
-    batches = data.split_batches(table, cfg, backbone.mean, backbone.std, torch.device("cpu"), "cpu",
-                                 train=False, split=name)
+    batches = data.split_batches(table, cfg.data, cfg.seed, cfg.eval.batch_size, backbone.mean, backbone.std,
+                                 torch.device("cpu"), "cpu", train=False, split=name)
     idx = np.unique(np.linspace(0, len(table) - 1, num=min(n, len(table))).round().astype(int))
     return batches.images_at(idx.tolist())
 
@@ -103,8 +103,9 @@ def load_run_model(run_id: str, tracking_uri: str | None = None, need: Any = Non
     from safetensors.torch import load_file
 
     from harness import data
+    from harness.training.setup import splits_for
     from harness.models import backbone_from
-    from harness.training.resolve import resolve
+    from harness.training.resolution import resolve
     from harness.training.setup import build_model
     from harness.runtime import seed_everything
     from harness.tracking.store import resolve_uri
@@ -120,7 +121,7 @@ def load_run_model(run_id: str, tracking_uri: str | None = None, need: Any = Non
             need(cfg)
         state = load_file(str(_download(client, run_id, "trainable.safetensors", tmp)))
     seed_everything(cfg.seed)  # as the loop does, so a random-init backbone is the run's own
-    splits = data.load_splits(cfg)
+    splits = splits_for(cfg)
     backbone = backbone_from(cfg)
     model = build_model(cfg, splits.train.num_classes, backbone)
     model.load_trainable_state_dict(state)

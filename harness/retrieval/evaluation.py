@@ -11,7 +11,7 @@ from harness import data
 from harness.runtime import to_device
 from harness.runtime import interrupts
 from harness.models.backbones import Backbone
-from harness.config import RunConfig
+from harness.config import DataConfig
 from harness.retrieval.metrics import evaluate_retrieval
 from harness.models.model import DMLModel
 
@@ -50,14 +50,14 @@ def metric_name(key: str) -> str:
 class FeatureCache:
     """Frozen features computed once (linear probe): training and evaluation reuse them."""
 
-    def __init__(self, model: DMLModel, loaders: dict[str, data.Batches], cfg: RunConfig, device: torch.device,
-                 amp: Any, backbone: Backbone) -> None:
+    def __init__(self, model: DMLModel, loaders: dict[str, data.Batches], d: DataConfig, seed: int,
+                 eval_batch_size: int, device: torch.device, amp: Any, backbone: Backbone) -> None:
         self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        pipeline = data.resolve_pipeline(cfg.data.pipeline, device)
+        pipeline = data.resolve_pipeline(d.pipeline, device)
         model.eval()
         for name, split in loaders.items():  # every split with the test transform (train included)
-            batches = data.split_batches(split.table, cfg, backbone.mean, backbone.std, device, pipeline, train=False,
-                                         split="features", pixels=split.pixels)
+            batches = data.split_batches(split.table, d, seed, eval_batch_size, backbone.mean, backbone.std, device,
+                                         pipeline, train=False, split="features", pixels=split.pixels)
             feats, labels = [], []
             with torch.inference_mode():
                 for images, y, _ in tqdm(batches, desc=f"features {name}", leave=False, disable=None):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import data
+from harness.config import DataConfig
 from harness.models.backbones import Backbone
 from harness.retrieval.evaluation import evaluate, metric_name
 from harness.data.specs import get_spec, read_raw, resolve_root, spec_names
@@ -74,40 +75,42 @@ class UntrainedBackbone(nn.Module):
         return F.normalize(self.backbone(images).float(), dim=-1)
 
 
-def prepare(cfg: Any, backbone: Backbone, device: torch.device) -> list[TransferSet]:
-    """Read and cap every transfer dataset's evaluation split and build its batches; call it
-    before the method is built on ``backbone`` (random-init backbones have no other copy)."""
+def prepare_transfer(entries: list, own: str, d: DataConfig, seed: int, eval_batch_size: int,
+                     backbone_kwargs: dict, backbone: Backbone, device: torch.device) -> list[TransferSet]:
+    """Read and cap every transfer dataset's evaluation split (``eval.transfer`` entries, under the
+    run's data config ``d`` and ``seed``) and build its batches; call it before the method is built
+    on ``backbone`` (random-init backbones have no other copy). No entries: nothing to do (runs
+    that do not test, like study tuning trials, pass none: transfer splits are test data)."""
     sets: list[TransferSet] = []
-    if not cfg.eval.transfer or not cfg.eval.test:  # tuning trials never look at test splits
+    if not entries:
         return sets
     pristine = copy.deepcopy(backbone.model).cpu()
-    for name, root in parse(list(cfg.eval.transfer), cfg.dataset):
+    for name, root in parse(list(entries), own):
         spec = get_spec(name)
-        raw = read_raw(spec, resolve_root(spec, root), check=getattr(cfg.data, "check_published", True))
-        tables = data.evaluation_tables(raw, cfg.data, cfg.seed)
-        if cfg.data.verify_images:
+        raw = read_raw(spec, resolve_root(spec, root), check=getattr(d, "check_published", True))
+        tables = data.evaluation_tables(raw, d, seed)
+        if d.verify_images:
             data.verify_tables(tables)
-        loaders = {split: data.split_batches(table, cfg, backbone.mean, backbone.std, device, cfg.data.pipeline,
-                                             train=False, split=split) for split, table in tables.items()}
-        weights = backbone.weight_source + (f":seed={cfg.seed}" if backbone.weight_source == "random-init" else "")
+        loaders = {split: data.split_batches(table, d, seed, eval_batch_size, backbone.mean, backbone.std, device,
+                                             d.pipeline, train=False, split=split) for split, table in tables.items()}
+        weights = backbone.weight_source + (f":seed={seed}" if backbone.weight_source == "random-init" else "")
         facts = {"backbone": backbone.name, "weights": weights, "dataset": name,
                  "root": str(resolve_root(spec, root)), "sizes": [len(t) for t in tables.values()],
-                 "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
-                 "test_resize": cfg.data.test_resize, "kwargs": cfg.model.backbone_kwargs, "ks": list(spec.ks),
-                 "caps": [cfg.data.max_per_class, cfg.data.max_classes, cfg.seed if cfg.data.max_per_class
-                          or cfg.data.max_classes else 0]}
+                 "image_size": d.image_size, "resize_size": d.resize_size,
+                 "test_resize": d.test_resize, "kwargs": backbone_kwargs, "ks": list(spec.ks),
+                 "caps": [d.max_per_class, d.max_classes, seed if d.max_per_class or d.max_classes else 0]}
         key = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
         sets.append(TransferSet(name, loaders, tuple(spec.ks), key, pristine))
     return sets
 
 
-def untrained_metrics(run: Any, ts: TransferSet) -> dict[str, float]:
+def untrained_metrics(ts: TransferSet, amp: Any, device: torch.device, cache_dir: Path) -> dict[str, float]:
     """The untrained backbone's metrics on ``ts``, from the store's cache or computed and cached."""
-    cached = Path(run.checkpoints) / "transfer" / f"{ts.key}.json"
+    cached = Path(cache_dir) / f"{ts.key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    model = UntrainedBackbone(ts.pristine).to(run.device)
-    metrics = {metric_name(k): v for k, v in evaluate(model, ts.loaders, run.amp(), ts.ks, "test").items()}
+    model = UntrainedBackbone(ts.pristine).to(device)
+    metrics = {metric_name(k): v for k, v in evaluate(model, ts.loaders, amp, ts.ks, "test").items()}
     model.cpu()
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -116,16 +119,18 @@ def untrained_metrics(run: Any, ts: TransferSet) -> dict[str, float]:
     return metrics
 
 
-def transfer_metrics(run: Any, best_state: dict | None, merged: bool) -> dict[str, float]:
-    """``transfer/<dataset>/...`` of the selected checkpoint (already merged when ``merged``)."""
-    if not run.transfer:
+def transfer_metrics(model: nn.Module, sets: list[TransferSet], selected: dict | None, *, merged: bool, amp: Any,
+                     device: torch.device, cache_dir: Path) -> dict[str, float]:
+    """``transfer/<dataset>/...`` of the selected checkpoint (``selected``: its trainable state,
+    loaded unless the model already holds it ``merged``); untrained values cached in ``cache_dir``."""
+    if not sets:
         return {}
-    if best_state and not merged:
-        run.model.load_trainable_state_dict(best_state)
+    if selected and not merged:
+        model.load_trainable_state_dict(selected)
     out: dict[str, float] = {}
-    for ts in run.transfer:
-        trained = {metric_name(k): v for k, v in evaluate(run.model, ts.loaders, run.amp(), ts.ks, "test").items()}
-        untrained = untrained_metrics(run, ts)
+    for ts in sets:
+        trained = {metric_name(k): v for k, v in evaluate(model, ts.loaders, amp, ts.ks, "test").items()}
+        untrained = untrained_metrics(ts, amp, device, cache_dir)
         for m in METRICS:
             out[f"transfer/{ts.name}/{m}"] = trained[m]
             out[f"transfer/{ts.name}/untrained_{m}"] = untrained[m]

@@ -26,10 +26,11 @@ EVAL_COST = 1 / 3
 def split_sizes(cfg: Any) -> tuple[dict[str, int], str]:
     """``({train, val, test}: images)`` of a resolved run config, and where the counts came from."""
     from harness import data
+    from harness.training.setup import splits_for
 
     spec = data.get_spec(cfg.dataset)
     try:
-        splits = data.load_splits(cfg)
+        splits = splits_for(cfg)
     except UserError:
         splits = None
     if splits is not None:

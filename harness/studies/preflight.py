@@ -21,6 +21,7 @@ def preflight(spec: StudySpec, storage_url: str) -> None:
     import torch
 
     from harness import data
+    from harness.training.setup import splits_for
     from harness.models.backbones import create_backbone
     from harness.training.checkpoint import checkpoint_dir, ensure_writable
     from harness.training.setup import build_model
@@ -35,7 +36,7 @@ def preflight(spec: StudySpec, storage_url: str) -> None:
         where = f"entry '{entry.name}' on {dataset} of study {spec.name}"
         key = (cfg.dataset, cfg.data.root, cfg.seed)
         if key not in splits:
-            splits[key] = _with_context(lambda: data.load_splits(cfg), where)
+            splits[key] = _with_context(lambda: splits_for(cfg), where)
         source = (cfg.backbone, cfg.model.pretrained, cfg.model.weights, repr(sorted(cfg.model.backbone_kwargs.items())))
         if source not in weights and cfg.model.pretrained:  # loads once per backbone: weights that fail, fail here
             _with_context(lambda: create_backbone(cfg.backbone, pretrained=True, weights=cfg.model.weights,

@@ -120,7 +120,7 @@ class StudySpec:
 
     def resolve(self, dataset: str, entry: Entry, params: dict[str, Any] | None = None,
                 seed: int | None = None) -> Any:
-        from harness.training.resolve import resolve
+        from harness.training.resolution import resolve
 
         return resolve(method=entry.method, dataset=dataset, backbone=entry.backbone, preset=entry.preset,
                        overrides=self.run_overrides(dataset, entry, params, seed))

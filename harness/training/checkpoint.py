@@ -150,6 +150,26 @@ def ensure_writable(folder: Path) -> None:
                         "set tracking.checkpoint_dir to a writable folder") from None
 
 
+def claim_new(folder: Path, run_id: str) -> tuple[Path, "Claim"]:
+    """The checkpoint file of a new run, claimed by this process."""
+    path = folder / f"{run_id}.pt"
+    return path, Claim(path, run_id)
+
+
+def claim_and_load(run_id: str) -> tuple[Path, "Claim", dict[str, Any]]:
+    """A killed or failed run's checkpoint (found by its ``dmlbench.checkpoint`` tag), claimed
+    before it is read: two resumes of one run never both train it."""
+    import mlflow
+
+    path = locate(mlflow.get_run(run_id).data.tags.get("dmlbench.checkpoint", ""), mlflow.get_tracking_uri())
+    claim = Claim(path, run_id)
+    try:
+        return path, claim, load(path, run_id)
+    except UserError:
+        claim.release()
+        raise
+
+
 class Claim:
     """An exclusive claim on a run while a process trains it: an ``flock`` on ``<checkpoint>.lock``,
     released by the kernel when the process ends however it ends (no stale claims). A second

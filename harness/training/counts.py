@@ -5,7 +5,7 @@ from typing import Any
 
 from harness.models.backbones import create_backbone
 from methods import get_method, method_names
-from harness.training.resolve import resolve
+from harness.training.resolution import resolve
 from harness.training.setup import build_model
 
 

@@ -52,7 +52,7 @@ def resumable_config(run_id: str, tracking_uri: str) -> Any:
 
     import mlflow
 
-    from harness.training.resolve import resolve
+    from harness.training.resolution import resolve
     from harness.tracking.store import check_writable, resolve_uri
 
     uri = resolve_uri(tracking_uri)

@@ -1,13 +1,16 @@
-"""What a run records in MLflow when it starts: parameters, tags, description, config, inputs."""
+"""What a run records in MLflow: starting (parameters, tags, description, config, dataset inputs,
+counts) and finishing (constants, final metrics, artifacts, the FINISHED state)."""
 from __future__ import annotations
 
-from typing import Any
+import logging
 
 import torch
 
 from harness.config import RunConfig, flatten, to_dict, to_yaml
 from harness.tracking import store as tracking
+from harness.tracking.artifacts import log_artifacts
 from harness.tracking.inputs import log_dataset_inputs
+from harness.training.state import Run
 
 
 def describe_run(cfg: RunConfig, weights: str, tags: dict[str, str]) -> str:
@@ -22,10 +25,12 @@ def describe_run(cfg: RunConfig, weights: str, tags: dict[str, str]) -> str:
             f"- optimiser: {cfg.optim.name}, lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}")
 
 
-def log_run_start(run: Any, tags: dict[str, str] | None) -> None:
-    """Parameters, tags (environment, weight source, device), the resolved config and counts of a
-    prepared :class:`harness.training.loop.Run`, when its MLflow run starts."""
+def log_start(run: Run, tags: dict[str, str] | None) -> None:
+    """Parameters, tags (environment, weight source, device), the resolved config, dataset inputs
+    and counts of a prepared run when its MLflow run starts, and where its checkpoint is."""
     import mlflow
+
+    from harness.training.checkpoint import tag_value
 
     cfg, device = run.cfg, run.device
     mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()})
@@ -48,3 +53,50 @@ def log_run_start(run: Any, tags: dict[str, str] | None) -> None:
     log_dataset_inputs(run.splits, cfg.dataset, cfg.data.root or "default")
     mlflow.log_metrics({k: float(v) for k, v in run.counts.items()})
     mlflow.log_params(run.facts)
+    mlflow.set_tag("dmlbench.checkpoint", tag_value(run.checkpoint, mlflow.get_tracking_uri()))
+
+
+def start(cfg: RunConfig, tags: dict[str, str] | None, nested: bool, resume: str | None) -> str:
+    """Start the MLflow run (or continue ``resume``), with MLflow's system metrics when asked;
+    its id. The identifying tags go in with the run itself: a kill right after start_run leaves a
+    run that study recovery can still find by its tags."""
+    import mlflow
+
+    if cfg.tracking.system_metrics:  # CPU/GPU utilisation and memory under system/ in the UI
+        mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
+        # ERROR: no start/stop lines, and no sampler warning racing the one-line message when the
+        # server dies (the run's own writes report that failure, tests/test_server_faults.py)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    system = {"log_system_metrics": cfg.tracking.system_metrics}
+    if resume:
+        return mlflow.start_run(run_id=resume, nested=nested, **system).info.run_id
+    name = cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}"
+    return mlflow.start_run(run_name=name, nested=nested, tags={**(tags or {}), "dmlbench.status": "running"},
+                            **system).info.run_id
+
+
+def forget_failed_attempt(run_id: str) -> None:
+    """A resumed run: the error of the attempt that failed belongs to that attempt, not to this run."""
+    import mlflow
+
+    tracking.retried(lambda: mlflow.MlflowClient().delete_tag(run_id, "dmlbench.error")
+                     if "dmlbench.error" in mlflow.get_run(run_id).data.tags else None)
+    mlflow.set_tag("dmlbench.status", "running")
+
+
+def log_finish(run: Run, final: dict[str, float]) -> None:
+    """The run's constants, final metrics and artifacts; the run ends FINISHED, its checkpoint
+    goes (unless ``tracking.keep_checkpoints``) and its claim is released."""
+    import mlflow
+
+    cfg = run.cfg
+    mlflow.log_params({k: v for k, v in run.facts.items() if k.startswith(("data/decoder/", "model/"))})
+    mlflow.log_metrics(final)
+    if cfg.tracking.log_artifacts:
+        title = f"{mlflow.active_run().info.run_name}: {cfg.method} on {cfg.dataset} ({cfg.backbone})"
+        log_artifacts(run.best.state or {}, run.history, weights=cfg.tracking.log_weights, title=title)
+    mlflow.set_tag("dmlbench.status", "finished")
+    mlflow.end_run("FINISHED")
+    if run.checkpoint is not None and not cfg.tracking.keep_checkpoints:
+        run.checkpoint.unlink(missing_ok=True)
+    run.claim.release(remove=True)

@@ -1,16 +1,29 @@
-"""What the loop needs before its first step: seeding, device, model, optimiser and schedule."""
+"""Everything a run needs before its first step, and every check of its input.
+
+:func:`prepare` reads and carves the data, builds the backbone and the method's model on the
+device (:func:`build_model`, :func:`prepare_for_device`), the loaders, the optimiser and its
+schedule (:func:`make_optimizer`, :func:`make_scheduler`), and checks what would otherwise fail
+half-way (the images decode, the checkpoint folder is writable, the store answers). Nothing is
+created in MLflow here: bad input is one line and exit 2 with nothing half-written.
+"""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from harness.models.backbones import Backbone, backbone_from
+from harness import data
 from harness.config import RunConfig
-from harness.models.model import BuildContext, DMLModel
+from harness.models import Backbone, BuildContext, DMLModel, backbone_from
+from harness.retrieval import prepare_transfer
+from harness.runtime import autocast_for, grad_scaler_for, pick_device, seed_everything
+from harness.tracking import store as tracking
+from harness.training import checkpoint
+from harness.training.state import Run
 from methods import get_method
 
 
@@ -37,44 +50,6 @@ def make_optimizer(model: DMLModel, cfg: RunConfig) -> torch.optim.Optimizer | N
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                weight_decay=cfg.optim.weight_decay, **fused)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
-
-
-def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
-                      grad_clip: float, scaler: torch.amp.GradScaler | None) -> None:
-    """Backward, clip (``grad_clip`` > 0) and step. With fp16's scaler: a scaled backward, the
-    true gradients clipped, the step skipped where they hold inf/NaN and the scale adapted."""
-    if scaler is None:
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        optimizer.step()
-        return
-    scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def train_step(model: DMLModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               host_labels: np.ndarray, *, amp: Callable[[], Any], scaler: torch.amp.GradScaler | None,
-               grad_clip: float, trainable: list[torch.nn.Parameter],
-               from_features: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimiser step as the loop (and the benchmark) runs it: the model's ``before_step`` with
-    the batch's labels on the host, the loss under autocast (from cached features when
-    ``from_features``), backward, clipping and the step, then ``after_step``. Returns the loss and
-    the method's extra loss terms, still on the device."""
-    model.before_step(optimizer, host_labels)
-    with amp():
-        if from_features:
-            loss, extras = model.loss_from_features(images, labels), {}
-        else:
-            loss, extras = model.training_loss(images, labels)
-    optimizer.zero_grad(set_to_none=True)
-    backward_and_step(loss, optimizer, trainable, grad_clip, scaler)
-    model.after_step(optimizer)
-    return loss, extras
 
 
 def prepare_for_device(model: DMLModel, cfg: RunConfig, device: torch.device) -> DMLModel:
@@ -122,3 +97,62 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_e
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, [factor(g["schedule"], g["lr"]) for g in optimizer.param_groups]
     )
+
+
+def splits_for(cfg: RunConfig) -> data.Splits:
+    """The run's splits: ``cfg.dataset`` carved by ``cfg.data`` and ``cfg.seed`` (SPECS 1)."""
+    return data.load_splits(cfg.dataset, cfg.data, cfg.seed, cfg.eval.ks)
+
+
+def prepare(cfg: RunConfig) -> Run:
+    """Data, backbone, model, loaders, optimiser and schedule; raises on any bad input."""
+    import mlflow
+
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    splits = splits_for(cfg)
+    if cfg.data.verify_images:
+        data.verify_splits(splits)
+    backbone = backbone_from(cfg)
+    # a copy of the backbone is taken before the method changes it (random-init backbones have no other)
+    transfers = prepare_transfer(cfg.eval.transfer if cfg.eval.test else [], cfg.dataset, cfg.data, cfg.seed,
+                                 cfg.eval.batch_size, cfg.model.backbone_kwargs, backbone, device)
+    model = prepare_for_device(build_model(cfg, splits.train.num_classes, backbone).to(device), cfg, device)
+    tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
+    checkpoints = checkpoint.checkpoint_dir(mlflow.get_tracking_uri(), cfg.tracking.checkpoint_dir)
+    checkpoint.ensure_writable(checkpoints)  # not after the first epoch, with a run half-made
+    cfg.data.pipeline = data.resolve_pipeline(cfg.data.pipeline, device)  # the run records what it used
+    loaders = data.make_loaders(splits, cfg.data, cfg.seed, cfg.eval.batch_size, backbone.mean, backbone.std, device)
+    for batches in loaders.values():  # batches arrive in the model's memory layout
+        batches.channels_last = model.channels_last
+    if cfg.optim.epochs == 0:  # evaluate only: nothing is trained, so nothing counts as trainable
+        for p in model.parameters():
+            p.requires_grad_(False)
+    counts = model.count_parameters()
+    backbone_params = sum(p.numel() for p in backbone.model.parameters())
+    for key in ("params/trainable", "params/trainable_inference"):  # share of the backbone's size
+        counts[f"{key}_share"] = counts[key] / backbone_params
+    optimizer = make_optimizer(model, cfg)
+    return Run(
+        cfg=cfg, device=device, splits=splits, backbone=backbone, model=model, loaders=loaders,
+        ks=tuple(cfg.eval.ks) or tuple(splits.ks), amp=autocast_for(device, cfg.optim.amp), counts=counts,
+        facts=data_facts(cfg, splits, loaders), optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg, len(loaders["train"])) if optimizer else None,
+        epochs=cfg.optim.epochs if optimizer is not None else 0, checkpoints=checkpoints,
+        scaler=grad_scaler_for(device, cfg.optim.amp if optimizer else "off"), transfer=transfers,
+    )
+
+
+def data_facts(cfg: RunConfig, splits: data.Splits, loaders: dict[str, data.Batches]) -> dict[str, float]:
+    """Constants of the run's data (params): classes sampled with replacement, and what the
+    caches hold (the encoded files in memory, the decoded pixels on the device)."""
+    m = cfg.data.samples_per_class  # classes smaller than m are sampled with replacement: say so
+    small = int((np.bincount(splits.train.labels) < m).sum()) if m else 0
+    if small:
+        warnings.warn(f"{small} training classes have fewer than data.samples_per_class={m} images; "
+                      "their images are drawn with replacement (logged as data/classes_below_samples_per_class)")
+    return {
+        "data/classes_below_samples_per_class": small,
+        "data/cache_gb": round(sum(getattr(ld.dataset, "cache_bytes", 0) for ld in loaders.values()) / 1e9, 3),
+        "data/pixel_cache_gb": round(sum(ld.pixels.nbytes for ld in loaders.values() if ld.pixels) / 1e9, 3),
+    }
