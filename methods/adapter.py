@@ -29,7 +29,7 @@ from torch import nn
 
 from harness.models import Injection, select_indices
 from harness.models import BuildContext, DMLModel, freeze
-from harness.models import register_method
+from harness.models import ranged, register_method
 from harness.models import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 
@@ -37,7 +37,7 @@ from methods import _vptspg_recipes as vptspg_recipes
 @dataclass
 class AdapterConfig:
     #: ViT: bottleneck width of each adapter (D -> bottleneck -> D)
-    bottleneck: int = 64
+    bottleneck: int = ranged(64, "> 0")
     #: ViT: output scale s of the adapter branch
     scale: float = 1.0
     #: indices of the blocks (ViT) or residual blocks/stages (CNN) that get an adapter; empty = all
@@ -52,7 +52,7 @@ class AdapterConfig:
     #: CNN: BatchNorm after the up-projection (x + BN(up(ReLU(down(x))))); false: no BatchNorm
     cnn_norm: bool = True
     #: CNN: channel reduction of the bottleneck (C -> C/r -> C 1x1 convolutions)
-    cnn_reduction: int = 16
+    cnn_reduction: int = ranged(16, "> 0")
 
 
 class BottleneckAdapter(nn.Module):
@@ -95,20 +95,12 @@ class ConvAdapter(nn.Module):
         return self.norm(self.up(torch.relu(self.down(x))))
 
 
-def check_bottleneck(cfg: AdapterConfig) -> None:
-    if cfg.bottleneck <= 0:
-        raise UserError(f"bad value {cfg.bottleneck!r} for 'method_args.bottleneck': must be > 0")
-    if cfg.cnn_reduction <= 0:
-        raise UserError(f"bad value {cfg.cnn_reduction!r} for 'method_args.cnn_reduction': must be > 0")
-
-
 def attach_vit_adapters(model: nn.Module, cfg: AdapterConfig) -> Injection:
     """Hook an adapter into each chosen timm ``Block`` (keys ``blocks_<i>``)."""
     blocks = list(getattr(model, "blocks", []))
     if not blocks or not all(isinstance(b, Block) for b in blocks):
         kinds = sorted({type(b).__name__ for b in blocks}) or ["none"]
         raise UserError(f"adapter needs timm ViT 'Block' blocks, got {', '.join(kinds)}; valid: vit_*/deit_* models")
-    check_bottleneck(cfg)
     injection = Injection()
     for i in select_indices(len(blocks), cfg.blocks, "method_args.blocks"):
         block = blocks[i]
@@ -168,7 +160,6 @@ def adapter(ctx: BuildContext, cfg: AdapterConfig) -> DMLModel:
     """Frozen backbone with bottleneck adapters (ViT: AdaptFormer; CNN: residual 1x1 convs) and the head."""
     backbone = ctx.backbone.model
     freeze(backbone)
-    check_bottleneck(cfg)
     attach = attach_vit_adapters if ctx.backbone.family == "vit" else attach_cnn_adapters
     injection = attach(backbone, cfg)
     model = ctx.model(frozen_backbone=True)

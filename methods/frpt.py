@@ -70,7 +70,7 @@ from torch import nn
 
 from harness.models import Backbone
 from harness.models import BuildContext, DMLModel, freeze
-from harness.models import register_method
+from harness.models import ranged, register_method
 from harness.models import UserError
 from methods._frpt_parts import (
     CategoryAwareHead,
@@ -97,7 +97,7 @@ class FRPTConfig:
     #: fixed prompt instead of DPP: none | cam (crop to the thresholded activation map's box)
     crop: Literal["none", "cam"] = "none"
     #: relative threshold of the activation map for crop=cam (fraction of its maximum)
-    cam_threshold: float = 0.5
+    cam_threshold: float = ranged(0.5, "[0, 1)")
     #: index into the backbone's timm feature_info for content parsing; -1 = the variant's
     #: choice (CNN: first stride-4 stage for paper, stride-16 for code; ViT: block at 1/4 or 3/4 depth)
     parse_stage: int = -1
@@ -107,7 +107,7 @@ class FRPTConfig:
     grid_size: int = 0
     #: Gaussian kernel D of the sampler: size (odd; the replication padding is size // 2) and FWHM
     gaussian_size: int = 61
-    gaussian_fwhm: float = 13.0
+    gaussian_fwhm: float = ranged(13.0, "> 0", finite=True)
     #: CAH channel reduction r; 0 = the variant's (paper 8, code 1)
     cah_reduction: int = 0
     #: initialisation of the content-parsing convolution: zero (uniform map = identity warp at
@@ -117,7 +117,7 @@ class FRPTConfig:
     #: AdamW (k = its kernel size). Adam moves each of the k*k*C weights by about lr per step, so
     #: the saliency logits would move k^2 times further than with a 1x1 parser: a 31x31 parser
     #: collapses the map to a point within a few AdamW steps at lr 1e-3
-    dpp_lr_mult: float = 0.0
+    dpp_lr_mult: float = ranged(0.0, ">= 0", "0 = auto", finite=True)
 
 
 def default_parse_stage(feature_info: list[dict[str, Any]], variant: str) -> int:
@@ -252,12 +252,6 @@ def _check(cfg: FRPTConfig, backbone: Backbone) -> list[dict[str, Any]]:
             raise UserError(f"bad value {v!r} for 'method_args.{key}': must be odd and positive")
     if cfg.grid_size == 1 or cfg.grid_size < 0:
         raise UserError(f"bad value {cfg.grid_size!r} for 'method_args.grid_size': must be 0 or >= 2")
-    if cfg.gaussian_fwhm <= 0:
-        raise UserError(f"bad value {cfg.gaussian_fwhm!r} for 'method_args.gaussian_fwhm': must be > 0")
-    if cfg.dpp_lr_mult < 0:
-        raise UserError(f"bad value {cfg.dpp_lr_mult!r} for 'method_args.dpp_lr_mult': must be >= 0 (0 = auto)")
-    if not 0.0 <= cfg.cam_threshold < 1.0:
-        raise UserError(f"bad value {cfg.cam_threshold!r} for 'method_args.cam_threshold': must be in [0, 1)")
     info = list(getattr(backbone.model, "feature_info", []) or [])
     if not info or not hasattr(backbone.model, "forward_intermediates"):
         raise UserError(f"backbone '{backbone.name}' has no timm feature_info/forward_intermediates; FRPT needs both")

@@ -27,18 +27,18 @@ from torch import nn
 
 from harness.models import Injection, MergeableModel, block_targets
 from harness.models import BuildContext, DMLModel, freeze
-from harness.models import register_method
+from harness.models import ranged, register_method
 from harness.models import UserError
 
 
 @dataclass
 class LoRAConfig:
     #: rank r of each update
-    rank: int = 8
+    rank: int = ranged(8, "> 0")
     #: scale alpha: the update is (alpha / r) * B A (peft's lora_alpha)
-    alpha: float = 8.0
+    alpha: float = ranged(8.0, "> 0", finite=True)
     #: dropout on the layer input before A (peft's lora_dropout)
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, "[0, 1)")
     #: ViT: linear layers of each block to adapt, named relative to the block
     targets: list = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"])
     #: ViT: indices of the adapted blocks (empty = all)
@@ -82,15 +82,6 @@ class LoRAModel(MergeableModel):
         target.weight += injected.delta_weight().view_as(target.weight).to(target.weight.dtype)
 
 
-def _check(cfg: LoRAConfig) -> None:
-    if cfg.rank <= 0:
-        raise UserError(f"bad value {cfg.rank!r} for 'method_args.rank': must be > 0")
-    if not cfg.alpha > 0:
-        raise UserError(f"bad value {cfg.alpha!r} for 'method_args.alpha': must be > 0")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise UserError(f"bad value {cfg.dropout!r} for 'method_args.dropout': must be in [0, 1)")
-
-
 def pointwise_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     """Every 1x1 ungrouped convolution of a CNN, by path."""
     return {n: m for n, m in model.named_modules()
@@ -100,7 +91,6 @@ def pointwise_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
 @register_method("lora", display="LoRA", config=LoRAConfig, prefixes=("lora_",))
 def lora(ctx: BuildContext, cfg: LoRAConfig) -> DMLModel:
     """Frozen backbone with low-rank updates of its linear layers (ViT) or 1x1 convolutions (CNN)."""
-    _check(cfg)
     backbone = ctx.backbone.model
     freeze(backbone)
     injection = Injection()

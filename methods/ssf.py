@@ -25,7 +25,7 @@ from torch import nn
 
 from harness.models import Injection, MergeableModel, block_targets
 from harness.models import BuildContext, DMLModel, freeze
-from harness.models import register_method
+from harness.models import ranged, register_method
 from harness.models import UserError
 
 #: the paper's operations inside a timm ViT block
@@ -37,7 +37,7 @@ class SSFConfig:
     #: "paper": scale ~ N(1, init_std), shift ~ N(0, init_std); "identity": exactly 1 and 0
     init: Literal["paper", "identity"] = "paper"
     #: standard deviation of the paper's initialisation
-    init_std: float = 0.02
+    init_std: float = ranged(0.02, ">= 0", finite=True)
     #: ViT: operations of each block followed by SSF, named relative to the block
     targets: list = field(default_factory=lambda: list(VIT_BLOCK_TARGETS))
     #: ViT: indices of the blocks with SSF (empty = all)
@@ -116,8 +116,6 @@ def ssf_targets(model: nn.Module, family: str, cfg: SSFConfig) -> dict[str, nn.M
 @register_method("ssf", display="SSF", config=SSFConfig, prefixes=("ssf_",))
 def ssf(ctx: BuildContext, cfg: SSFConfig) -> DMLModel:
     """Frozen backbone with a learnable per-channel scale and shift after its operations (SSF)."""
-    if not cfg.init_std >= 0:
-        raise UserError(f"bad value {cfg.init_std!r} for 'method_args.init_std': must be >= 0")
     backbone = ctx.backbone.model
     freeze(backbone)
     injection = Injection()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from harness.models import BuildContext, DMLModel, freeze
-from harness.models import register_method
+from harness.models import ranged, register_method
 from harness.models import UserError
 from methods import _vptspg_recipes as vptspg_recipes
 from methods._vit import (
@@ -42,14 +42,14 @@ PREFIX = "prompt_"
 @dataclass
 class VPTShallowConfig:
     #: prompt tokens N (ViT backbones)
-    num_prompts: int = 10
+    num_prompts: int = ranged(10, "> 0")
     #: dropout on the prompt embeddings (KMnP/vpt PROMPT.DROPOUT)
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, "[0, 1)")
     #: "vpt": KMnP/vpt placement [CLS, prompts, patches], uniform init; "vptspg": VPTSP-G's
     #: placement (before CLS, stripped after each block), xavier-normal init
     variant: Literal["vpt", "vptspg"] = "vpt"
     #: CNN backbones: width in pixels of the learnable frame padded around the image
-    pad_pixels: int = 8
+    pad_pixels: int = ranged(8, "> 0")
 
 
 @dataclass
@@ -125,14 +125,8 @@ def build_vpt(ctx: BuildContext, cfg: VPTShallowConfig, depth: int, block_step: 
     head = ctx.head()
     criterion = ctx.criterion(head.out_dim)
     if ctx.backbone.family == "cnn":
-        if cfg.pad_pixels <= 0:
-            raise UserError(f"bad value {cfg.pad_pixels!r} for 'method_args.pad_pixels': must be > 0")
         return PaddedPromptCNN(ctx.backbone, head, criterion, image_size=ctx.cfg.data.image_size, pad=cfg.pad_pixels)
     model = check_plain_vit(ctx.backbone.model, method)
-    if cfg.num_prompts <= 0:
-        raise UserError(f"bad value {cfg.num_prompts!r} for 'method_args.num_prompts': must be > 0")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise UserError(f"bad value {cfg.dropout!r} for 'method_args.dropout': must be in [0, 1)")
     if block_step < 0 or (block_step and cfg.variant == "vpt"):
         raise UserError(
             f"bad value {block_step!r} for 'method_args.block_step': must be >= 0, and 0 unless variant=vptspg"

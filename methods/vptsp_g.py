@@ -44,7 +44,7 @@ from torch import nn
 
 from harness.models import ProxyAnchorLoss
 from harness.models import BuildContext, DMLModel, EmbeddingHead, freeze
-from harness.models import register_method
+from harness.models import ranged, register_method
 from harness.models import to_device
 from harness.models import UserError
 from methods import _vptspg_recipes as vptspg_recipes
@@ -65,24 +65,24 @@ from methods.vpt import PromptedViT, make_vit_prompts
 @dataclass
 class VPTSPGConfig:
     #: shared prompt tokens N; layer l gets max(N - l*prompt_block_step, 0)
-    num_prompt: int = 10
+    num_prompt: int = ranged(10, "> 0")
     #: blocks with shared prompts (0 = all)
     prompt_depth: int = 0
-    prompt_block_step: int = 0
+    prompt_block_step: int = ranged(0, ">= 0")
     #: class prompt tokens per class and layer; layer l gets max(N - l*class_prompt_block_step, 0)
-    num_class_prompt: int = 3
+    num_class_prompt: int = ranged(3, "> 0")
     #: blocks with class prompts in the proxy pass (0 = all)
     class_prompt_depth: int = 0
-    class_prompt_block_step: int = 0
+    class_prompt_block_step: int = ranged(0, ">= 0")
     #: lambda in P_c = normalise(lambda*B_c + (1-lambda)*h_c), B = learned proxy bias
-    proxy_bias_ratio: float = 0.5
+    proxy_bias_ratio: float = ranged(0.5, "[0, 1]")
     #: learning rate of the proxy bias B (its own parameter group)
-    lr_proxy: float = 0.1
+    lr_proxy: float = ranged(0.1, "> 0", finite=True)
     #: learning-rate schedule of the proxy-bias group (the code: cosine, same period)
     proxy_schedule: Literal["cosine", "constant"] = "cosine"
     #: dropout on the GRU's output at each integration step, before it reaches the container
     #: (the code's rnn_dropout: SOP and In-Shop 0.1, CUB and Cars 0)
-    rnn_dropout: float = 0.0
+    rnn_dropout: float = ranged(0.0, "[0, 1)")
     #: also train every backbone bias (BitFit), as in all published configs
     bitfit: bool = True
     #: keep class prompts and their optimizer state on the CPU, swapping in the batch's classes
@@ -92,7 +92,7 @@ class VPTSPGConfig:
 @dataclass
 class VPTSPEMAConfig(VPTSPGConfig):
     #: EMA momentum m: container[c] <- m*container[c] + (1-m)*(mean observation of c in the batch)
-    ema_momentum: float = 0.8
+    ema_momentum: float = ranged(0.8, "[0, 1)")
 
 
 class GRUIntegrator(nn.Module):
@@ -322,22 +322,9 @@ class VPTSPGModel(PromptedViT):
 
 
 def _check(cfg: VPTSPGConfig, ctx: BuildContext) -> None:
+    """VPTSP-G's loss is Proxy Anchor (its options' ranges are on VPTSPGConfig's fields)."""
     if ctx.cfg.loss.name != "proxy_anchor":
         raise UserError(f"bad value {ctx.cfg.loss.name!r} for 'loss.name': VPTSP-G trains with proxy_anchor")
-    for key in ("num_prompt", "num_class_prompt"):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"bad value {getattr(cfg, key)!r} for 'method_args.{key}': must be > 0")
-    for key in ("prompt_block_step", "class_prompt_block_step"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"bad value {getattr(cfg, key)!r} for 'method_args.{key}': must be >= 0")
-    if not 0.0 <= cfg.proxy_bias_ratio <= 1.0:
-        raise UserError(f"bad value {cfg.proxy_bias_ratio!r} for 'method_args.proxy_bias_ratio': must be in [0, 1]")
-    if not 0.0 <= cfg.rnn_dropout < 1.0:
-        raise UserError(f"bad value {cfg.rnn_dropout!r} for 'method_args.rnn_dropout': must be in [0, 1)")
-    if cfg.lr_proxy <= 0:
-        raise UserError(f"bad value {cfg.lr_proxy!r} for 'method_args.lr_proxy': must be > 0")
-    if isinstance(cfg, VPTSPEMAConfig) and not 0.0 <= cfg.ema_momentum < 1.0:
-        raise UserError(f"bad value {cfg.ema_momentum!r} for 'method_args.ema_momentum': must be in [0, 1)")
 
 
 def build_vptsp(ctx: BuildContext, cfg: VPTSPGConfig, integration: str, method: str) -> VPTSPGModel:

@@ -7,10 +7,14 @@ checks in :mod:`harness.training.resolution`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
+
+from harness.config.rules import ranged
+from harness.errors import UserError
 
 
 
@@ -19,30 +23,30 @@ class DataConfig:
     #: dataset folder; empty = the dataset spec's default location
     root: str = ""
     #: training crop size (RandomResizedCrop) and test centre-crop size
-    image_size: int = 224
+    image_size: int = ranged(224, "> 0")
     #: test-time resize before the centre crop (SPECS: 256 for 224)
-    resize_size: int = 256
+    resize_size: int = ranged(256, "> 0")
     #: images per batch
-    batch_size: int = 64
+    batch_size: int = ranged(64, "> 0")
     #: images per class in a batch (class-balanced sampler); 0 = plain shuffling
-    samples_per_class: int = 2
+    samples_per_class: int = ranged(2, ">= 0", "0 = plain shuffling")
     #: fraction of training classes held out for validation (class-disjoint, seeded)
-    val_fraction: float = 0.2
+    val_fraction: float = ranged(0.2, "[0, 1)")
     #: keep only K seeded images per training class (few-shot; 0 = all)
-    shots: int = 0
+    shots: int = ranged(0, ">= 0", "0 = all")
     #: crop every image to its annotated bounding box before the transforms (FRPT Table 5)
     crop_to_box: bool = False
     #: cap images per class in every split (quick runs and demos; 0 = all)
-    max_per_class: int = 0
+    max_per_class: int = ranged(0, ">= 0", "0 = all")
     #: keep N seeded classes of each split (quick runs; 0 = all)
-    max_classes: int = 0
+    max_classes: int = ranged(0, ">= 0", "0 = all")
     #: train augmentation: "standard" (RandomResizedCrop + flip), "frpt" (FRPT paper: 256x256
     #: resize, random crop, flip, colour jitter 0.25), "frpt_code" (FRPT's released fast-reid
     #: config: 256x256 bicubic resize, RandomResizedCrop(scale 0.16-1), flip, colour jitter 0.25
     #: with p=0.5) or "none" (test transform)
     augment: Literal["standard", "frpt", "frpt_code", "none"] = "standard"
     #: probability of torchvision's RandomErasing after normalisation (0 = off)
-    random_erasing: float = 0.0
+    random_erasing: float = ranged(0.0, "[0, 1]")
     #: test resize: "short" (shorter side to resize_size, SPECS 1) or "square" (resize_size x
     #: resize_size, FRPT's released code), then the centre crop
     test_resize: Literal["short", "square"] = "short"
@@ -56,7 +60,7 @@ class DataConfig:
     cache_images: bool = False
     #: DataLoader worker processes (-1 = min(8, CPU cores): JPEG decoding feeds a GPU only with
     #: several workers)
-    num_workers: int = -1
+    num_workers: int = ranged(-1, ">= -1", "-1 = auto")
     #: where images are decoded and augmented: "cpu" (loader workers, PIL + torchvision, uint8
     #: batches normalised on the device), "device" (files decoded on the device, nvJPEG on CUDA,
     #: every per-sample augmentation batched there) or "auto" (device on CUDA, else cpu)
@@ -66,7 +70,19 @@ class DataConfig:
     #: device pipeline: keep every image decoded on the device (original resolution) when a
     #: split's pixels fit this many GB; -1 = 40% of the GPU's memory (25% of RAM on CPU) divided
     #: among the processes sharing it; 0 = decode every batch
-    pixel_cache_gb: float = -1.0
+    pixel_cache_gb: float = ranged(-1.0, ">= -1", "-1 = auto, 0 = decode every batch")
+
+
+    def check(self, prefix: str = "data.") -> None:
+        """Rules between fields: the test crop comes out of the resize; the class-balanced
+        sampler fills a batch with whole classes."""
+        if self.resize_size < self.image_size:
+            raise UserError(f"bad value {self.resize_size!r} for '{prefix}resize_size': must be >= "
+                            f"{prefix}image_size={self.image_size} (the test centre crop is taken from it)")
+        m = self.samples_per_class
+        if m and self.batch_size % m:
+            raise UserError(f"bad value {m!r} for '{prefix}samples_per_class': must divide "
+                            f"{prefix}batch_size={self.batch_size}")
 
 
 @dataclass
@@ -77,7 +93,7 @@ class ModelConfig:
     weights: str = ""
     #: embedding dimension of the shared head: -1 = follow the backbone, min(feature dim, 512)
     #: (ViT-S 384, ViT-B 512, as in the papers); 0 = the backbone features, no projection
-    embed_dim: int = -1
+    embed_dim: int = ranged(-1, ">= -1", "-1 = the backbone's")
     #: head initialisation: "default" (PyTorch's Linear) or "xavier" (xavier-uniform weight, zero
     #: bias: the VPTSP-G code)
     head_init: Literal["default", "xavier"] = "default"
@@ -92,55 +108,55 @@ class LossConfig:
     #: proxy_anchor | norm_softmax | cross_entropy (method may override)
     name: Literal["proxy_anchor", "norm_softmax", "cross_entropy"] = "proxy_anchor"
     #: Proxy Anchor scale alpha and margin delta
-    alpha: float = 32.0
+    alpha: float = ranged(32.0, "> 0", finite=True)
     margin: float = 0.1
     #: Proxy Anchor positive term: "with_positives" (original: divide by proxies with positives
     #: in the batch) or "all" (VPTSP-G's code: divide by all C proxies)
     positive_average: Literal["with_positives", "all"] = "with_positives"
     #: normalised-softmax temperature
-    temperature: float = 0.05
+    temperature: float = ranged(0.05, "> 0", finite=True)
     #: label smoothing for cross-entropy losses
-    label_smoothing: float = 0.0
+    label_smoothing: float = ranged(0.0, "[0, 1]")
     #: "torch": (1-eps) + eps/C on the true class, eps/C elsewhere; "fastreid": 1-eps and
     #: eps/(C-1) (FRPT's released code)
     smoothing_form: Literal["torch", "fastreid"] = "torch"
     #: learning-rate multiplier for loss parameters (proxies, class weights)
-    lr_mult: float = 100.0
+    lr_mult: float = ranged(100.0, ">= 0", finite=True)
     #: Proxy Anchor proxies: "kaiming" (kaiming-normal, the Proxy Anchor code) or "xavier_div8"
     #: (xavier-uniform / 8, the VPTSP-G code)
     proxy_init: Literal["kaiming", "xavier_div8"] = "kaiming"
     #: absolute learning rate of the loss parameters (> 0 replaces lr * lr_mult; the VPTSP-G
     #: code's lr_proxy); they keep their own group and follow the schedule
-    proxy_lr: float = 0.0
+    proxy_lr: float = ranged(0.0, ">= 0", "0 = lr * loss.lr_mult", finite=True)
 
 
 @dataclass
 class OptimConfig:
     #: adamw | sgd
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    epochs: int = 30
+    lr: float = ranged(1e-4, "> 0", finite=True)
+    weight_decay: float = ranged(1e-4, ">= 0", finite=True)
+    momentum: float = ranged(0.9, "[0, 1]")
+    epochs: int = ranged(30, ">= 0", "0 = evaluate only")
     #: cosine schedule period in epochs (0 = epochs); VPTSP-G CUB uses 50 with 15 epochs
-    cosine_epochs: int = 0
-    warmup_epochs: float = 1.0
+    cosine_epochs: int = ranged(0, ">= 0", "0 = optim.epochs")
+    warmup_epochs: float = ranged(1.0, ">= 0", finite=True)
     #: warmup length in optimiser steps; > 0 replaces warmup_epochs (fast-reid's WARMUP_ITERS)
-    warmup_steps: int = 0
+    warmup_steps: int = ranged(0, ">= 0", "0 = warmup_epochs")
     #: warmup starts at this fraction of the lr (fast-reid's WARMUP_FACTOR; 0 = from lr/steps)
-    warmup_factor: float = 0.0
+    warmup_factor: float = ranged(0.0, "[0, 1]")
     #: learning-rate floor of every schedule and parameter group (CosineAnnealingLR's eta_min)
-    min_lr: float = 0.0
+    min_lr: float = ranged(0.0, ">= 0", finite=True)
     #: the schedule moves every optimiser "step", or once per "epoch" (the released codes)
     schedule_unit: Literal["step", "epoch"] = "step"
     #: schedule: cosine | step (multiply by step_gamma every step_epochs) | constant
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    step_epochs: int = 50
+    step_epochs: int = ranged(50, "> 0")
     step_gamma: float = 0.9
     #: learning-rate multiplier for the embedding head
-    head_lr_mult: float = 1.0
+    head_lr_mult: float = ranged(1.0, ">= 0", finite=True)
     #: max gradient norm (0 = off)
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, ">= 0", "0 = off", finite=True)
     #: mixed precision on CUDA: bf16 autocast, fp16 autocast with a dynamic GradScaler (the FRPT
     #: and VPTSP-G codes' choice) or off; CPU runs compute in fp32 whatever this says
     amp: Literal["bf16", "fp16", "off"] = "bf16"
@@ -156,11 +172,21 @@ class OptimConfig:
     compile_backend: str = "inductor"
 
 
+    def check(self, prefix: str = "optim.") -> None:
+        """The schedule's floor lies below the learning rate it is a floor of; the biases' weight
+        decay is a value of its own or -1 (none of its own)."""
+        if not self.min_lr < self.lr:
+            raise UserError(f"bad value {self.min_lr!r} for '{prefix}min_lr': must be in [0, {prefix}lr={self.lr})")
+        if not (self.weight_decay_bias == -1 or 0 <= self.weight_decay_bias < math.inf):
+            raise UserError(f"bad value {self.weight_decay_bias!r} for '{prefix}weight_decay_bias': "
+                            f"must be >= 0, or -1 for {prefix}weight_decay")
+
+
 @dataclass
 class EvalConfig:
     #: Recall@K values (empty = the dataset spec's)
     ks: list = field(default_factory=list)
-    batch_size: int = 256
+    batch_size: int = ranged(256, "> 0")
     #: evaluate the test split at all (study tuning trials turn it off: they select on
     #: validation only, so tuning never looks at test classes and costs less)
     test: bool = True
@@ -169,12 +195,19 @@ class EvalConfig:
     #: selected checkpoint once
     test_every_epoch: bool = False
     #: evaluate every N epochs
-    every: int = 1
+    every: int = ranged(1, "> 0")
     #: validation metric that selects the checkpoint: recall@1 | map@r
     select: Literal["recall@1", "map@r"] = "recall@1"
     #: other datasets ("name" or "name=DIR") whose test splits the selected checkpoint is evaluated
     #: on zero-shot at the end, beside the untrained backbone: transfer/<name>/* (forgetting)
     transfer: list = field(default_factory=list)
+
+
+    def check(self, prefix: str = "eval.") -> None:
+        """Recall@K needs positive integers K."""
+        bad = [k for k in self.ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+        if bad:
+            raise UserError(f"bad value {bad[0]!r} in '{prefix}ks': Recall@K needs positive integers")
 
 
 @dataclass
@@ -198,7 +231,7 @@ class TrackingConfig:
     #: MLflow system metrics (CPU, memory, GPU utilisation and memory via psutil/pynvml) under
     #: ``system/`` every ``system_metrics_interval_s`` seconds, on a background thread
     system_metrics: bool = True
-    system_metrics_interval_s: float = 10.0
+    system_metrics_interval_s: float = ranged(10.0, "> 0", finite=True)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from harness.config.rules import check_ranges
 from harness.errors import UserError, unknown
 
 FAMILIES = ("vit", "cnn")
@@ -105,9 +106,12 @@ def register_method(
 
         @functools.wraps(fn)
         def build(ctx: Any, cfg: Any) -> Any:
-            """Every build passes here: the family check, then the declared prefixes recorded."""
+            """Every build passes here: the family check and the options' ranges (declared on the
+            options' fields), then the declared prefixes recorded."""
             spec = _METHODS[name]
             check_family(spec, ctx.backbone.name, ctx.backbone.family)
+            if dataclasses.is_dataclass(cfg):
+                check_ranges(cfg, "method_args.")
             return fn(ctx, cfg).declare(spec.prefixes, spec.training_only)
 
         build.registered = fn  # the undecorated builder, for re-registration checks

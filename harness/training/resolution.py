@@ -5,7 +5,6 @@ values raise a :class:`UserError` before anything is created.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,8 @@ import torch
 
 from harness.retrieval import transfer
 from harness.models.backbones import auto_embed_dim, describe
-from harness.config import RunConfig, flat_get, flatten, to_dict
+from harness.config import RunConfig, flatten
+from harness.config.rules import check_ranges
 from harness.config import load_yaml, set_key
 from methods import get_method, method_names
 from harness.data.specs import get_spec
@@ -100,50 +100,12 @@ def check_preset(method: Any, preset: str | None) -> dict[str, Any]:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Range and choice checks that types alone cannot express."""
-    flat = to_dict(cfg)
+    """What a resolved config must satisfy before anything runs: every field's range and the
+    rules between fields (written beside the fields, :mod:`harness.config.rules`), the method's
+    options' ranges, then what depends on this machine and the dataset specs."""
+    check_ranges(cfg)  # method_args included: a dataclass field of the config
     if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
         raise UserError(f"bad value {cfg.device!r} for 'device'; valid: '' (auto), cpu, cuda, cuda:N, mps")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"bad value {cfg.device!r} for 'device': this machine has no CUDA device; valid: '' (auto), cpu")
-    bad_ks = [k for k in cfg.eval.ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
-    if bad_ks:
-        raise UserError(f"bad value {bad_ks[0]!r} in 'eval.ks': Recall@K needs positive integers")
-    if cfg.data.resize_size < cfg.data.image_size:
-        raise UserError(f"bad value {cfg.data.resize_size!r} for 'data.resize_size': must be >= "
-                        f"data.image_size={cfg.data.image_size} (the test centre crop is taken from it)")
-    for key in ("data.shots", "data.max_per_class", "data.max_classes"):
-        if flat_get(flat, key) < 0:
-            raise UserError(f"bad value {flat_get(flat, key)!r} for '{key}': must be >= 0 (0 = all)")
-    positive = ["data.image_size", "data.batch_size", "eval.batch_size", "eval.every"]
-    if cfg.optim.epochs < 0:
-        raise UserError(f"bad value {cfg.optim.epochs!r} for 'optim.epochs': must be >= 0 (0 = evaluate only)")
-    for key in positive:
-        if flat_get(flat, key) <= 0:
-            raise UserError(f"bad value {flat_get(flat, key)!r} for '{key}': must be > 0")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise UserError(f"bad value {cfg.data.val_fraction!r} for 'data.val_fraction': must be in [0, 1)")
-    if cfg.data.num_workers < -1:
-        raise UserError(f"bad value {cfg.data.num_workers!r} for 'data.num_workers': must be >= 0, or -1 for auto")
-    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
-        raise UserError(f"bad value {cfg.optim.lr!r} for 'optim.lr': must be a finite number > 0")
-    if not (math.isfinite(cfg.optim.min_lr) and 0 <= cfg.optim.min_lr < cfg.optim.lr):
-        raise UserError(f"bad value {cfg.optim.min_lr!r} for 'optim.min_lr': must be in [0, optim.lr={cfg.optim.lr})")
     transfer.parse(list(cfg.eval.transfer), cfg.dataset)  # names checked before anything loads
-    if not (cfg.optim.weight_decay_bias == -1 or 0 <= cfg.optim.weight_decay_bias < math.inf):
-        raise UserError(f"bad value {cfg.optim.weight_decay_bias!r} for 'optim.weight_decay_bias': "
-                        "must be >= 0, or -1 for optim.weight_decay")
-    if not (math.isfinite(cfg.loss.proxy_lr) and cfg.loss.proxy_lr >= 0):
-        raise UserError(f"bad value {cfg.loss.proxy_lr!r} for 'loss.proxy_lr': must be >= 0 (0 = lr * loss.lr_mult)")
-    for key in ("data.random_erasing", "optim.warmup_factor", "loss.label_smoothing"):
-        if not 0.0 <= flat_get(flat, key) <= 1.0:
-            raise UserError(f"bad value {flat_get(flat, key)!r} for '{key}': must be in [0, 1]")
-    if cfg.model.embed_dim < 0:
-        raise UserError(f"bad value {cfg.model.embed_dim!r} for 'model.embed_dim': must be >= 0, or -1 for the backbone's")
-    m = cfg.data.samples_per_class
-    if m < 0 or (m and cfg.data.batch_size % m):
-        raise UserError(
-            f"bad value {m!r} for 'data.samples_per_class': must divide data.batch_size={cfg.data.batch_size}"
-        )
-
-
