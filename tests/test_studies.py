@@ -394,7 +394,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tmp_path, tracking
 def test_a_trials_startup_point_is_the_same_whichever_worker_asks_and_when(tmp_path, sampler):
     """Two workers (their samplers seeded apart, as `tune` does) asking in turn give trial k the
     point one worker gives it alone; trials still differ from each other."""
-    from harness.studies.samplers import make_sampler
+    from harness.studies.search import make_sampler
     from harness.studies.spec import distributions
 
     spec = load_spec(write_spec(tmp_path, "sqlite:///unused.db", sampler={"name": sampler, "seed": 3}))

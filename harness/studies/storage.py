@@ -123,22 +123,6 @@ def open_rdb(url: str, attempts: int = 10) -> Any:
     raise AssertionError("unreachable")
 
 
-def make_pruner(spec: StudySpec) -> Any:
-    import optuna
-
-    p = spec.pruner
-    if p["name"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=int(p.get("n_startup_trials", 1)),
-                                           n_warmup_steps=int(p.get("n_warmup_steps", 0)))
-    if p["name"] == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=int(p.get("min_resource", 1)), max_resource=spec.budget.epochs,
-                                              reduction_factor=int(p.get("reduction_factor", 3)))
-    if p["name"] == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=p.get("lower"), upper=p.get("upper"),
-                                              n_warmup_steps=int(p.get("n_warmup_steps", 0)))
-    return optuna.pruners.NopPruner()
-
-
 def budget_of(spec: StudySpec, entry: Entry) -> int:
     """Trials to finish for ``entry``: n_trials, capped by the grid size for grid samplers."""
     if entry.fixed:
@@ -159,7 +143,7 @@ def open_existing_storage(url: str, spec_path: str | Path = "SPEC") -> Any | Non
 def open_study(spec: StudySpec, dataset: str, entry: Entry, storage: Any, offset: int = 0) -> Any:
     import optuna
 
-    from harness.studies.samplers import make_sampler  # imports optuna: not on the CLI's fast paths
+    from harness.studies.search import make_pruner, make_sampler  # imports optuna: not on the CLI's fast paths
 
     study = optuna.create_study(
         study_name=spec.study_name(dataset, entry), storage=storage, direction="maximize",

@@ -1,5 +1,5 @@
-"""Optuna samplers of a study spec, seeded so that a trial's parameters do not depend on which
-worker asks for it or when.
+"""How a study searches: its Optuna sampler and pruner. The samplers are seeded so that a
+trial's parameters do not depend on which worker asks for it or when.
 
 A seeded TPE sampler in one process draws its random start-up points from one stream, so with
 several workers (or after a resume) the point a trial gets depends on which process asked first.
@@ -76,3 +76,19 @@ def make_sampler(spec: StudySpec, entry: Entry, offset: int = 0) -> Any:
             n = grid_size({key: d}) or 1
             grid[key] = [d["low"] + i * d["step"] for i in range(n)]
     return optuna.samplers.GridSampler(grid, seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> Any:
+    """The spec's pruner (median, Hyperband on per-epoch reports, threshold), or none."""
+
+    p = spec.pruner
+    if p["name"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=int(p.get("n_startup_trials", 1)),
+                                           n_warmup_steps=int(p.get("n_warmup_steps", 0)))
+    if p["name"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=int(p.get("min_resource", 1)), max_resource=spec.budget.epochs,
+                                              reduction_factor=int(p.get("reduction_factor", 3)))
+    if p["name"] == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=p.get("lower"), upper=p.get("upper"),
+                                              n_warmup_steps=int(p.get("n_warmup_steps", 0)))
+    return optuna.pruners.NopPruner()
