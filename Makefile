@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test install dataset ui benchmark clean
+.PHONY: demo test lint install dataset ui benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: install dataset
 
 test: install dataset
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# one formatter and linter, configured in pyproject.toml ([tool.ruff]); CI fails on either
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ui: install
 	$(BIN)/dmlbench ui
