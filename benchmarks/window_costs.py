@@ -46,7 +46,7 @@ def main() -> dict[str, float]:
     out["jpeg_500x375_ms_per_core"] = 1000 * seconds(lambda: [_image(rng, c, 500, 375) for c in range(40)]) / 40
     out["jpeg_sop_mean_ms_per_core"] = 1000 * seconds(lambda: [_image(rng, c, 448, 448) for c in range(40)]) / 40
 
-    from harness.bench.measures import smoke_method
+    from harness.bench.model_stages import smoke_method
     from methods import method_names
 
     device = torch.device("cpu")

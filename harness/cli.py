@@ -166,61 +166,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    from harness.studies.runner import run_study
-    from harness.studies.status import study_status
-
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    if args.action == "repair":
-        from harness.studies.journal import repair_journal
-        from harness.studies.spec import load_spec
-        from harness.studies.storage import storage_url
-
-        url = storage_url(load_spec(args.spec), args.storage)
-        if "://" in url and not url.startswith("journal:"):
-            raise UserError(f"study repair mends journal files; {url} is a database")
-        print(repair_journal(Path(url.removeprefix("journal:")).expanduser()))
-        return 0
-    if args.action == "plan":
-        from harness.studies.plan import print_plan
-
-        return print_plan(args.spec, img_s=args.img_s, benchmark=args.benchmark, as_json=args.json)
-    if args.action == "launch":
-        from harness.studies.slurm import launch
-
-        return launch(args.spec, args)
-    if args.action == "run":
-        run_study(args.spec, workers=args.workers, storage=args.storage, devices=args.devices,
-                  workers_per_device=args.workers_per_device, rebuild_from_mlflow=args.rebuild_from_mlflow)
-    status = study_status(args.spec, storage=args.storage)
-    if args.json:
-        print(status.to_json(orient="records", indent=2))
-    else:
-        print(status.to_string(index=False))
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from harness.reports.build import build_report
-
-    out = build_report(args.spec, out_dir=args.out, tracking_uri=args.tracking_uri or None, storage=args.storage)
-    print(f"report written to {out}")
-    return 0
-
-
-def cmd_visualize(args: argparse.Namespace) -> int:
-    if args.what == "cam":
-        from harness.reports.cam import visualize_cam as draw
-    else:
-        from harness.reports.visualize import visualize_dpp as draw
-    n = args.n if args.n is not None else (4 if args.what == "cam" else 8)
-    path = draw(args.run, n=n, tracking_uri=args.tracking_uri or None)
-    what = {"cam": "class activation maps (FRPT Fig. 4)", "dpp": "DPP figure (FRPT Fig. 3)"}[args.what]
-    print(f"{what}: {path} (also logged to run {args.run})")
-    return 0
-
-
 # ----------------------------------------------------------------------------- parser
 
 
@@ -283,41 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--tracking-uri", default="")
     de.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("study", help="run or inspect an Optuna study")
-    s.add_argument("action", choices=["run", "launch", "status", "plan", "repair"])
-    s.add_argument("spec")
-    s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--devices", default=None, help="run: devices to fill, e.g. 0,1 (GPU indices) or cpu")
-    s.add_argument("--workers-per-device", type=int, default=1, help="run: concurrent trials per device")
-    s.add_argument("--img-s", type=float, default=None, help="plan: training images/s to assume")
-    s.add_argument("--benchmark", default=None, help="plan: a benchmark.json whose data_img_s (else img_s) to use")
-    s.add_argument("--rebuild-from-mlflow", action="store_true",
-                   help="run: add finished trials that MLflow has and the Optuna storage lost back to Optuna")
-    s.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
-    s.add_argument("--json", action="store_true", help="status as JSON records")
-    s.add_argument("--tracking-uri", default="")
-    from harness.studies.slurm import add_options as add_launch_options
-
-    add_launch_options(s)
-    s.set_defaults(func=cmd_study)
-
-    r = sub.add_parser("report", help="tables and figures of a study, from MLflow")
-    r.add_argument("spec")
-    r.add_argument("--out", default=None)
-    r.add_argument("--tracking-uri", default="")
-    r.add_argument("--storage", default=None, help="Optuna storage URL of the study, for its history and "
-                   "importance figures (default: the spec's, else the journal file)")
-    r.set_defaults(func=cmd_report)
-
-    v = sub.add_parser("visualize", help="figures of a trained run")
-    v.add_argument("what", choices=["dpp", "cam"], help="dpp: DPP warps (FRPT Fig. 3); cam: activation maps (Fig. 4)")
-    v.add_argument("--run", required=True, help="MLflow run id of an FRPT run")
-    v.add_argument("--n", type=int, default=None, help="number of test images (default: 8 for dpp, 4 for cam)")
-    v.add_argument("--tracking-uri", default="")
-    v.set_defaults(func=cmd_visualize)
-
     from harness.bench.command import add_parser as add_benchmark
+    from harness.reports.command import add_parsers as add_report_commands
+    from harness.studies.command import add_parser as add_study
 
+    add_study(sub)
+    add_report_commands(sub)
     add_benchmark(sub)
     for name, parser in sub.choices.items():  # every subcommand's --help ends with an example
         parser.epilog = "example:\n  " + EXAMPLES[name]

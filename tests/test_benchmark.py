@@ -61,7 +61,7 @@ def test_gpu_window_trains_decodes_and_shares_a_device_at_tiny_sizes(tmp_path):
     assert ("RUNNING",) not in states and trial_runs[0] == 2
     import optuna
 
-    from harness.studies.spec import load_spec
+    from harness.studies.loading import load_spec
     from harness.studies.storage import open_storage, open_study, storage_url
 
     spec = load_spec(k2_dir / "study.yaml")

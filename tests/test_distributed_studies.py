@@ -60,7 +60,7 @@ def check_exactly_once(spec_path: Path, tracking_uri: str, storage: str) -> None
     import optuna
     from optuna.trial import TrialState
 
-    from harness.studies.spec import load_spec
+    from harness.studies.loading import load_spec
     from harness.studies.storage import open_storage
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -96,7 +96,7 @@ def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, 
     import optuna
     from optuna.trial import TrialState
 
-    from harness.studies.spec import load_spec
+    from harness.studies.loading import load_spec
     from harness.studies.storage import open_storage, storage_url
 
     spec_path = write_spec(tmp_path, "killed")
@@ -204,7 +204,7 @@ def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_
     import optuna
     from optuna.trial import TrialState
 
-    from harness.studies.spec import load_spec
+    from harness.studies.loading import load_spec
     from harness.studies.storage import open_storage, storage_url
 
     spec = yaml.safe_load(write_spec(tmp_path, "retry").read_text())

@@ -188,7 +188,7 @@ def test_figures_are_sized_for_a_paper(three_seed_study, tmp_path, monkeypatch):
 def test_reproductions_studies_are_labelled_like_tuning_studies(three_seed_study):
     import optuna
 
-    from harness.studies.spec import load_spec
+    from harness.studies.loading import load_spec
     from harness.studies.storage import open_storage, storage_url
 
     path, _ = three_seed_study

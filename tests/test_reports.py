@@ -24,7 +24,7 @@ from harness.reports.published import (
     published_tables,
 )
 from harness.studies.runner import run_study
-from harness.studies.spec import load_spec
+from harness.studies.loading import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 

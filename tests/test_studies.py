@@ -20,7 +20,7 @@ from methods import get_method, method_names
 from harness.errors import UserError
 from harness.studies.recovery import STALE_AFTER_S, is_stale
 from harness.studies.runner import run_study
-from harness.studies.spec import load_spec
+from harness.studies.loading import load_spec
 from harness.studies.status import study_status
 from harness.studies.storage import budget_of, open_storage, storage_url
 

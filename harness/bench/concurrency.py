@@ -38,7 +38,7 @@ def concurrent_trial(k: int, device: str, workdir: Path, **spec_args: Any) -> di
     import optuna
 
     from harness.studies.runner import run_study
-    from harness.studies.spec import load_spec
+    from harness.studies.loading import load_spec
     from harness.studies.storage import open_storage, open_study, storage_url
 
     path = study_spec(workdir / f"k{k}" / "study.yaml", k, **spec_args)

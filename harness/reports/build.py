@@ -29,7 +29,8 @@ from harness.reports.retention import gain_retention_figure, retention_summary, 
 from harness.reports.runs import fetch_runs
 from harness.reports.tables import results_tables, summarize, summary_csv, tuning_table
 from harness.reports.tuning_figures import history_figure, importance_figures
-from harness.studies.spec import StudySpec, dump_spec, load_spec
+from harness.studies.spec import StudySpec, dump_spec
+from harness.studies.loading import load_spec
 
 MANIFEST = "MANIFEST.txt"
 

@@ -62,7 +62,7 @@ def rate_for(method: str, img_s: float | None, records: list[dict[str, Any]]) ->
 
 
 def plan(spec_path: str | Path, img_s: float | None = None, benchmark: str | None = None) -> list[dict[str, Any]]:
-    from harness.studies.spec import load_spec
+    from harness.studies.loading import load_spec
 
     spec = load_spec(spec_path)
     records: list[dict[str, Any]] = []

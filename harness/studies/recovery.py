@@ -1,4 +1,5 @@
-"""Stale trials: heartbeats of running trials, and recovery of those whose worker died."""
+"""Stale trials: heartbeats of running trials, recovery of those whose worker died, and what a
+retried trial takes over from its predecessor (its checkpoint, or its run finished by hand)."""
 from __future__ import annotations
 
 import os
@@ -147,3 +148,48 @@ def heartbeat(study: Any, trial: Any, interval: float = HEARTBEAT_S) -> Iterator
         interrupts.abort(None)
 
 
+def predecessor(trial: Any) -> Any | None:
+    """The MLflow run of the interrupted or dead trial this one retries (``dmlbench.resume_run``)."""
+    import mlflow
+
+    run_id = trial.user_attrs.get("dmlbench.resume_run")
+    if not run_id:
+        return None
+    try:
+        return mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def resumable(trial: Any) -> str | None:
+    """The predecessor's run when it left a checkpoint to continue from."""
+    import mlflow
+
+    from harness.training.checkpoint import locate
+
+    run = predecessor(trial)
+    tag = run.data.tags.get("dmlbench.checkpoint", "") if run is not None else ""
+    if not tag or not locate(tag, mlflow.get_tracking_uri()).is_file():
+        return None
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def adopted(spec: StudySpec, study: Any, trial: Any) -> float | None:
+    """A retry whose predecessor's run was finished by hand (``train --resume``, as the README
+    offers) is that run's result: it is told to Optuna, not trained again. Returns its value."""
+    import math
+
+    from optuna.trial import TrialState
+
+    run = predecessor(trial)
+    if run is None or run.info.status != "FINISHED" or run.data.tags.get("dmlbench.status") != "finished":
+        return None
+    value = run.data.metrics.get(spec.metric, float("nan"))
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    trial.set_user_attr("dmlbench.adopted", "finished by hand (train --resume)")
+    if not math.isfinite(value):
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    study.tell(trial, float(value))
+    return float(value)

@@ -27,7 +27,7 @@ from harness.studies.parents import base_tags, inside_parent, parent_run, tag_fi
 from harness.studies.placement import parse_devices, place
 from harness.studies.outcomes import failed_work, keep_best_weights, trial_counts
 from harness.studies.workers import one_line_exit, share_cores, spawn
-from harness.studies.recovery import enqueue_retry, heartbeat, recover_stale
+from harness.studies.recovery import adopted, enqueue_retry, heartbeat, recover_stale, resumable
 from harness.studies.reproductions import (
     MAX_SEED_ATTEMPTS,
     open_reproductions,
@@ -36,7 +36,8 @@ from harness.studies.reproductions import (
     run_seeds,
 )
 from harness.studies.rollup import rollup
-from harness.studies.spec import Entry, StudySpec, distributions, load_spec
+from harness.studies.spec import Entry, StudySpec, distributions
+from harness.studies.loading import load_spec
 from harness.studies.storage import budget_of, open_storage, open_study, storage_url
 
 #: a worker gives up on an entry after this many failed trials in a row (a bug, not bad luck)
@@ -139,53 +140,6 @@ def _fail_interrupted(study: Any, trial: Any) -> None:
 
     study.tell(trial, state=TrialState.FAIL)
     enqueue_retry(study, trial)
-
-
-def predecessor(trial: Any) -> Any | None:
-    """The MLflow run of the interrupted or dead trial this one retries (``dmlbench.resume_run``)."""
-    import mlflow
-
-    run_id = trial.user_attrs.get("dmlbench.resume_run")
-    if not run_id:
-        return None
-    try:
-        return mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        return None
-
-
-def resumable(trial: Any) -> str | None:
-    """The predecessor's run when it left a checkpoint to continue from."""
-    import mlflow
-
-    from harness.training.checkpoint import locate
-
-    run = predecessor(trial)
-    tag = run.data.tags.get("dmlbench.checkpoint", "") if run is not None else ""
-    if not tag or not locate(tag, mlflow.get_tracking_uri()).is_file():
-        return None
-    trial.set_user_attr("mlflow_run_id", run.info.run_id)
-    return run.info.run_id
-
-
-def adopted(spec: StudySpec, study: Any, trial: Any) -> float | None:
-    """A retry whose predecessor's run was finished by hand (``train --resume``, as the README
-    offers) is that run's result: it is told to Optuna, not trained again. Returns its value."""
-    import math
-
-    from optuna.trial import TrialState
-
-    run = predecessor(trial)
-    if run is None or run.info.status != "FINISHED" or run.data.tags.get("dmlbench.status") != "finished":
-        return None
-    value = run.data.metrics.get(spec.metric, float("nan"))
-    trial.set_user_attr("mlflow_run_id", run.info.run_id)
-    trial.set_user_attr("dmlbench.adopted", "finished by hand (train --resume)")
-    if not math.isfinite(value):
-        study.tell(trial, state=TrialState.FAIL)
-        return None
-    study.tell(trial, float(value))
-    return float(value)
 
 
 def progress(line: str) -> None:
