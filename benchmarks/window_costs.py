@@ -8,6 +8,7 @@ the kNN). The host parts are measured here, at two sizes where they scale, so th
 the part per unit come apart; the device work is counted in images and multiplied by H100 rates
 (the README says which). Prints one line per measurement.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,12 @@ def main() -> dict[str, float]:
     torch.set_num_threads(1)
     out: dict[str, float] = {}
     py = sys.executable
-    out["process_start_imports_s"] = seconds(lambda: subprocess.run(
-        [py, "-c", "import torch, timm, torchvision, peft, harness.training.loop, methods"], check=True, cwd=REPO), 2)
+    out["process_start_imports_s"] = seconds(
+        lambda: subprocess.run(
+            [py, "-c", "import torch, timm, torchvision, peft, harness.training.loop, methods"], check=True, cwd=REPO
+        ),
+        2,
+    )
 
     from harness.bench.folders import _image
     import numpy as np
@@ -58,23 +63,47 @@ def main() -> dict[str, float]:
 
     kw = {"model.backbone_kwargs": {"depth": 1}}
     for steps in (1, 4):
-        out[f"step_tiny_{steps}steps_s"] = seconds(lambda: measure_step(
-            "bitfit", "vit_small_patch16_224", image_size=32, batch_size=8, steps=steps, warmup=0, baseline=False,
-            overrides=kw))
+        out[f"step_tiny_{steps}steps_s"] = seconds(
+            lambda: measure_step(
+                "bitfit",
+                "vit_small_patch16_224",
+                image_size=32,
+                batch_size=8,
+                steps=steps,
+                warmup=0,
+                baseline=False,
+                overrides=kw,
+            )
+        )
 
     from harness.bench.endtoend import end_to_end
     from harness.bench.folders import make_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset, root = make_folder("cub", Path(tmp) / "cub", scale=0.02, size=(64, 48), workers=1)
-        common = dict(image_size=32, batch_size=16, samples_per_class=2, workers=0,
-                      overrides={"model.backbone_kwargs": {"depth": 1}})
-        end_to_end("bitfit", "vit_small_patch16_224", dataset, root, Path(tmp) / "s", pipeline="device", epochs=1,
-                   **common)
+        common = dict(
+            image_size=32,
+            batch_size=16,
+            samples_per_class=2,
+            workers=0,
+            overrides={"model.backbone_kwargs": {"depth": 1}},
+        )
+        end_to_end(
+            "bitfit", "vit_small_patch16_224", dataset, root, Path(tmp) / "s", pipeline="device", epochs=1, **common
+        )
         for epochs in (1, 3):
-            out[f"train_tiny_{epochs}epochs_s"] = seconds(lambda: end_to_end(
-                "bitfit", "vit_small_patch16_224", dataset, root, Path(tmp) / "s", pipeline="device", epochs=epochs,
-                **common))
+            out[f"train_tiny_{epochs}epochs_s"] = seconds(
+                lambda: end_to_end(
+                    "bitfit",
+                    "vit_small_patch16_224",
+                    dataset,
+                    root,
+                    Path(tmp) / "s",
+                    pipeline="device",
+                    epochs=epochs,
+                    **common,
+                )
+            )
     for line in (f"{k}: {v:.3f}" for k, v in out.items()):
         print(line, flush=True)
     return out

@@ -1,4 +1,5 @@
 """``dmlbench`` command line. Bad input prints one line and exits with status 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from harness.training.resume import reconcile, resumable_config
 
         cfg = resumable_config(args.resume, args.tracking_uri)
-        choices = {"method": args.method, "dataset": args.dataset, "backbone": args.backbone,
-                   "recipe": f"{cfg.method}:{args.preset}" if args.preset else None}
+        choices = {
+            "method": args.method,
+            "dataset": args.dataset,
+            "backbone": args.backbone,
+            "recipe": f"{cfg.method}:{args.preset}" if args.preset else None,
+        }
         if args.config:
             raise UserError(f"--config {args.config} contradicts --resume: a resumed run keeps its recorded config")
         import mlflow
@@ -64,8 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run {result.run_id} resumed and finished ({cfg.method} on {cfg.dataset})")
         return 0
     cfg = resolve(
-        method=args.method, dataset=args.dataset, backbone=args.backbone,
-        overrides=overrides, config_file=args.config, preset=args.preset,
+        method=args.method,
+        dataset=args.dataset,
+        backbone=args.backbone,
+        overrides=overrides,
+        config_file=args.config,
+        preset=args.preset,
     )
     if args.print_config:  # the fully resolved config; no data, model or run is touched
         from harness.config import to_yaml
@@ -84,14 +93,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from harness.training.counts import describe_methods
 
     rows = describe_methods(
-        args.backbone, num_classes=args.num_classes, pretrained=not args.no_pretrained,
+        args.backbone,
+        num_classes=args.num_classes,
+        pretrained=not args.no_pretrained,
         backbone_kwargs=json.loads(args.backbone_kwargs) if args.backbone_kwargs else None,
     )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(f"methods on {args.backbone} ({args.num_classes} training classes)")
-        print(_table(rows, ["name", "applies", "params/trainable", "params/trainable_inference", "params/total", "description"]))
+        print(
+            _table(
+                rows,
+                ["name", "applies", "params/trainable", "params/trainable_inference", "params/total", "description"],
+            )
+        )
     return 0
 
 
@@ -108,9 +124,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from methods import get_method, method_names
 
     rows = [
-        {"method": m, "preset": name, "dataset": str(preset.get("dataset", "any")),
-         "source": str(preset.get("recipe_source", ""))}
-        for m in method_names() for name, preset in sorted(get_method(m).presets.items())
+        {
+            "method": m,
+            "preset": name,
+            "dataset": str(preset.get("dataset", "any")),
+            "source": str(preset.get("recipe_source", "")),
+        }
+        for m in method_names()
+        for name, preset in sorted(get_method(m).presets.items())
         if not args.method or m == args.method
     ]
     print(json.dumps(rows, indent=2) if args.json else _table(rows, ["method", "preset", "dataset", "source"]))
@@ -133,8 +154,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     from harness.data.specs import found_at
 
     rows = [
-        {"name": s.name, "on disk": str(found_at(s) or "no (--set data.root=DIR)"), "Recall@K": ",".join(map(str, s.ks)),
-         "description": s.description}
+        {
+            "name": s.name,
+            "on disk": str(found_at(s) or "no (--set data.root=DIR)"),
+            "Recall@K": ",".join(map(str, s.ks)),
+            "description": s.description,
+        }
         for s in (data.get_spec(n) for n in data.spec_names())
     ]
     print(json.dumps(rows, indent=2) if args.json else _table(rows, ["name", "on disk", "Recall@K", "description"]))
@@ -182,10 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help="a method's named preset (published configuration)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--tracking-uri", default="")
-    t.add_argument("--resume", metavar="RUN_ID", default="",
-                   help="continue a killed or failed run from its last completed epoch, in the same MLflow run")
-    t.add_argument("--print-config", action="store_true",
-                   help="print the fully resolved run config as YAML and exit (no run is created)")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        default="",
+        help="continue a killed or failed run from its last completed epoch, in the same MLflow run",
+    )
+    t.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved run config as YAML and exit (no run is created)",
+    )
     t.set_defaults(func=cmd_train)
 
     cp = sub.add_parser("compare", help="runs side by side: metrics and the config keys that differ")
@@ -257,15 +289,32 @@ EXAMPLES = {
     "benchmark": "dmlbench benchmark --methods full_finetune,bitfit --backbone vit_small_patch16_224 --baseline --end-to-end",
 }
 OPTION_HELP = {
-    "method": "registered method (dmlbench methods)", "dataset": "dataset name (dmlbench datasets)",
-    "backbone": "timm model name", "tracking_uri": "MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
-    "json": "print JSON", "spec": "study spec YAML", "action": "what to do", "workers": "worker processes",
-    "out": "output folder", "run": "MLflow run id", "n": "number of images", "what": "figure kind",
-    "name": "dataset name", "root": "dataset folder", "methods": "comma-separated method names",
-    "image_size": "input size in pixels", "batch_size": "images per step", "samples_per_class": "images per class in a batch",
-    "steps": "timed steps", "warmup": "untimed warm-up steps", "device": "cpu | cuda | '' (auto)",
-    "no_amp": "disable bf16 autocast", "set": "override a config key (repeatable)", "num_classes": "training classes",
-    "backbone_kwargs": "JSON kwargs for timm.create_model", "runs": "MLflow run ids",
+    "method": "registered method (dmlbench methods)",
+    "dataset": "dataset name (dmlbench datasets)",
+    "backbone": "timm model name",
+    "tracking_uri": "MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
+    "json": "print JSON",
+    "spec": "study spec YAML",
+    "action": "what to do",
+    "workers": "worker processes",
+    "out": "output folder",
+    "run": "MLflow run id",
+    "n": "number of images",
+    "what": "figure kind",
+    "name": "dataset name",
+    "root": "dataset folder",
+    "methods": "comma-separated method names",
+    "image_size": "input size in pixels",
+    "batch_size": "images per step",
+    "samples_per_class": "images per class in a batch",
+    "steps": "timed steps",
+    "warmup": "untimed warm-up steps",
+    "device": "cpu | cuda | '' (auto)",
+    "no_amp": "disable bf16 autocast",
+    "set": "override a config key (repeatable)",
+    "num_classes": "training classes",
+    "backbone_kwargs": "JSON kwargs for timm.create_model",
+    "runs": "MLflow run ids",
 }
 
 

@@ -7,6 +7,7 @@ aborted, 5 a server or storage went away, 6 no space left, 7 a study ended with 
 :class:`RunInterrupted` (Ctrl-C exit 130, SIGTERM exit 143); anything else is a bug and keeps its
 traceback.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -71,9 +72,7 @@ def closest(value: str, choices: Iterable[str]) -> str:
 def unknown(kind: str, value: str, choices: Iterable[str]) -> UserError:
     """Build the standard 'unknown X' error naming the bad value and the valid choices."""
     choices = sorted(choices)
-    return UserError(
-        f"unknown {kind} '{value}'{closest(value, choices)}; valid: {', '.join(choices)}"
-    )
+    return UserError(f"unknown {kind} '{value}'{closest(value, choices)}; valid: {', '.join(choices)}")
 
 
 def caused_by_interrupt(exc: BaseException) -> bool:
@@ -108,7 +107,8 @@ def disk_full(exc: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         text = str(exc)
         if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
-                s in text for s in ("No space left", "database or disk is full", "file write failed")):
+            s in text for s in ("No space left", "database or disk is full", "file write failed")
+        ):
             return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -118,8 +118,14 @@ def disk_full(exc: BaseException) -> str | None:
 def server_unreachable(exc: BaseException) -> str | None:
     """The unreachable-server error in ``exc``'s chain as text (an MLflow tracking server that
     stopped answering: refused connections or exhausted retries), or None."""
-    markers = ("Max retries exceeded", "Connection refused", "ConnectionError", "Failed to establish a new connection",
-               "RemoteDisconnected", "Read timed out")
+    markers = (
+        "Max retries exceeded",
+        "Connection refused",
+        "ConnectionError",
+        "Failed to establish a new connection",
+        "RemoteDisconnected",
+        "Read timed out",
+    )
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         text = str(exc)

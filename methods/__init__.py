@@ -2,6 +2,7 @@
 ``models/__init__.py`` style: importing this package imports every method module, in this order).
 Files starting with ``_`` hold parts several methods share. ``get_method`` and ``method_names``
 here see every registered method."""
+
 from methods import (  # noqa: F401 - each module registers its methods
     adapter,
     bitfit,

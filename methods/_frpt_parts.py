@@ -4,6 +4,7 @@ Kept apart from ``methods/frpt.py`` (which only wires and registers them) so eac
 tested on its own: the sampler is pure geometry, the CAH a few lines of algebra. The leading
 underscore keeps :func:`harness.registry.discover` from importing this file as a method.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,9 @@ class SaliencySampler(nn.Module):
     def resample(self, images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Upsample the coarse grid to the image size and resample bilinearly (grid_sample with
         corners aligned, as the code)."""
-        full = F.interpolate(grid.permute(0, 3, 1, 2), size=images.shape[-2:], mode="bilinear",
-                             align_corners=self.upsample_align_corners)
+        full = F.interpolate(
+            grid.permute(0, 3, 1, 2), size=images.shape[-2:], mode="bilinear", align_corners=self.upsample_align_corners
+        )
         full = full.permute(0, 2, 3, 1).to(images.dtype)
         return F.grid_sample(images, full, mode="bilinear", padding_mode="border", align_corners=True)
 
@@ -112,7 +114,9 @@ class DiscriminativePerturbationPrompt(nn.Module):
         self.parser = parser
         self.sampler = sampler
 
-    def forward(self, images: torch.Tensor, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, feature_map: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(warped images, saliency map A, coarse sampling grid)``."""
         saliency = self.parser(feature_map)
         grid = self.sampler.grid(saliency)

@@ -24,6 +24,7 @@ in the code); with every class in every batch it equals the on-device update exa
 NumPy arrays, copies go through pinned memory (``tests/test_step_syncs.py`` counts syncs and
 transfers with ``memory_bank=true``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -85,8 +86,11 @@ class HostBank:
         """Slot rows ``0..len(classes)-1`` := these classes' rows (values and optimizer state)."""
         prev = self.slot_classes
         pos = np.searchsorted(prev, classes)
-        in_prev = (pos < len(prev)) & (prev[np.minimum(pos, max(len(prev) - 1, 0))] == classes) if len(prev) else \
-            np.zeros(len(classes), bool)
+        in_prev = (
+            (pos < len(prev)) & (prev[np.minimum(pos, max(len(prev) - 1, 0))] == classes)
+            if len(prev)
+            else np.zeros(len(classes), bool)
+        )
         fresh = classes[~in_prev]
         self._flush(needed=fresh)
         keep_dst, keep_src, load_dst = np.flatnonzero(in_prev), pos[in_prev], np.flatnonzero(~in_prev)
@@ -103,8 +107,14 @@ class HostBank:
         self.slot_classes = classes
 
     @staticmethod
-    def _fill(target: torch.Tensor, bank: torch.Tensor, keep_dst: torch.Tensor, keep_src: torch.Tensor,
-              load_dst: torch.Tensor, rows: torch.Tensor) -> None:
+    def _fill(
+        target: torch.Tensor,
+        bank: torch.Tensor,
+        keep_dst: torch.Tensor,
+        keep_src: torch.Tensor,
+        load_dst: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> None:
         new = torch.zeros_like(target)
         if len(keep_dst):
             new[keep_dst] = target[keep_src]

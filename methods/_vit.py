@@ -5,6 +5,7 @@ These helpers reproduce timm's ``VisionTransformer.forward_features`` step by st
 positional embedding *before* prompts are inserted, pre-norm, blocks, final norm, pooling) so the
 frozen backbone's own modules do all the work and only the prompt bookkeeping lives here.
 """
+
 from __future__ import annotations
 
 import math

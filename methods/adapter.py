@@ -17,6 +17,7 @@ replacement): the backbone keeps its own attention/MLP code and parameter names 
 count and qkv bias work, unlike the VPTSP-G code's hard-coded 12-head block), and the adapters
 live in ``adapter_modules`` (prefix ``adapter_``; their BatchNorm statistics are saved with them).
 """
+
 from __future__ import annotations
 
 import math
@@ -131,7 +132,9 @@ def attach_cnn_adapters(model: nn.Module, cfg: AdapterConfig) -> Injection:
     else:
         units = [(f"{name}.{j}", u) for name, m in stages for j, u in enumerate(_residual_units(m))]
     if not units:
-        raise UserError(f"adapter finds no residual stages in {type(model).__name__}; valid: timm CNNs with feature_info")
+        raise UserError(
+            f"adapter finds no residual stages in {type(model).__name__}; valid: timm CNNs with feature_info"
+        )
     channels: dict[str, int] = {}
 
     def record(name: str):
@@ -155,7 +158,13 @@ def attach_cnn_adapters(model: nn.Module, cfg: AdapterConfig) -> Injection:
     return injection
 
 
-@register_method("adapter", display="Adapter", config=AdapterConfig, prefixes=("adapter_",), presets=vptspg_recipes.presets("adapter"))
+@register_method(
+    "adapter",
+    display="Adapter",
+    config=AdapterConfig,
+    prefixes=("adapter_",),
+    presets=vptspg_recipes.presets("adapter"),
+)
 def adapter(ctx: BuildContext, cfg: AdapterConfig) -> DMLModel:
     """Frozen backbone with bottleneck adapters (ViT: AdaptFormer; CNN: residual 1x1 convs) and the head."""
     backbone = ctx.backbone.model

@@ -1,4 +1,5 @@
 """BitFit (Ben Zaken et al. 2022): only the backbone's bias terms and the head train."""
+
 from __future__ import annotations
 
 from torch import nn

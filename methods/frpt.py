@@ -59,6 +59,7 @@ classifier, ``params/trainable`` includes it):
   classifier, 23.71M.)
 - ``variant=code``: DPP 1x1 on layer3 = 1,024; CAH 29,366,272; BN neck 2,048 (bias frozen).
 """
+
 from __future__ import annotations
 
 import math
@@ -142,7 +143,7 @@ def final_feature_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     out = model.forward_features(images)
     if out.ndim == 4:
         return out
-    tokens = out[:, getattr(model, "num_prefix_tokens", 0):]
+    tokens = out[:, getattr(model, "num_prefix_tokens", 0) :]
     ph, pw = model.patch_embed.patch_size
     h, w = images.shape[-2] // ph, images.shape[-1] // pw
     if h * w != tokens.shape[1]:
@@ -243,9 +244,7 @@ class BNNeck(nn.Module):
 def _check(cfg: FRPTConfig, backbone: Backbone) -> list[dict[str, Any]]:
     """Validate options against the backbone; returns its feature_info."""
     if cfg.use_dpp and cfg.crop != "none":
-        raise UserError(
-            f"method_args.crop={cfg.crop} replaces the DPP; set method_args.use_dpp=false or crop=none"
-        )
+        raise UserError(f"method_args.crop={cfg.crop} replaces the DPP; set method_args.use_dpp=false or crop=none")
     for key in ("sigma", "gaussian_size"):
         v = getattr(cfg, key)
         if v < 1 or v % 2 == 0:
@@ -320,8 +319,15 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "loss": {"name": "cross_entropy", "lr_mult": 1.0},
     "model": {"embed_dim": 0},
     "optim": {
-        "name": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
-        "step_epochs": 50, "step_gamma": 0.9, "warmup_epochs": 0.0, "head_lr_mult": 1.0,
+        "name": "sgd",
+        "lr": 1e-3,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "schedule": "step",
+        "step_epochs": 50,
+        "step_gamma": 0.9,
+        "warmup_epochs": 0.0,
+        "head_lr_mult": 1.0,
         "grad_clip": 0.0,  # the paper states no clipping (see the module docstring on the DPP)
     },
     "data": {"batch_size": 32, "samples_per_class": 0, "augment": "frpt", "image_size": 224, "resize_size": 256},
@@ -329,26 +335,38 @@ PAPER_DEFAULTS: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's training (Sec. 4.1): the defaults above with the full 500 epochs
-    "paper": {"optim": {"epochs": 500},
-              "recipe_source": "FRPT paper (AAAI 2023) Sec. 4.1: SGD lr 1e-3 momentum 0.9 wd 1e-4, batch 32, "
-                               "500 epochs, lr x0.9 every 50 epochs, no gradient clipping"},
+    "paper": {
+        "optim": {"epochs": 500},
+        "recipe_source": "FRPT paper (AAAI 2023) Sec. 4.1: SGD lr 1e-3 momentum 0.9 wd 1e-4, batch 32, "
+        "500 epochs, lr x0.9 every 50 epochs, no gradient clipping",
+    },
     # the released code: projects/FastRetri/configs/base-image_retri.yml + cub.yml, fast-reid
     # defaults for the rest (INPUT.CJ.PROB 0.5, SOLVER.CLIP_GRADIENTS.CLIP_VALUE 5.0 by norm)
     "code": {
         # MODEL.BACKBONE: WITH_IBN True, LAST_STRIDE 1 (the recipe's kwargs are dropped when
         # --backbone picks another network)
-        "backbone": "resnet50_ibn_a", "model": {"backbone_kwargs": {"last_stride": 1}},
+        "backbone": "resnet50_ibn_a",
+        "model": {"backbone_kwargs": {"last_stride": 1}},
         "method_args": {"variant": "code", "parser_init": "default"},
         "loss": {"label_smoothing": 0.3, "smoothing_form": "fastreid"},
         "optim": {
-            "lr": 0.02, "momentum": 0.0, "weight_decay": 5e-4, "schedule": "cosine", "epochs": 500,
-            "min_lr": 2e-5, "warmup_epochs": 0.0, "warmup_steps": 1000, "warmup_factor": 0.1, "grad_clip": 5.0,
-            "amp": "fp16", "weight_decay_bias": 0.0,  # SOLVER.AMP (fast-reid: GradScaler), WEIGHT_DECAY_BIAS
+            "lr": 0.02,
+            "momentum": 0.0,
+            "weight_decay": 5e-4,
+            "schedule": "cosine",
+            "epochs": 500,
+            "min_lr": 2e-5,
+            "warmup_epochs": 0.0,
+            "warmup_steps": 1000,
+            "warmup_factor": 0.1,
+            "grad_clip": 5.0,
+            "amp": "fp16",
+            "weight_decay_bias": 0.0,  # SOLVER.AMP (fast-reid: GradScaler), WEIGHT_DECAY_BIAS
         },
         # INPUT.REA is not enabled in either config (fast-reid's default: off), so no random erasing
         "data": {"batch_size": 256, "augment": "frpt_code", "test_resize": "square", "random_erasing": 0.0},
         "recipe_source": "Pual2013/FRPT projects/FastRetri/configs/base-image_retri.yml + cub.yml "
-                         "+ fastreid/config/defaults.py",
+        "+ fastreid/config/defaults.py",
     },
 }
 
@@ -372,8 +390,14 @@ def _register(name: str, display: str, method_args: dict[str, Any], data: dict[s
     if data:
         defaults["data"].update(data)
     return register_method(
-        name, config=FRPTConfig, families=("vit", "cnn"), prefixes=PREFIXES, search_space=SEARCH_SPACE,
-        defaults=defaults, presets=PRESETS, display=display,
+        name,
+        config=FRPTConfig,
+        families=("vit", "cnn"),
+        prefixes=PREFIXES,
+        search_space=SEARCH_SPACE,
+        defaults=defaults,
+        presets=PRESETS,
+        display=display,
     )
 
 
@@ -415,4 +439,3 @@ def frpt_bbox(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
 def frpt_cam(ctx: BuildContext, cfg: FRPTConfig) -> FRPTModel:
     """FRPT with a fixed prompt: crop to the box of the frozen backbone's activation map, + CAH (Table 5)."""
     return build_frpt(ctx, cfg)
-

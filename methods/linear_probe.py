@@ -1,4 +1,5 @@
 """Linear probe: frozen backbone, only the embedding head trains (SPECS section 2)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,11 @@ class LinearProbeConfig:
     presets={
         **vptspg_recipes.presets("linear_probe"),
         # FRPT Table 1 "PT (pre-trained only)": the frozen backbone's pooled features, untrained
-        "untrained": {"optim": {"epochs": 0}, "model": {"embed_dim": 0},
-                      "recipe_source": "FRPT paper (AAAI 2023) Table 1 'PT': the pre-trained backbone, no training"},
+        "untrained": {
+            "optim": {"epochs": 0},
+            "model": {"embed_dim": 0},
+            "recipe_source": "FRPT paper (AAAI 2023) Table 1 'PT': the pre-trained backbone, no training",
+        },
     },
     search_space={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
 )

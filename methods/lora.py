@@ -16,6 +16,7 @@ Parameter arithmetic (ViT, width D, MLP width 4D, rank r): per block qkv r(D + 3
 r(D + D), fc1 r(D + 4D), fc2 r(4D + D) = 16 r D; ViT-S/16 (D = 384, 12 blocks) at r = 8:
 12 * 16 * 8 * 384 = 589,824.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,16 @@ class LoRAConfig:
 class LowRankUpdate(nn.Module):
     """``(alpha / r) * B A dropout(x)`` for a linear layer, or a 1x1 convolution (``conv=True``)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float,
-                 conv: bool = False, stride: tuple[int, int] = (1, 1)) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        conv: bool = False,
+        stride: tuple[int, int] = (1, 1),
+    ) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.A = nn.Parameter(torch.empty(rank, in_features))
@@ -84,8 +93,11 @@ class LoRAModel(MergeableModel):
 
 def pointwise_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     """Every 1x1 ungrouped convolution of a CNN, by path."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.padding in ((0, 0), "valid")}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.padding in ((0, 0), "valid")
+    }
 
 
 @register_method("lora", display="LoRA", config=LoRAConfig, prefixes=("lora_",))
@@ -95,8 +107,14 @@ def lora(ctx: BuildContext, cfg: LoRAConfig) -> DMLModel:
     freeze(backbone)
     injection = Injection()
     if ctx.backbone.family == "vit":
-        targets = block_targets(backbone, cfg.blocks, cfg.targets, key_blocks="method_args.blocks",
-                                key_names="method_args.targets", types=(nn.Linear,))
+        targets = block_targets(
+            backbone,
+            cfg.blocks,
+            cfg.targets,
+            key_blocks="method_args.blocks",
+            key_names="method_args.targets",
+            types=(nn.Linear,),
+        )
         for path, layer in targets.items():
             update = LowRankUpdate(layer.in_features, layer.out_features, cfg.rank, cfg.alpha, cfg.dropout)
             injection.add(path, layer, update, source="input")
@@ -105,8 +123,9 @@ def lora(ctx: BuildContext, cfg: LoRAConfig) -> DMLModel:
         if not convs:
             raise UserError(f"lora finds no 1x1 convolutions in {type(backbone).__name__}; valid: timm ViTs and CNNs")
         for path, conv in convs.items():
-            update = LowRankUpdate(conv.in_channels, conv.out_channels, cfg.rank, cfg.alpha, cfg.dropout,
-                                   conv=True, stride=conv.stride)
+            update = LowRankUpdate(
+                conv.in_channels, conv.out_channels, cfg.rank, cfg.alpha, cfg.dropout, conv=True, stride=conv.stride
+            )
             injection.add(path, conv, update, source="input")
     model = ctx.model(frozen_backbone=True, cls=LoRAModel)
     model.attach(injection)

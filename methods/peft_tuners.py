@@ -18,6 +18,7 @@ peft's, and ``method_args.peft_config`` passes any other field of the tuner's co
 ``peft`` takes a whole peft config as a mapping (``--set 'method_args.peft_config={"peft_type":
 "LORA", "r": 4}'``) for a tuner not named here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,32 +57,76 @@ class Tuner:
 
 RANK = {"type": "categorical", "choices": [4, 8, 16, 32]}
 TUNERS: dict[str, Tuner] = {
-    "peft_lora": Tuner("LoraConfig", "LoRA (peft)", "Hu et al., ICLR 2022", ("lora_",),
-                       {"r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0}, search_space={"method_args.r": RANK}),
-    "dora": Tuner("LoraConfig", "DoRA", "Liu et al., ICML 2024", ("lora_",),
-                  {"r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0}, fixed={"use_dora": True},
-                  search_space={"method_args.r": RANK}),
-    "loha": Tuner("LoHaConfig", "LoHa", "Hyeon-Woo et al. (FedPara), ICLR 2022", ("hada_",),
-                  {"r": 8, "alpha": 8.0, "rank_dropout": 0.0, "module_dropout": 0.0},
-                  search_space={"method_args.r": RANK}),
-    "lokr": Tuner("LoKrConfig", "LoKr", "Yeh et al. (LyCORIS), ICLR 2024", ("lokr_",),
-                  {"r": 8, "alpha": 8.0, "rank_dropout": 0.0, "module_dropout": 0.0, "decompose_factor": -1},
-                  search_space={"method_args.r": RANK}),
-    "oft": Tuner("OFTConfig", "OFT", "Qiu et al., NeurIPS 2023", ("oft_",),
-                 {"oft_block_size": 32, "module_dropout": 0.0, "coft": False}, fixed={"r": 0},
-                 search_space={"method_args.oft_block_size": {"type": "categorical", "choices": [16, 32]}}),
-    "boft": Tuner("BOFTConfig", "BOFT", "Liu et al., ICLR 2024", ("boft_",),
-                  {"boft_block_size": 4, "boft_n_butterfly_factor": 1, "boft_dropout": 0.0},
-                  # 4 and 8 divide every width of ViTs and of EfficientNet/ResNet 1x1 convs (24, 40, 112...)
-                  search_space={"method_args.boft_block_size": {"type": "categorical", "choices": [4, 8]}}),
-    "ia3": Tuner("IA3Config", "(IA)³", "Liu et al., NeurIPS 2022", ("ia3_",), {},
-                 targets=("attn.qkv", "mlp.fc2")),
-    "vera": Tuner("VeraConfig", "VeRA", "Kopiczko et al., ICLR 2024", ("vera_",),
-                  {"r": 256, "vera_dropout": 0.0, "d_initial": 0.1}, families=("vit",),
-                  search_space={"method_args.r": {"type": "categorical", "choices": [64, 256, 1024]}}),
-    "fourierft": Tuner("FourierFTConfig", "FourierFT", "Gao et al., ICML 2024", ("fourierft_",),
-                       {"n_frequency": 1000, "scaling": 150.0}, families=("vit",),
-                       search_space={"method_args.n_frequency": {"type": "categorical", "choices": [500, 1000, 3000]}}),
+    "peft_lora": Tuner(
+        "LoraConfig",
+        "LoRA (peft)",
+        "Hu et al., ICLR 2022",
+        ("lora_",),
+        {"r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0},
+        search_space={"method_args.r": RANK},
+    ),
+    "dora": Tuner(
+        "LoraConfig",
+        "DoRA",
+        "Liu et al., ICML 2024",
+        ("lora_",),
+        {"r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0},
+        fixed={"use_dora": True},
+        search_space={"method_args.r": RANK},
+    ),
+    "loha": Tuner(
+        "LoHaConfig",
+        "LoHa",
+        "Hyeon-Woo et al. (FedPara), ICLR 2022",
+        ("hada_",),
+        {"r": 8, "alpha": 8.0, "rank_dropout": 0.0, "module_dropout": 0.0},
+        search_space={"method_args.r": RANK},
+    ),
+    "lokr": Tuner(
+        "LoKrConfig",
+        "LoKr",
+        "Yeh et al. (LyCORIS), ICLR 2024",
+        ("lokr_",),
+        {"r": 8, "alpha": 8.0, "rank_dropout": 0.0, "module_dropout": 0.0, "decompose_factor": -1},
+        search_space={"method_args.r": RANK},
+    ),
+    "oft": Tuner(
+        "OFTConfig",
+        "OFT",
+        "Qiu et al., NeurIPS 2023",
+        ("oft_",),
+        {"oft_block_size": 32, "module_dropout": 0.0, "coft": False},
+        fixed={"r": 0},
+        search_space={"method_args.oft_block_size": {"type": "categorical", "choices": [16, 32]}},
+    ),
+    "boft": Tuner(
+        "BOFTConfig",
+        "BOFT",
+        "Liu et al., ICLR 2024",
+        ("boft_",),
+        {"boft_block_size": 4, "boft_n_butterfly_factor": 1, "boft_dropout": 0.0},
+        # 4 and 8 divide every width of ViTs and of EfficientNet/ResNet 1x1 convs (24, 40, 112...)
+        search_space={"method_args.boft_block_size": {"type": "categorical", "choices": [4, 8]}},
+    ),
+    "ia3": Tuner("IA3Config", "(IA)³", "Liu et al., NeurIPS 2022", ("ia3_",), {}, targets=("attn.qkv", "mlp.fc2")),
+    "vera": Tuner(
+        "VeraConfig",
+        "VeRA",
+        "Kopiczko et al., ICLR 2024",
+        ("vera_",),
+        {"r": 256, "vera_dropout": 0.0, "d_initial": 0.1},
+        families=("vit",),
+        search_space={"method_args.r": {"type": "categorical", "choices": [64, 256, 1024]}},
+    ),
+    "fourierft": Tuner(
+        "FourierFTConfig",
+        "FourierFT",
+        "Gao et al., ICML 2024",
+        ("fourierft_",),
+        {"n_frequency": 1000, "scaling": 150.0},
+        families=("vit",),
+        search_space={"method_args.n_frequency": {"type": "categorical", "choices": [500, 1000, 3000]}},
+    ),
 }
 #: what the generic ``peft`` method owns: the prefixes of the tuners above and of HRA (Householder
 #: reflections), a tuner not named here; peft types whose prefix is not listed are refused by name
@@ -101,10 +146,14 @@ def options_class(name: str, tuner: Tuner | None) -> type:
     ]
     camel = "".join(part.title() for part in name.split("_"))
     cls = dataclasses.make_dataclass(f"{camel}Options", knobs + shared)
-    cls.__doc__ = (f"{tuner.display} ({tuner.paper}) through peft's {tuner.peft_config}: the knobs are peft's fields. "
-                   if tuner else "Any peft tuner: method_args.peft_config is its whole config (peft_type + fields). ") + (
+    cls.__doc__ = (
+        f"{tuner.display} ({tuner.paper}) through peft's {tuner.peft_config}: the knobs are peft's fields. "
+        if tuner
+        else "Any peft tuner: method_args.peft_config is its whole config (peft_type + fields). "
+    ) + (
         "targets: ViT linear layers of each block; blocks: the adapted blocks (empty = all); merge: test with "
-        "the tuner merged into the weights; peft_config: further fields of the peft config.")
+        "the tuner merged into the weights; peft_config: further fields of the peft config."
+    )
     return cls
 
 
@@ -117,7 +166,8 @@ class PeftTunedModel(DMLModel):
             # rank dropouts itself; only then does it train (its draw is a CPU op, not a device sync)
             for module in self.backbone.modules():
                 if _is_tuner_layer(module) and any(
-                        p > 0 for key in ("module_dropout", "rank_dropout") for p in getattr(module, key, {}).values()):
+                    p > 0 for key in ("module_dropout", "rank_dropout") for p in getattr(module, key, {}).values()
+                ):
                     module.training = True
         return self
 
@@ -140,8 +190,16 @@ def target_paths(ctx: BuildContext, targets: list, blocks: list) -> list[str]:
     """Paths of the adapted layers in the backbone."""
     backbone = ctx.backbone.model
     if ctx.backbone.family == "vit":
-        return list(block_targets(backbone, blocks, targets, key_blocks="method_args.blocks",
-                                  key_names="method_args.targets", types=(nn.Linear,)))
+        return list(
+            block_targets(
+                backbone,
+                blocks,
+                targets,
+                key_blocks="method_args.blocks",
+                key_names="method_args.targets",
+                types=(nn.Linear,),
+            )
+        )
     paths = list(pointwise_convs(backbone))
     if not paths:
         raise UserError(f"no 1x1 convolutions to tune in {type(backbone).__name__}; valid: timm ViTs and CNNs")
@@ -165,8 +223,10 @@ def peft_config_for(ctx: BuildContext, name: str, options: Any) -> Any:
             valid = layer_tuners(ALL_PREFIXES)
             extra["peft_type"] = str(extra.get("peft_type", "")).upper()
             if extra["peft_type"] not in valid:
-                raise UserError(f"bad peft_type {extra.get('peft_type')!r} in method_args.peft_config of method 'peft'; "
-                                f"valid: {', '.join(valid)}")
+                raise UserError(
+                    f"bad peft_type {extra.get('peft_type')!r} in method_args.peft_config of method 'peft'; "
+                    f"valid: {', '.join(valid)}"
+                )
             return peft.get_peft_config({"target_modules": full_match(paths), **extra})
         values = {k: getattr(options, k) for k in tuner.knobs}
         if name == "ia3":  # feed-forward layers: their input is scaled, not their output
@@ -180,8 +240,11 @@ def layer_tuners(prefixes: tuple[str, ...]) -> list[str]:
     """peft types that inject layers and name their parameters with one of ``prefixes``."""
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-    return sorted(str(t.value) for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items()  # AdaLoRA needs a per-step
-                  if p.startswith(prefixes) and t in PEFT_TYPE_TO_TUNER_MAPPING and t.value != "ADALORA")  # hook
+    return sorted(
+        str(t.value)
+        for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items()  # AdaLoRA needs a per-step
+        if p.startswith(prefixes) and t in PEFT_TYPE_TO_TUNER_MAPPING and t.value != "ADALORA"
+    )  # hook
 
 
 def build_tuned(ctx: BuildContext, name: str, options: Any) -> DMLModel:
@@ -190,11 +253,15 @@ def build_tuned(ctx: BuildContext, name: str, options: Any) -> DMLModel:
     backbone = ctx.backbone.model
     freeze(backbone)
     config = peft_config_for(ctx, name, options)
-    tuner_cls, prefix = PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type), PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type)
+    tuner_cls, prefix = (
+        PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type),
+        PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type),
+    )
     owned = TUNERS[name].prefixes if name in TUNERS else ALL_PREFIXES
     if tuner_cls is None or not (prefix or "").startswith(owned):
-        raise UserError(f"bad peft_type '{config.peft_type.value}' for method '{name}'; valid: "
-                        + ", ".join(layer_tuners(owned)))
+        raise UserError(
+            f"bad peft_type '{config.peft_type.value}' for method '{name}'; valid: " + ", ".join(layer_tuners(owned))
+        )
     ext_log = logging.getLogger("torch.utils.cpp_extension")
     level = ext_log.level
     ext_log.setLevel(logging.ERROR)  # BOFT tries to build a CUDA extension and says so, twice
@@ -222,12 +289,19 @@ def _register(name: str, tuner: Tuner | None) -> None:
     def builder(ctx: BuildContext, cfg: Any) -> DMLModel:
         return build_tuned(ctx, name, cfg)
 
-    builder.__doc__ = (f"{tuner.display} ({tuner.paper}) from Hugging Face peft on the frozen backbone"
-                       if tuner else "any Hugging Face peft tuner, given as method_args.peft_config")
-    register_method(name, display=tuner.display if tuner else "peft", config=options,
-                    prefixes=tuner.prefixes if tuner else ALL_PREFIXES,
-                    families=tuner.families if tuner else ("vit", "cnn"),
-                    search_space=tuner.search_space if tuner else None)(builder)
+    builder.__doc__ = (
+        f"{tuner.display} ({tuner.paper}) from Hugging Face peft on the frozen backbone"
+        if tuner
+        else "any Hugging Face peft tuner, given as method_args.peft_config"
+    )
+    register_method(
+        name,
+        display=tuner.display if tuner else "peft",
+        config=options,
+        prefixes=tuner.prefixes if tuner else ALL_PREFIXES,
+        families=tuner.families if tuner else ("vit", "cnn"),
+        search_space=tuner.search_space if tuner else None,
+    )(builder)
 
 
 for _name, _tuner in TUNERS.items():

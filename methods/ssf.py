@@ -15,6 +15,7 @@ Parameter arithmetic (ViT, width D): per block D + 3D + D + D + 4D + D = 11D cha
 the patch embedding and D for the final norm, two parameters per channel: 2 (11 L + 2) D.
 ViT-B/16 (D = 768, L = 12): 205,824, the paper's 0.21M; ViT-S/16 (D = 384): 102,912.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -105,8 +106,16 @@ def ssf_targets(model: nn.Module, family: str, cfg: SSFConfig) -> dict[str, nn.M
     targets: dict[str, nn.Module] = {}
     if cfg.outer:
         targets["patch_embed.proj"] = model.get_submodule("patch_embed.proj")
-    targets.update(block_targets(model, cfg.blocks, cfg.targets, key_blocks="method_args.blocks",
-                                 key_names="method_args.targets", types=(nn.Linear, nn.LayerNorm)))
+    targets.update(
+        block_targets(
+            model,
+            cfg.blocks,
+            cfg.targets,
+            key_blocks="method_args.blocks",
+            key_names="method_args.targets",
+            types=(nn.Linear, nn.LayerNorm),
+        )
+    )
     final = next((n for n in ("norm", "fc_norm") if isinstance(getattr(model, n, None), nn.LayerNorm)), None)
     if cfg.outer and final:
         targets[final] = model.get_submodule(final)

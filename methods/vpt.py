@@ -13,6 +13,7 @@ around the image. The image is *padded* (it grows from S to S + 2p) rather than 
 padding is what the reference code does, it keeps every input pixel, and a global-pooling CNN
 accepts the larger input.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -139,19 +140,30 @@ def build_vpt(ctx: BuildContext, cfg: VPTShallowConfig, depth: int, block_step: 
 _SEARCH = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}
 
 
-@register_method("vpt_shallow", display="VPT-Shallow", config=VPTShallowConfig, prefixes=(PREFIX,), search_space=_SEARCH,
-                 presets=vptspg_recipes.presets("vpt_shallow"))
+@register_method(
+    "vpt_shallow",
+    display="VPT-Shallow",
+    config=VPTShallowConfig,
+    prefixes=(PREFIX,),
+    search_space=_SEARCH,
+    presets=vptspg_recipes.presets("vpt_shallow"),
+)
 def vpt_shallow(ctx: BuildContext, cfg: VPTShallowConfig) -> DMLModel:
     """VPT-shallow: one set of prompt tokens before the first block (CNN: learnable padding frame)."""
     return build_vpt(ctx, cfg, depth=1, block_step=0, method="vpt_shallow")
 
 
-@register_method("vpt_deep", display="VPT-Deep", config=VPTDeepConfig, prefixes=(PREFIX,), search_space=_SEARCH,
-                 presets=vptspg_recipes.presets("vpt_deep"))
+@register_method(
+    "vpt_deep",
+    display="VPT-Deep",
+    config=VPTDeepConfig,
+    prefixes=(PREFIX,),
+    search_space=_SEARCH,
+    presets=vptspg_recipes.presets("vpt_deep"),
+)
 def vpt_deep(ctx: BuildContext, cfg: VPTDeepConfig) -> DMLModel:
     """VPT-deep: fresh prompt tokens for each of the first ``depth`` blocks (CNN: learnable padding frame)."""
     depth = 0
     if ctx.backbone.family == "vit":
         depth = resolve_depth(cfg.depth, check_plain_vit(ctx.backbone.model, "vpt_deep"), "depth")
     return build_vpt(ctx, cfg, depth=depth, block_step=cfg.block_step, method="vpt_deep")
-

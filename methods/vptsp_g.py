@@ -32,6 +32,7 @@ samples each, in which order) is computed on the host from the labels the sample
 direct ``training_loss`` call, outside the loop), the grouping is computed on the device, which
 costs two host syncs (``torch.unique`` and the largest count).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -181,7 +182,9 @@ class VPTSPGModel(PromptedViT):
         self.proxy_head = proxy_head
         self.proxy_integrator = integrator
         self.proxy_bias = nn.Parameter(nn.init.xavier_uniform_(torch.empty(num_classes, dim)) / 8.0)
-        self.register_buffer("proxy_container", F.normalize(nn.init.xavier_uniform_(torch.empty(num_classes, dim)), dim=1))
+        self.register_buffer(
+            "proxy_container", F.normalize(nn.init.xavier_uniform_(torch.empty(num_classes, dim)), dim=1)
+        )
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._grouping: Grouping | None = None  # the batch's, from before_step
         if not self.memory_bank:
@@ -211,8 +214,10 @@ class VPTSPGModel(PromptedViT):
         if g is not None:
             return g
         if self.memory_bank:
-            raise RuntimeError("memory bank: call before_step(optimizer, host labels) before training_loss "
-                               "(the training loop does), so the batch's rows are loaded")
+            raise RuntimeError(
+                "memory bank: call before_step(optimizer, host labels) before training_loss "
+                "(the training loop does), so the batch's rows are loaded"
+            )
         return device_grouping(labels)
 
     def class_layer_prompts(self, labels: torch.Tensor, g: Grouping) -> list[torch.Tensor]:
@@ -313,8 +318,9 @@ class VPTSPGModel(PromptedViT):
             state = dict(state)
             keys = [f"proxy_class_prompts.{i}" for i in range(len(self._bank.values))]
             if any(k in state for k in keys):
-                self._bank.replace(values=[state.pop(k) if k in state else v.clone()
-                                           for k, v in zip(keys, self._bank.synced().values)])
+                self._bank.replace(
+                    values=[state.pop(k) if k in state else v.clone() for k, v in zip(keys, self._bank.synced().values)]
+                )
         super().load_trainable_state_dict(state)
 
 
@@ -344,15 +350,23 @@ def build_vptsp(ctx: BuildContext, cfg: VPTSPGConfig, integration: str, method: 
     head, proxy_head = ctx.head(), ctx.head()
     dim = head.out_dim
     loss = ctx.cfg.loss  # loss.positive_average: one key for every Proxy Anchor method
-    criterion = ProxyAnchorLoss(ctx.num_classes, dim, alpha=loss.alpha, margin=loss.margin,
-                                positive_average=loss.positive_average)
+    criterion = ProxyAnchorLoss(
+        ctx.num_classes, dim, alpha=loss.alpha, margin=loss.margin, positive_average=loss.positive_average
+    )
     criterion.register_parameter("proxies", None)  # VPTSP-G passes its own proxies every step
     integrator = GRUIntegrator(dim, cfg.rnn_dropout) if integration == "gru" else None
     data = ctx.cfg.data
     slot_rows = data.batch_size // data.samples_per_class if data.samples_per_class else data.batch_size
     return VPTSPGModel(
-        ctx.backbone, head, criterion, prompts=prompts, class_prompts=class_prompts, proxy_head=proxy_head,
-        integrator=integrator, cfg=cfg, slot_rows=slot_rows,
+        ctx.backbone,
+        head,
+        criterion,
+        prompts=prompts,
+        class_prompts=class_prompts,
+        proxy_head=proxy_head,
+        integrator=integrator,
+        cfg=cfg,
+        slot_rows=slot_rows,
     )
 
 
@@ -362,17 +376,31 @@ _SEARCH = {
     "method_args.proxy_bias_ratio": {"type": "float", "low": 0.1, "high": 0.9},
 }
 #: shared prompts (inference path) and the proxy path (training only); biases train (BitFit)
-_DECLARED = {"families": ("vit",), "prefixes": ("prompt_", "proxy_"), "training_only": ("proxy_",),
-             "backbone": "biases", "search_space": _SEARCH, "defaults": {"loss.name": "proxy_anchor"}}
+_DECLARED = {
+    "families": ("vit",),
+    "prefixes": ("prompt_", "proxy_"),
+    "training_only": ("proxy_",),
+    "backbone": "biases",
+    "search_space": _SEARCH,
+    "defaults": {"loss.name": "proxy_anchor"},
+}
 
 
-@register_method("vptsp_g", display="VPTSP-G", config=VPTSPGConfig, presets=vptspg_recipes.presets("vptsp_g"), **_DECLARED)
+@register_method(
+    "vptsp_g", display="VPTSP-G", config=VPTSPGConfig, presets=vptspg_recipes.presets("vptsp_g"), **_DECLARED
+)
 def vptsp_g(ctx: BuildContext, cfg: VPTSPGConfig) -> DMLModel:
     """VPTSP-G: shared prompts + semantic proxies from class prompts, integrated by a GRU."""
     return build_vptsp(ctx, cfg, "gru", "vptsp_g")
 
 
-@register_method("vptsp_ema", display="VPTSP-G (EMA)", config=VPTSPEMAConfig, presets=vptspg_recipes.presets("vptsp_ema"), **_DECLARED)
+@register_method(
+    "vptsp_ema",
+    display="VPTSP-G (EMA)",
+    config=VPTSPEMAConfig,
+    presets=vptspg_recipes.presets("vptsp_ema"),
+    **_DECLARED,
+)
 def vptsp_ema(ctx: BuildContext, cfg: VPTSPEMAConfig) -> DMLModel:
     """VPTSP-G with the paper's EMA integration of the semantic proxies instead of the GRU."""
     return build_vptsp(ctx, cfg, "ema", "vptsp_ema")

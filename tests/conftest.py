@@ -1,4 +1,5 @@
 """Shared fixtures: tiny, fast runs on the real Fashion-MNIST and random-init backbones."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,6 +1,7 @@
 """The structure shows the architecture: sub-packages in layers that import only downwards (function-
 level imports included), no two sub-packages that import each other, methods built from one public
 API, and short modules, so the next contributor reads one job per file."""
+
 from __future__ import annotations
 
 import ast
@@ -49,8 +50,10 @@ def imported(path: Path) -> list[tuple[str, int]]:
         if isinstance(node, ast.Import):
             found += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found += [(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module, node.lineno)
-                      for a in node.names]
+            found += [
+                (f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module, node.lineno)
+                for a in node.names
+            ]
     return found
 
 
@@ -67,8 +70,12 @@ def layer_of(module: str) -> int:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{m} (layer {LAYERS[layer_of(m)]}) imports {t} (layer {LAYERS[layer_of(t)]})"
-                  for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
+    return sorted(
+        f"{m} (layer {LAYERS[layer_of(m)]}) imports {t} (layer {LAYERS[layer_of(t)]})"
+        for m, targets in graph.items()
+        for t in targets
+        if layer_of(t) > layer_of(m)
+    )
 
 
 def two_way_pairs(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
@@ -85,7 +92,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = 2
@@ -112,10 +119,14 @@ def test_no_two_sub_packages_import_each_other_and_no_cycles():
 
 def test_the_checks_find_what_they_look_for():
     """Planted: an upward import, a two-way pair, a cycle."""
-    planted = {"harness.data.specs": {"harness.training.loop"}, "harness.training.loop": {"harness.data.specs"},
-               "harness.config.schema": set()}
-    assert upward_imports(planted) == ["harness.data.specs (layer harness.data) imports harness.training.loop "
-                                       "(layer harness.training)"]
+    planted = {
+        "harness.data.specs": {"harness.training.loop"},
+        "harness.training.loop": {"harness.data.specs"},
+        "harness.config.schema": set(),
+    }
+    assert upward_imports(planted) == [
+        "harness.data.specs (layer harness.data) imports harness.training.loop (layer harness.training)"
+    ]
     assert two_way_pairs(planted) == [("harness.data", "harness.training")]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
@@ -132,8 +143,13 @@ def test_methods_import_only_the_public_method_api():
             if name.startswith("harness.models."):
                 bad.append(f"methods/{path.name}:{line} imports {name}: use harness.models")
     assert bad == []
-    used = {a.name for path in (REPO / "methods").glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.ImportFrom) and node.module == "harness.models" for a in node.names}
+    used = {
+        a.name
+        for path in (REPO / "methods").glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "harness.models"
+        for a in node.names
+    }
     assert used <= set(harness.models.__all__), used - set(harness.models.__all__)
 
 
@@ -142,8 +158,14 @@ def test_methods_are_imported_explicitly_one_by_one():
     layer test sees the registry's contents coming from below."""
     init = (REPO / "methods" / "__init__.py").read_text()
     files = sorted(p.stem for p in (REPO / "methods").glob("*.py") if not p.stem.startswith("_"))
-    listed = sorted({a.name for node in ast.walk(ast.parse(init)) if isinstance(node, ast.ImportFrom)
-                     and node.module == "methods" for a in node.names})
+    listed = sorted(
+        {
+            a.name
+            for node in ast.walk(ast.parse(init))
+            if isinstance(node, ast.ImportFrom) and node.module == "methods"
+            for a in node.names
+        }
+    )
     assert listed == files
     assert "importlib" not in (REPO / "harness" / "models" / "registry.py").read_text()
 
@@ -153,9 +175,14 @@ def test_harness_is_sub_packages_with_short_modules():
     assert top == ["__init__.py", "cli.py", "errors.py"], top
     subs = {p.name for p in (REPO / "harness").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert {f"harness.{s}" for s in subs} == {layer for layer in LAYERS if layer.count(".") == 1} - {
-        "harness.errors", "harness.cli"}
+        "harness.errors",
+        "harness.cli",
+    }
     for sub in subs:  # each package says what it holds and what it stands on
         assert ast.get_docstring(ast.parse((REPO / "harness" / sub / "__init__.py").read_text())), sub
-    long = {str(p.relative_to(REPO)): n for p in modules().values()
-            if (n := len(p.read_text().splitlines())) > (400 if p.parts[-2] != "methods" else 450)}
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in modules().values()
+        if (n := len(p.read_text().splitlines())) > (400 if p.parts[-2] != "methods" else 450)
+    }
     assert not long, long

@@ -1,4 +1,5 @@
 """Backbones: embedded weights (strict key map), local files, clear errors offline."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """The benchmark, the prepared GPU script's training stages at toy sizes on CPU, study plans and
 device placement (the GPU window's own behaviour: tests/test_gpu_window.py)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,17 @@ from harness.studies.plan import EVAL_COST, plan
 from harness.studies.placement import parse_devices
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"read", "decode", "augment", "to_float_normalise", "collate_transfer", "host_to_device", "step",
-          "evaluation", "logging"}
+STAGES = {
+    "read",
+    "decode",
+    "augment",
+    "to_float_normalise",
+    "collate_transfer",
+    "host_to_device",
+    "step",
+    "evaluation",
+    "logging",
+}
 
 
 def test_gpu_window_trains_decodes_and_shares_a_device_at_tiny_sizes(tmp_path):
@@ -29,9 +39,22 @@ def test_gpu_window_trains_decodes_and_shares_a_device_at_tiny_sizes(tmp_path):
 
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(out), "--tiny", "--stages",
-                           "e2e,sop,concurrency,decode", "--workdir", str(work)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "benchmarks" / "gpu.sh"),
+            str(out),
+            "--tiny",
+            "--stages",
+            "e2e,sop,concurrency,decode",
+            "--workdir",
+            str(work),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = read(out)
     assert [r["status"] for r in records if r.get("kind") == "stage"] == ["ok"] * 4
@@ -42,8 +65,9 @@ def test_gpu_window_trains_decodes_and_shares_a_device_at_tiny_sizes(tmp_path):
         assert set(r["stages"]) == STAGES - {"step", "evaluation", "logging"} and r["pipeline_img_s"] > 0
         assert r["decoder"] == "cpu"  # no CUDA: the device pipeline decodes on the CPU, and says so
     trained = {(r["method"], r["pipeline"]): r for r in e2e if not r["method"].startswith("data path")}
-    assert set(trained) == {(m, p) for m in ("full_finetune", "bitfit", "vptsp_g (memory bank)")
-                            for p in ("cpu", "device")}
+    assert set(trained) == {
+        (m, p) for m in ("full_finetune", "bitfit", "vptsp_g (memory bank)") for p in ("cpu", "device")
+    }
     for r in trained.values():
         assert r["status"] == "ok" and r["data_img_s"] > 0 and 0 < r["eval_share"] < 1 and r["decoder"] == "cpu", r
     (sop,) = [r for r in records if r["stage"] == "sop" and r["method"] == "bitfit"]
@@ -71,17 +95,22 @@ def test_gpu_window_trains_decodes_and_shares_a_device_at_tiny_sizes(tmp_path):
     assert all(t.user_attrs["dmlbench.train_images"] > 0 for t in trials)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["benchmark", "--methods", "bitfitt"], "unknown method 'bitfitt'"),
-    (["benchmark", "--pipelines", "gpu"], "bad pipeline 'gpu' for --pipelines; valid: auto, cpu, device, legacy"),
-    (["benchmark", "--folder-size", "500"], "bad value '500' for --folder-size"),
-    (["benchmark", "--end-to-end", "--folder", "cubb"], "bad value 'cubb' for --folder"),
-    (["benchmark", "--concurrent", "0"], "bad value [0] for --concurrent"),
-    (["study", "plan", "studies/peft_vit_s.yaml", "--img-s", "0"], "bad value 0.0 for --img-s"),
-    (["study", "run", "studies/demo.yaml", "--devices", "gpu0"], "bad value 'gpu0' for --devices"),
-    (["study", "run", "studies/demo.yaml", "--devices", "cpu", "--workers-per-device", "0"],
-     "bad value 0 for --workers-per-device"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["benchmark", "--methods", "bitfitt"], "unknown method 'bitfitt'"),
+        (["benchmark", "--pipelines", "gpu"], "bad pipeline 'gpu' for --pipelines; valid: auto, cpu, device, legacy"),
+        (["benchmark", "--folder-size", "500"], "bad value '500' for --folder-size"),
+        (["benchmark", "--end-to-end", "--folder", "cubb"], "bad value 'cubb' for --folder"),
+        (["benchmark", "--concurrent", "0"], "bad value [0] for --concurrent"),
+        (["study", "plan", "studies/peft_vit_s.yaml", "--img-s", "0"], "bad value 0.0 for --img-s"),
+        (["study", "run", "studies/demo.yaml", "--devices", "gpu0"], "bad value 'gpu0' for --devices"),
+        (
+            ["study", "run", "studies/demo.yaml", "--devices", "cpu", "--workers-per-device", "0"],
+            "bad value 0 for --workers-per-device",
+        ),
+    ],
+)
 def test_bad_benchmark_and_study_options_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
@@ -112,11 +141,14 @@ def test_study_plan_counts_what_the_budget_trains(tmp_path):
     trials, epochs, seeds = 12, 40, 3
     assert cub["trained_images"] == (trials + seeds) * epochs * (5864 - val)
     assert cub["evaluated_images"] == trials * epochs * val + seeds * (epochs * val + 5924)
-    assert cub["gpu_hours"] == pytest.approx((cub["trained_images"] + EVAL_COST * cub["evaluated_images"]) / 1000 / 3600,
-                                             abs=0.01)
+    assert cub["gpu_hours"] == pytest.approx(
+        (cub["trained_images"] + EVAL_COST * cub["evaluated_images"]) / 1000 / 3600, abs=0.01
+    )
     records = tmp_path / "bench.json"
     records.write_text(json.dumps([{"method": "bitfit", "img_s": 4000.0, "data_img_s": 2000.0}]))
-    by_bench = {(r["dataset"], r["entry"]): r for r in plan(REPO / "studies" / "peft_vit_s.yaml", benchmark=str(records))}
+    by_bench = {
+        (r["dataset"], r["entry"]): r for r in plan(REPO / "studies" / "peft_vit_s.yaml", benchmark=str(records))
+    }
     assert by_bench[("cub200", "bitfit")]["img_s"] == 2000.0  # end to end, not the model step alone
     assert by_bench[("cub200", "adapter")]["gpu_hours"] is None
     demo = plan(REPO / "studies" / "demo.yaml", img_s=100)  # the embedded data is on disk: its own carving

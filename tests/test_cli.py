@@ -1,4 +1,5 @@
 """CLI: bad input is one line on stderr with exit code 2 and leaves nothing behind."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,20 @@ from test_data import make_cub
 
 from harness.cli import main
 
-TINY = ["--set", "data.max_per_class=16", "--set", "data.image_size=32", "--set", "data.resize_size=32",
-        "--set", "model.pretrained=false", "--set", "optim.epochs=1", "--set", "model.embed_dim=16"]
+TINY = [
+    "--set",
+    "data.max_per_class=16",
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.resize_size=32",
+    "--set",
+    "model.pretrained=false",
+    "--set",
+    "optim.epochs=1",
+    "--set",
+    "model.embed_dim=16",
+]
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -85,8 +98,19 @@ def test_train_on_cub_layout_and_check_json(capsys, tmp_path, tracking_uri):
     assert report["train"] == {"images": 160, "classes": 80}
     assert report["val"] == {"images": 40, "classes": 20}
     assert report["test"] == {"images": 200, "classes": 100}
-    code, out, _ = cli(capsys, "train", "--method", "bitfit", "--dataset", "cub200",
-                       "--set", f"data.root={tmp_path / 'cub'}", "--set", "data.batch_size=8", *TINY)
+    code, out, _ = cli(
+        capsys,
+        "train",
+        "--method",
+        "bitfit",
+        "--dataset",
+        "cub200",
+        "--set",
+        f"data.root={tmp_path / 'cub'}",
+        "--set",
+        "data.batch_size=8",
+        *TINY,
+    )
     assert code == 0 and "test/recall_at_1" in out
     assert n_runs(tracking_uri) == 1
 
@@ -129,8 +153,13 @@ def test_ui_serves_the_store_and_prints_the_runs_view_and_stops_every_process(tr
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--timeout", "120"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--timeout", "120"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = ""
         while "MLflow UI for" not in line and proc.poll() is None:

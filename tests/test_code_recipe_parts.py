@@ -1,5 +1,6 @@
 """The released codes' training parts: fast-reid's IBN-a ResNet-50 (last stride 1), fp16 with a
 GradScaler, and bias weight decay; and the FRPT ``code`` recipe that uses them."""
+
 from __future__ import annotations
 
 import copy
@@ -132,8 +133,17 @@ class _Plain:
 
 
 def _step(net, opt, x, y, clip, scaler) -> None:
-    train_step(_Plain(net), opt, x, y, y.numpy(), amp=nullcontext, scaler=scaler, grad_clip=clip,
-               trainable=list(net.parameters()))
+    train_step(
+        _Plain(net),
+        opt,
+        x,
+        y,
+        y.numpy(),
+        amp=nullcontext,
+        scaler=scaler,
+        grad_clip=clip,
+        trainable=list(net.parameters()),
+    )
 
 
 def _tiny_problem(seed: int = 0):
@@ -151,30 +161,39 @@ def test_the_scaled_step_equals_the_plain_step_when_gradients_are_finite(clip):
     plain, x, y = _tiny_problem()
     scaled = copy.deepcopy(plain)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, scaled)]
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2)
     disabled = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(5):
         for model, opt, sc in ((plain, opts[0], disabled), (scaled, opts[1], scaler)):
             _step(model, opt, x, y, clip, sc)
     for a, b in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert scaler.get_scale() == 2.0 ** 18  # grew twice after 2 + 2 finite steps
+    assert scaler.get_scale() == 2.0**18  # grew twice after 2 + 2 finite steps
 
 
 def test_an_overflowing_step_is_skipped_and_the_scale_backs_off():
     net, x, y = _tiny_problem()
     before = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
 
     class Overflowing(_Plain):
         def training_loss(self, x, y):
             return nn.functional.cross_entropy(self.net(x), y) * float("inf"), {}
 
-    train_step(Overflowing(net), opt, x, y, y.numpy(), amp=nullcontext, scaler=scaler,
-               grad_clip=1.0, trainable=list(net.parameters()))
+    train_step(
+        Overflowing(net),
+        opt,
+        x,
+        y,
+        y.numpy(),
+        amp=nullcontext,
+        scaler=scaler,
+        grad_clip=1.0,
+        trainable=list(net.parameters()),
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert scaler.get_scale() == 2.0 ** 15
+    assert scaler.get_scale() == 2.0**15
 
 
 def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_overrides, tmp_path, monkeypatch):
@@ -188,12 +207,12 @@ def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_override
     made = []
 
     def cpu_scaler(device, amp):
-        made.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
+        made.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1))
         return made[-1] if amp == "fp16" else torch.amp.GradScaler("cpu", enabled=False)
 
     monkeypatch.setattr(preparing, "grad_scaler_for", cpu_scaler)
     scaled = loop.train(resolve(overrides=base))
-    assert made and made[0].get_scale() > 2.0 ** 10  # it stepped through the scaler
+    assert made and made[0].get_scale() > 2.0**10  # it stepped through the scaler
     for key in ("test/recall_at_1", "test/map_at_r"):
         assert scaled.metrics[key] == pytest.approx(plain.metrics[key], abs=1e-6)
 
@@ -202,8 +221,9 @@ def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_override
 
 
 def test_bias_weight_decay_gets_its_own_groups_and_covers_every_parameter_once(tiny_overrides):
-    cfg = resolve(overrides={**tiny_overrides, "method": "bitfit", "optim.weight_decay": 5e-4,
-                             "optim.weight_decay_bias": 0.0})
+    cfg = resolve(
+        overrides={**tiny_overrides, "method": "bitfit", "optim.weight_decay": 5e-4, "optim.weight_decay_bias": 0.0}
+    )
     model = build_model(cfg, 4)
     opt = make_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -232,10 +252,18 @@ def test_the_frpt_code_recipe_is_fast_reids_backbone_precision_and_decay():
 
 
 def test_frpt_code_variant_trains_on_ibn_a_with_last_stride_1(tiny_overrides):
-    cfg = resolve(method="frpt", preset="code", overrides={
-        **{k: v for k, v in tiny_overrides.items() if not k.startswith(("model.", "method"))},
-        "model.pretrained": False, "data.image_size": 64, "data.resize_size": 64, "data.batch_size": 8,
-        "data.samples_per_class": 2})
+    cfg = resolve(
+        method="frpt",
+        preset="code",
+        overrides={
+            **{k: v for k, v in tiny_overrides.items() if not k.startswith(("model.", "method"))},
+            "model.pretrained": False,
+            "data.image_size": 64,
+            "data.resize_size": 64,
+            "data.batch_size": 8,
+            "data.samples_per_class": 2,
+        },
+    )
     model = build_model(cfg, 4)
     assert model.backbone.layer4[0].conv2.stride == (1, 1)
     loss, _ = model.training_loss(torch.randn(8, 3, 64, 64), torch.arange(4).repeat(2))

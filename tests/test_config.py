@@ -1,4 +1,5 @@
 """Run config: YAML + overrides, typed values, one-line errors with the closest key."""
+
 from __future__ import annotations
 
 import pytest
@@ -61,7 +62,10 @@ def test_method_args_are_typed():
 
 def test_parse_overrides():
     assert parse_overrides(["optim.lr=1e-3", "eval.ks=[1,10]", "data.augment=none"]) == {
-        "optim.lr": 1e-3, "eval.ks": [1, 10], "data.augment": "none"}
+        "optim.lr": 1e-3,
+        "eval.ks": [1, 10],
+        "data.augment": "none",
+    }
     with pytest.raises(UserError, match="key=value"):
         parse_overrides(["optim.lr"])
 

@@ -1,4 +1,5 @@
 """Data layer tests on tiny fake layouts of every dataset (CPU, a few seconds)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,12 @@ def make_cub(root: Path, n_classes: int = 6, per_class: int = 3, images: bool = 
             boxes.append(f"{iid} {1.0 + j} 2.0 5.0 4.0")
             if images:
                 write_img(base / "images" / rel)
-    for name, rows in [("images.txt", imgs), ("image_class_labels.txt", labels),
-                       ("bounding_boxes.txt", boxes), ("classes.txt", classes)]:
+    for name, rows in [
+        ("images.txt", imgs),
+        ("image_class_labels.txt", labels),
+        ("bounding_boxes.txt", boxes),
+        ("classes.txt", classes),
+    ]:
         (base / name).write_text("\n".join(rows) + "\n")
     return base
 
@@ -121,8 +126,15 @@ def test_cub_class_folder_layout(tmp_path):
 def test_cars_devkit_and_folders(tmp_path):
     import scipy.io
 
-    dt = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"),
-          ("bbox_y2", "O"), ("class", "O"), ("test", "O")]
+    dt = [
+        ("relative_im_path", "O"),
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("test", "O"),
+    ]
     rows = [(f"car_ims/{i:06d}.jpg", 1 + i, 2, 30 + i, 40, 1 + i % 6, i % 2) for i in range(12)]
     ann = np.array(rows, dtype=dt)
     names = np.array([f"Car {c}" for c in range(1, 7)], dtype=object)
@@ -162,10 +174,12 @@ def test_sop(tmp_path):
     info = tmp_path / "Info_Files"
     info.mkdir()
     head = "image_id class_id super_class_id path\n"
-    (info / "Ebay_train.txt").write_text(head + "".join(
-        f"{i} {1 + i // 2} 1 bicycle_final/{i}.JPG\n" for i in range(1, 7)))
-    (info / "Ebay_test.txt").write_text(head + "".join(
-        f"{i} {10 + i // 3} 2 chair_final/{i}.JPG\n" for i in range(7, 13)))
+    (info / "Ebay_train.txt").write_text(
+        head + "".join(f"{i} {1 + i // 2} 1 bicycle_final/{i}.JPG\n" for i in range(1, 7))
+    )
+    (info / "Ebay_test.txt").write_text(
+        head + "".join(f"{i} {10 + i // 3} 2 chair_final/{i}.JPG\n" for i in range(7, 13))
+    )
     out = readers.read_sop(tmp_path, {})
     assert len(out["train"]) == 6 and out["train"].num_classes == 4
     assert len(out["test"]) == 6 and out["test"].num_classes == 3
@@ -174,14 +188,16 @@ def test_sop(tmp_path):
 
 
 def test_inshop_query_gallery_share_labels(tmp_path):
-    rows = [("img/MEN/a/id_00000001/01.jpg", "id_00000001", "train"),
-            ("img/MEN/a/id_00000001/02.jpg", "id_00000001", "train"),
-            ("img/MEN/b/id_00000002/01.jpg", "id_00000002", "train"),
-            ("img/WOMEN/c/id_00000007/01.jpg", "id_00000007", "query"),
-            ("img/WOMEN/d/id_00000009/01.jpg", "id_00000009", "query"),
-            ("img/WOMEN/c/id_00000007/02.jpg", "id_00000007", "gallery"),
-            ("img/WOMEN/d/id_00000009/02.jpg", "id_00000009", "gallery"),
-            ("img/WOMEN/e/id_00000011/02.jpg", "id_00000011", "gallery")]
+    rows = [
+        ("img/MEN/a/id_00000001/01.jpg", "id_00000001", "train"),
+        ("img/MEN/a/id_00000001/02.jpg", "id_00000001", "train"),
+        ("img/MEN/b/id_00000002/01.jpg", "id_00000002", "train"),
+        ("img/WOMEN/c/id_00000007/01.jpg", "id_00000007", "query"),
+        ("img/WOMEN/d/id_00000009/01.jpg", "id_00000009", "query"),
+        ("img/WOMEN/c/id_00000007/02.jpg", "id_00000007", "gallery"),
+        ("img/WOMEN/d/id_00000009/02.jpg", "id_00000009", "gallery"),
+        ("img/WOMEN/e/id_00000011/02.jpg", "id_00000011", "gallery"),
+    ]
     text = f"{len(rows)}\nimage_name item_id evaluation_status\n" + "".join(f"{a} {b} {c}\n" for a, b, c in rows)
     (tmp_path / "list_eval_partition.txt").write_text(text)
     out = readers.read_inshop(tmp_path, {})
@@ -195,7 +211,8 @@ def test_inshop_query_gallery_share_labels(tmp_path):
 
 def test_inaturalist_lists(tmp_path):
     (tmp_path / "Inaturalist_train_set1.txt").write_text(
-        "train_val2018/Plantae/7477/a.jpg\ntrain_val2018/Plantae/7477/b.jpg\ntrain_val2018/Aves/12/c.jpg\n")
+        "train_val2018/Plantae/7477/a.jpg\ntrain_val2018/Plantae/7477/b.jpg\ntrain_val2018/Aves/12/c.jpg\n"
+    )
     (tmp_path / "Inaturalist_test_set1.txt").write_text("train_val2018/Fungi/900/d.jpg\n")
     out = readers.read_inaturalist(tmp_path, data.get_spec("inaturalist").split)
     assert sorted(out["train"].class_names) == ["12", "7477"] and len(out["train"]) == 3
@@ -325,7 +342,7 @@ def test_class_balanced_sampler():
     assert len(batches) == len(s) == len(labels) // 8
     for b in batches:
         assert len(b) == 8
-        groups = [labels[b[i:i + 4]] for i in range(0, 8, 4)]
+        groups = [labels[b[i : i + 4]] for i in range(0, 8, 4)]
         assert all(len(set(g)) == 1 for g in groups)  # m consecutive same-class images
         assert groups[0][0] != groups[1][0]
     assert list(data.ClassBalancedBatchSampler(labels, 8, 4, seed=3)) == batches
@@ -351,7 +368,9 @@ def test_transforms_make_three_channel_uint8_normalised_on_the_device(augment):
             y = tf(x)
             assert y.shape == (3, 16, 16) and y.dtype == torch.uint8
     y = data.make_transform(cfg.data, False)(gray)
-    normalise = data.BatchTransform.from_config(cfg.data, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), False, geometry=False)
+    normalise = data.BatchTransform.from_config(
+        cfg.data, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), False, geometry=False
+    )
     z = normalise(y[None], np.random.default_rng(0))
     assert torch.allclose(z, torch.full_like(z, (100 / 255 - 0.5) / 0.25), atol=1e-5)
 
@@ -382,8 +401,12 @@ def test_image_cache_gives_the_same_crops_from_the_original_resolution(tmp_path)
     for i in range(6):  # textured images, so different crops give different pixels
         paths.append(str(tmp_path / f"img_{i}.jpg"))
         Image.fromarray(rng.integers(0, 255, (40 + i, 30, 3), dtype=np.uint8)).save(paths[-1])
-    table = data.ImageTable(labels=np.array([0, 0, 0, 1, 1, 1]), class_names=["a", "b"], paths=paths,
-                            boxes=np.array([[1, 2, 6, 7]] * len(paths), dtype=float))
+    table = data.ImageTable(
+        labels=np.array([0, 0, 0, 1, 1, 1]),
+        class_names=["a", "b"],
+        paths=paths,
+        boxes=np.array([[1, 2, 6, 7]] * len(paths), dtype=float),
+    )
     cfg = RunConfig()
     cfg.data.image_size, cfg.data.resize_size = 8, 10
     tf = data.make_transform(cfg.data, train=True)

@@ -1,6 +1,7 @@
 """The device data path on CPU tensors: per-sample draws with torchvision's distributions, its
 kernels' pixels, batched jitter equal to torchvision's per-image functions, determinism, and a
 tiny run that matches the CPU pipeline."""
+
 from __future__ import annotations
 
 import glob
@@ -43,8 +44,9 @@ def _same_distribution(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
     assert p > 1e-3, f"{what}: KS p={p:.2g}, ours mean {ours.mean():.3f} vs torchvision {theirs.mean():.3f}"
 
 
-@pytest.mark.parametrize("height,width,scale", [(375, 500, (0.08, 1.0)), (40, 500, (0.08, 1.0)),
-                                                (256, 256, (0.16, 1.0))])
+@pytest.mark.parametrize(
+    "height,width,scale", [(375, 500, (0.08, 1.0)), (40, 500, (0.08, 1.0)), (256, 256, (0.16, 1.0))]
+)
 def test_resized_crop_boxes_follow_torchvision(height, width, scale):
     """Per-sample RandomResizedCrop boxes have the distribution of torchvision's get_params,
     the centre-crop fallback of narrow images included (40x500 falls back often)."""
@@ -123,7 +125,9 @@ def test_crops_and_test_transform_give_the_cpu_pipelines_pixels(jpeg_folder):
 def test_normalisation_is_bit_identical_to_torchvision():
     batch = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    expected = torch.stack([TF.normalize(TF.to_dtype(b, torch.float32, scale=True), list(mean), list(std)) for b in batch])
+    expected = torch.stack(
+        [TF.normalize(TF.to_dtype(b, torch.float32, scale=True), list(mean), list(std)) for b in batch]
+    )
     assert torch.equal(A.normalize(batch, torch.tensor(mean), torch.tensor(std)), expected)
 
 
@@ -131,8 +135,9 @@ def test_normalisation_is_bit_identical_to_torchvision():
 def test_train_transforms_are_seeded_per_sample(augment, jpeg_folder):
     _, _, files = jpeg_folder
     images = Decoder(torch.device("cpu"))([as_encoded(open(f, "rb").read()) for f in files[:8]], files[:8])
-    bt = BatchTransform.from_config(_cfg(augment=augment, random_erasing=0.5).data, (0.5,) * 3, (0.5,) * 3,
-                                    torch.device("cpu"), True, True)
+    bt = BatchTransform.from_config(
+        _cfg(augment=augment, random_erasing=0.5).data, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), True, True
+    )
     a = bt(images, np.random.default_rng(7))
     b = bt(images, np.random.default_rng(7))
     c = bt(images, np.random.default_rng(8))
@@ -154,11 +159,25 @@ def test_tiny_run_matches_the_cpu_pipeline(tiny_overrides, jpeg_folder):
     for pipeline in ("cpu", "device"):
         r1 = []
         for seed in (0, 1):
-            cfg = resolve(method="bitfit", backbone="tf_efficientnet_lite0", overrides={
-                **tiny_overrides, "dataset": dataset, "data.root": str(root), "data.pipeline": pipeline,
-                "model.pretrained": True, "data.max_per_class": 0, "data.image_size": 64,
-                "data.resize_size": 73, "data.batch_size": 32, "data.samples_per_class": 4,
-                "data.val_fraction": 0.34, "seed": seed, "optim.epochs": 2})
+            cfg = resolve(
+                method="bitfit",
+                backbone="tf_efficientnet_lite0",
+                overrides={
+                    **tiny_overrides,
+                    "dataset": dataset,
+                    "data.root": str(root),
+                    "data.pipeline": pipeline,
+                    "model.pretrained": True,
+                    "data.max_per_class": 0,
+                    "data.image_size": 64,
+                    "data.resize_size": 73,
+                    "data.batch_size": 32,
+                    "data.samples_per_class": 4,
+                    "data.val_fraction": 0.34,
+                    "seed": seed,
+                    "optim.epochs": 2,
+                },
+            )
             r1.append(train(cfg).metrics["test/map_at_r"])
         results[pipeline] = np.array(r1)
     spread = max(results["cpu"].std(), results["device"].std(), 0.02)
@@ -175,9 +194,21 @@ def test_pixel_cache_fits_a_budget_and_is_reused_across_runs(jpeg_folder):
     from harness.data import loaders
 
     dataset, root, _ = jpeg_folder
-    cfg = resolve(method="bitfit", backbone="tf_efficientnet_lite0", dataset=dataset, overrides={
-        "data.root": str(root), "data.pipeline": "device", "data.image_size": 32, "data.resize_size": 37,
-        "data.batch_size": 16, "data.samples_per_class": 2, "data.num_workers": 0, "model.pretrained": False})
+    cfg = resolve(
+        method="bitfit",
+        backbone="tf_efficientnet_lite0",
+        dataset=dataset,
+        overrides={
+            "data.root": str(root),
+            "data.pipeline": "device",
+            "data.image_size": 32,
+            "data.resize_size": 37,
+            "data.batch_size": 16,
+            "data.samples_per_class": 2,
+            "data.num_workers": 0,
+            "model.pretrained": False,
+        },
+    )
     splits = splits_for(cfg)
     first = data.make_loaders(splits, cfg.data, cfg.seed, cfg.eval.batch_size, (0.5,) * 3, (0.5,) * 3, "cpu")
     assert all(b.pixels is not None for b in first.values())
@@ -209,12 +240,17 @@ def test_channels_last_and_compile_are_wired(tiny_overrides):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not run.optimizer.defaults.get("fused")
     plain = train(resolve(method="bitfit", backbone="resnet18", overrides=base))
-    compiled_cfg = resolve(method="bitfit", backbone="resnet18",
-                           overrides={**base, "optim.compile": "default", "optim.compile_backend": "aot_eager"})
+    compiled_cfg = resolve(
+        method="bitfit",
+        backbone="resnet18",
+        overrides={**base, "optim.compile": "default", "optim.compile_backend": "aot_eager"},
+    )
     run = prepare(compiled_cfg)
     assert hasattr(run.model.training_loss, "_torchdynamo_orig_callable")  # dynamo's wrapper
-    assert not hasattr(prepare(resolve(method="bitfit", backbone="resnet18", overrides=base)).model.training_loss,
-                       "_torchdynamo_orig_callable")
+    assert not hasattr(
+        prepare(resolve(method="bitfit", backbone="resnet18", overrides=base)).model.training_loss,
+        "_torchdynamo_orig_callable",
+    )
     compiled = train(compiled_cfg)
     for key in ("test/recall_at_1", "test/map_at_r"):
         assert compiled.metrics[key] == pytest.approx(plain.metrics[key], abs=1e-6)

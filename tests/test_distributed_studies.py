@@ -1,6 +1,7 @@
 """Studies across processes and machines: two ``study run`` processes on one storage finish the
 budget exactly, run every reproduction once, and leave nothing RUNNING; a killed reproduction is
 recovered. The PostgreSQL + ``mlflow server`` case uses real servers started here on loopback."""
+
 from __future__ import annotations
 
 import glob
@@ -34,14 +35,27 @@ def free_port() -> int:
 
 def write_spec(folder: Path, name: str, methods: tuple[str, ...] = ("linear_probe", "bitfit")) -> Path:
     spec = {
-        "name": name, "backbone": "tf_efficientnet_lite0", "datasets": ["fashion_mnist"],
-        "methods": list(methods), "objective": "val_map_at_r",
-        "overrides": {"data.max_per_class": 16, "data.image_size": 32, "data.resize_size": 32,
-                      "data.batch_size": 32, "data.samples_per_class": 8, "data.num_workers": 0,
-                      "model.pretrained": False, "model.embed_dim": 16, "optim.warmup_epochs": 0,
-                      "tracking.log_artifacts": False},
-        "budget": {"n_trials": 2, "epochs": 1}, "sampler": {"name": "random", "seed": 0},
-        "pruner": {"name": "none"}, "reproduce": {"seeds": SEEDS},
+        "name": name,
+        "backbone": "tf_efficientnet_lite0",
+        "datasets": ["fashion_mnist"],
+        "methods": list(methods),
+        "objective": "val_map_at_r",
+        "overrides": {
+            "data.max_per_class": 16,
+            "data.image_size": 32,
+            "data.resize_size": 32,
+            "data.batch_size": 32,
+            "data.samples_per_class": 8,
+            "data.num_workers": 0,
+            "model.pretrained": False,
+            "model.embed_dim": 16,
+            "optim.warmup_epochs": 0,
+            "tracking.log_artifacts": False,
+        },
+        "budget": {"n_trials": 2, "epochs": 1},
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "reproduce": {"seeds": SEEDS},
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -50,8 +64,10 @@ def write_spec(folder: Path, name: str, methods: tuple[str, ...] = ("linear_prob
 
 def run_two(spec: Path, env: dict, storage: str | None) -> None:
     cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(spec)] + (["--storage", storage] if storage else [])
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
 
@@ -76,8 +92,11 @@ def check_exactly_once(spec_path: Path, tracking_uri: str, storage: str) -> None
     client = mlflow.MlflowClient(tracking_uri)
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
-    repro = Counter((r.data.tags["dmlbench.entry"], r.data.tags["dmlbench.seed"]) for r in runs
-                    if r.data.tags.get("dmlbench.role") == "reproduction" and r.info.status == "FINISHED")
+    repro = Counter(
+        (r.data.tags["dmlbench.entry"], r.data.tags["dmlbench.seed"])
+        for r in runs
+        if r.data.tags.get("dmlbench.role") == "reproduction" and r.info.status == "FINISHED"
+    )
     assert set(repro.values()) == {1} and len(repro) == len(spec.units()) * len(SEEDS), repro
     parents = Counter(r.data.tags["dmlbench.entry"] for r in runs if r.data.tags.get("dmlbench.role") == "parent")
     assert set(parents.values()) == {1}, parents  # one parent per entry, whichever process made it
@@ -147,21 +166,31 @@ def postgres_url():
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres")
     data, port = folder / "data", free_port()
-    subprocess.run(as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-                   check=True, capture_output=True)
+    subprocess.run(
+        as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+        check=True,
+        capture_output=True,
+    )
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-    subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
-                                options, "start"]), check=True, capture_output=True)
+    subprocess.run(
+        as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"), "-o", options, "start"]),
+        check=True,
+        capture_output=True,
+    )
     try:
         for db in ("dmlbench", "mlflow"):  # Optuna's database and the MLflow server's
-            subprocess.run(as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                                        db]), check=True, capture_output=True)
+            subprocess.run(
+                as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db]),
+                check=True,
+                capture_output=True,
+            )
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/dmlbench"
         PG_DATA[url] = (data, options)
         yield url
     finally:
-        subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -171,9 +200,26 @@ def mlflow_server(tmp_path, postgres_url):
     a sqlite store behind a server serialises concurrent writers and can answer 'database is locked')."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--backend-store-uri", postgres_url.rsplit("/", 1)[0] + "/mlflow", "--artifacts-destination",
-         str(tmp_path / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--backend-store-uri",
+            postgres_url.rsplit("/", 1)[0] + "/mlflow",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -218,8 +264,12 @@ def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_
     client = mlflow.MlflowClient(tracking_uri)
 
     def trial_runs():
-        return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-                if r.data.tags.get("dmlbench.role") == "trial"]
+        return [
+            r
+            for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("dmlbench.role") == "trial"
+        ]
 
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -233,8 +283,9 @@ def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_
     assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600).returncode == 0
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     s = load_spec(path)
-    study = optuna.load_study(study_name=s.study_name(*s.units()[0][:1], s.units()[0][1]),
-                              storage=open_storage(storage_url(s)))
+    study = optuna.load_study(
+        study_name=s.study_name(*s.units()[0][:1], s.units()[0][1]), storage=open_storage(storage_url(s))
+    )
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE], states
     assert study.trials[1].user_attrs["mlflow_run_id"] == dead.info.run_id

@@ -1,6 +1,7 @@
 """The faults that long runs on shared machines meet, each reproduced for real: a second resume,
 damaged or moved checkpoints, unwritable and full disks, damaged and lost journals, failed seeds,
 trials finished by hand, specs that cannot run, stray class folders."""
+
 from __future__ import annotations
 
 import os
@@ -31,9 +32,14 @@ def all_runs(uri: str) -> list:
 
 def killed_run(tracking_uri: str, *extra: str) -> str:
     """A run SIGTERMed after its first epoch: KILLED, with a checkpoint to resume."""
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", tracking_uri,
-                             *extra], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", tracking_uri, *extra],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: training_runs(tracking_uri))
         proc.send_signal(signal.SIGTERM)
@@ -91,11 +97,20 @@ def mounts():
 def test_a_run_is_resumed_by_one_process_only(tracking_uri, capsys):
     """Two `train --resume` of one run: the second refuses in one line while the first trains."""
     run_id = killed_run(tracking_uri)
-    first = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", "--resume", run_id, "--tracking-uri",
-                              tracking_uri], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "train", "--resume", run_id, "--tracking-uri", tracking_uri],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for(lambda: training_runs(tracking_uri) and len(mlflow.MlflowClient(tracking_uri).get_metric_history(
-            run_id, "train/loss")) >= 2)
+        wait_for(
+            lambda: (
+                training_runs(tracking_uri)
+                and len(mlflow.MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")) >= 2
+            )
+        )
         assert main(["train", "--resume", run_id, "--tracking-uri", tracking_uri]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"run {run_id} is being trained by pid {first.pid}" in err
@@ -107,10 +122,12 @@ def test_a_run_is_resumed_by_one_process_only(tracking_uri, capsys):
 
 def test_resume_refuses_contradicting_options_and_applies_more_epochs(tracking_uri, capsys):
     run_id = killed_run(tracking_uri)
-    for argv, text in ((["--method", "bitfit"], "--method bitfit contradicts run"),
-                       (["--set", "optim.lr=0.5"], "--set optim.lr=0.5 contradicts run"),
-                       (["--set", "optim.epochs=1"], "has completed"),
-                       (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'")):
+    for argv, text in (
+        (["--method", "bitfit"], "--method bitfit contradicts run"),
+        (["--set", "optim.lr=0.5"], "--set optim.lr=0.5 contradicts run"),
+        (["--set", "optim.epochs=1"], "has completed"),
+        (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    ):
         assert main(["train", "--resume", run_id, "--tracking-uri", tracking_uri, *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and text in err, err
@@ -167,9 +184,24 @@ def test_a_full_disk_is_one_line_nothing_partial_and_a_resumable_run(tmp_path, t
     folder = mounted(tmp_path, "full", "size=2m")
     mounts.append(folder)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", tracking_uri,
-                             "--set", f"tracking.checkpoint_dir={folder}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "train",
+            *TRAIN,
+            "--tracking-uri",
+            tracking_uri,
+            "--set",
+            f"tracking.checkpoint_dir={folder}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: any(folder.glob("*.pt")))
         filler = fill(folder)
@@ -183,12 +215,18 @@ def test_a_full_disk_is_one_line_nothing_partial_and_a_resumable_run(tmp_path, t
     (run,) = all_runs(tracking_uri)
     # the last complete checkpoint and the run's claim file, no temporary or probe file
     assert sorted(p.name for p in folder.iterdir() if p.name != "filler") == [
-        f"{run.info.run_id}.lock", f"{run.info.run_id}.pt"]
+        f"{run.info.run_id}.lock",
+        f"{run.info.run_id}.pt",
+    ]
     assert run.info.status == "FAILED" and "No space left" in run.data.tags["dmlbench.error"]
     filler.unlink()
     done = len(mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/loss"))
-    assert main(["train", "--resume", run.info.run_id, "--tracking-uri", tracking_uri, "--set",
-                 f"optim.epochs={done + 1}"]) == 0
+    assert (
+        main(
+            ["train", "--resume", run.info.run_id, "--tracking-uri", tracking_uri, "--set", f"optim.epochs={done + 1}"]
+        )
+        == 0
+    )
     run = mlflow.MlflowClient(tracking_uri).get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and "dmlbench.error" not in run.data.tags
 
@@ -200,9 +238,14 @@ def test_a_full_disk_under_the_store_itself_is_one_line_and_resumable(tmp_path, 
     mounts.append(folder)
     shutil.copyfile(tracking_uri.removeprefix("sqlite:///"), folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", uri], cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", uri],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: training_runs(uri))
         filler = fill(folder)
@@ -226,8 +269,9 @@ def test_a_read_only_store_folder_stops_study_and_report_before_they_write(tmp_p
     mounts.append(folder)
     shutil.copyfile(tracking_uri.removeprefix("sqlite:///"), folder / "mlflow.db")  # an existing store...
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    path = write_spec(tmp_path, uri, name="ro", methods=["linear_probe"], budget={"n_trials": 1, "epochs": 1},
-                      reproduce={"seeds": []})
+    path = write_spec(
+        tmp_path, uri, name="ro", methods=["linear_probe"], budget={"n_trials": 1, "epochs": 1}, reproduce={"seeds": []}
+    )
     subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)  # ...on a disk now read-only
     assert main(["study", "run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -240,12 +284,17 @@ def test_a_read_only_store_folder_stops_study_and_report_before_they_write(tmp_p
 # ----------------------------------------------------------------------------- specs and data
 
 
-@pytest.mark.parametrize("change, text", [
-    ({"overrides": {"data.root": "/nonexistent/fashion"}}, "data folder /nonexistent/fashion does not exist"),
-    ({"methods": [{"method": "vptsp_g", "backbone": "resnet18", "overrides": {"model.backbone_kwargs": {}}}]},
-     "vptsp_g"),
-    ({"overrides": {"model.pretrained": True, "model.weights": "WEIGHTS"}}, "do not fit backbone"),
-])
+@pytest.mark.parametrize(
+    "change, text",
+    [
+        ({"overrides": {"data.root": "/nonexistent/fashion"}}, "data folder /nonexistent/fashion does not exist"),
+        (
+            {"methods": [{"method": "vptsp_g", "backbone": "resnet18", "overrides": {"model.backbone_kwargs": {}}}]},
+            "vptsp_g",
+        ),
+        ({"overrides": {"model.pretrained": True, "model.weights": "WEIGHTS"}}, "do not fit backbone"),
+    ],
+)
 def test_a_spec_that_cannot_run_creates_nothing(change, text, tmp_path, tracking_uri, capsys):
     from test_studies import base_overrides
 
@@ -254,8 +303,10 @@ def test_a_spec_that_cannot_run_creates_nothing(change, text, tmp_path, tracking
     import torch
 
     save_file({"not.a.key": torch.zeros(2)}, str(weights))
-    overrides = {**base_overrides(tracking_uri), **{k: str(weights) if v == "WEIGHTS" else v
-                                                     for k, v in change.pop("overrides", {}).items()}}
+    overrides = {
+        **base_overrides(tracking_uri),
+        **{k: str(weights) if v == "WEIGHTS" else v for k, v in change.pop("overrides", {}).items()},
+    }
     path = write_spec(tmp_path, tracking_uri, name="cannot", overrides=overrides, **change)
     assert main(["study", "run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -281,15 +332,18 @@ def test_stray_folders_are_not_classes_and_a_changed_split_is_refused(tmp_path, 
     (images / "empty").mkdir()
     raw = data.readers.read_image_folder(base, {"train_fraction": 0.5})
     assert raw["train"].num_classes == 3 and raw["test"].num_classes == 3
-    assert any("2 folder(s) are not classes and were skipped (.ipynb_checkpoints, empty)" in str(w.message)
-               for w in recwarn)
+    assert any(
+        "2 folder(s) are not classes and were skipped (.ipynb_checkpoints, empty)" in str(w.message) for w in recwarn
+    )
     cub = tmp_path / "cub" / "images"  # CUB's class-folder layout with one folder too many
     one = next(images.rglob("*.jpg"))
     for c in range(201):
         (cub / f"{c:03d}.class").mkdir(parents=True)
         shutil.copy(one, cub / f"{c:03d}.class" / "a.jpg")
     cfg = resolve(method="linear_probe", dataset="cub200", overrides={"data.root": str(cub.parent)})
-    with pytest.raises(Exception, match=r"1 class\(es\) fall outside the split's classes \[1, 100\] \+ \[101, 200\]: 200.class"):
+    with pytest.raises(
+        Exception, match=r"1 class\(es\) fall outside the split's classes \[1, 100\] \+ \[101, 200\]: 200.class"
+    ):
         splits_for(cfg)
     shutil.rmtree(cub / "200.class")
     shutil.rmtree(cub / "150.class")
@@ -323,8 +377,11 @@ def test_a_damaged_journal_is_refused_by_line_and_repaired(damage, tmp_path, tra
         journal.write_bytes(b"".join(lines[:3]) + b"{not json\n" + b"".join(lines[3:]))
         bad = 4
     before = journal.read_bytes()
-    for argv in (["study", "run", str(path)], ["study", "status", str(path)], ["report", str(path), "--out",
-                                                                                 str(tmp_path / "r")]):
+    for argv in (
+        ["study", "run", str(path)],
+        ["study", "status", str(path)],
+        ["report", str(path), "--out", str(tmp_path / "r")],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"Optuna journal {journal} is damaged at line {bad}" in err, err
@@ -343,14 +400,17 @@ def test_a_lost_journal_never_retrains_finished_trials(tmp_path, tracking_uri, c
     journal_of(tracking_uri, "lost").write_text("")  # emptied (a crash, a wrong copy)
     assert main(["study", "run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "has no record of 2 finished trial(s) of lost/fashion_mnist/linear_probe" in err
+    assert (
+        len(err.splitlines()) == 1 and "has no record of 2 finished trial(s) of lost/fashion_mnist/linear_probe" in err
+    )
     assert "--rebuild-from-mlflow" in err and {r.info.run_id for r in runs_of("lost")} == trained
     journal_of(tracking_uri, "lost").unlink()  # lost altogether: rebuilt from MLflow
     assert main(["study", "run", str(path), "--rebuild-from-mlflow"]) == 0
     assert "rebuilt 2 trial(s) of study lost from MLflow" in capsys.readouterr().out
     new = {r.info.run_id for r in runs_of("lost")} - trained
-    assert not [r for r in runs_of("lost") if r.info.run_id in new and r.data.tags["dmlbench.role"] in
-                ("trial", "reproduction")]  # no trial and no reproduction trained again
+    assert not [
+        r for r in runs_of("lost") if r.info.run_id in new and r.data.tags["dmlbench.role"] in ("trial", "reproduction")
+    ]  # no trial and no reproduction trained again
     trials = optuna_study(path, "linear_probe").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert {t.user_attrs["mlflow_run_id"] for t in trials} <= trained
@@ -372,16 +432,26 @@ def test_failed_seeds_are_reported_and_retried_until_the_bound(tmp_path, trackin
     from harness.errors import StudyIncomplete
 
     for attempt in range(1, MAX_SEED_ATTEMPTS + 2):
-        with pytest.raises(StudyIncomplete, match=r"seeds/fashion_mnist/linear_probe seed 0 \(RuntimeError: CUDA error"):
+        with pytest.raises(
+            StudyIncomplete, match=r"seeds/fashion_mnist/linear_probe seed 0 \(RuntimeError: CUDA error"
+        ):
             run_study(path, train=failing)
-        seeds = optuna.load_study(study_name="seeds/fashion_mnist/linear_probe/reproductions",
-                                  storage=__import__("harness.studies.storage", fromlist=["x"]).open_storage(
-                                      str(journal_of(tracking_uri, "seeds"))))
+        seeds = optuna.load_study(
+            study_name="seeds/fashion_mnist/linear_probe/reproductions",
+            storage=__import__("harness.studies.storage", fromlist=["x"]).open_storage(
+                str(journal_of(tracking_uri, "seeds"))
+            ),
+        )
         failed = [t for t in seeds.trials if t.state == TrialState.FAIL]
         assert len(failed) == 2 * min(attempt, MAX_SEED_ATTEMPTS)  # no retry past the bound
     assert main(["study", "status", str(path)]) == 0 and "0/2" in capsys.readouterr().out
-    code = subprocess.run([sys.executable, "-m", "harness.cli", "study", "run", str(path)], cwd=REPO,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, capture_output=True, text=True)
+    code = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "study", "run", str(path)],
+        cwd=REPO,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        capture_output=True,
+        text=True,
+    )
     assert code.returncode == 7 and "failed work" in code.stderr.strip().splitlines()[-1]
 
 

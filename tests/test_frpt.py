@@ -3,6 +3,7 @@
 CPU only, random-init backbones; training uses timm's ``test_resnet`` (0.37M parameters) at
 64 px so each end-to-end run takes seconds. ResNet-50 is only built (no forward) for the counts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,14 +32,26 @@ DPP_METHODS = ["frpt", "frpt_dpp", "frpt_no_in"]
 SMALL = "test_resnet"
 
 
-def build(method: str, backbone: str = SMALL, num_classes: int = 4, dataset: str = "fashion_mnist",
-          backbone_kwargs: dict | None = None, **overrides) -> FRPTModel:
+def build(
+    method: str,
+    backbone: str = SMALL,
+    num_classes: int = 4,
+    dataset: str = "fashion_mnist",
+    backbone_kwargs: dict | None = None,
+    **overrides,
+) -> FRPTModel:
     """The registered builder on a random-init backbone, config resolved as the CLI would."""
     return build_with_cfg(method, backbone, num_classes, dataset, backbone_kwargs, **overrides)[1]
 
 
-def build_with_cfg(method: str, backbone: str = SMALL, num_classes: int = 4, dataset: str = "fashion_mnist",
-                   backbone_kwargs: dict | None = None, **overrides) -> tuple[RunConfig, FRPTModel]:
+def build_with_cfg(
+    method: str,
+    backbone: str = SMALL,
+    num_classes: int = 4,
+    dataset: str = "fashion_mnist",
+    backbone_kwargs: dict | None = None,
+    **overrides,
+) -> tuple[RunConfig, FRPTModel]:
     ov = {"model.pretrained": False, **overrides}
     if backbone_kwargs:
         ov["model.backbone_kwargs"] = backbone_kwargs
@@ -199,8 +212,12 @@ def test_bad_options_are_user_errors():
     with pytest.raises(UserError, match="sigma"):
         build("frpt", **{"method_args.sigma": 4})
     with pytest.raises(UserError, match="saliency grid would be 1x1"):
-        build("frpt", backbone="vit_small_patch16_224", backbone_kwargs={"img_size": 16, "depth": 2},
-              **{"data.image_size": 16})
+        build(
+            "frpt",
+            backbone="vit_small_patch16_224",
+            backbone_kwargs={"img_size": 16, "depth": 2},
+            **{"data.image_size": 16},
+        )
     with pytest.raises(UserError, match="crop_to_box=true"):
         build("frpt_bbox", **{"data.crop_to_box": False})
 
@@ -359,8 +376,14 @@ def test_cam_box_encloses_the_activation():
 
 def _e2e(overrides: dict) -> dict:
     return {
-        **overrides, "data.image_size": 48, "data.resize_size": 48, "data.max_per_class": 8,
-        "data.batch_size": 16, "data.samples_per_class": 0, "optim.epochs": 1, "optim.lr": 0.05,
+        **overrides,
+        "data.image_size": 48,
+        "data.resize_size": 48,
+        "data.max_per_class": 8,
+        "data.batch_size": 16,
+        "data.samples_per_class": 0,
+        "optim.epochs": 1,
+        "optim.lr": 0.05,
         "model.embed_dim": 0,
     }
 
@@ -381,7 +404,12 @@ def test_trains_through_the_shared_loop(name, tiny_overrides):
 def make_cub_with_boxes(root: Path, classes: int = 102, per_class: int = 3) -> Path:
     """Official CUB layout; the box marks a bright square in each otherwise dark image."""
     base = root / "CUB_200_2011"
-    rows: dict[str, list[str]] = {"images.txt": [], "image_class_labels.txt": [], "bounding_boxes.txt": [], "classes.txt": []}
+    rows: dict[str, list[str]] = {
+        "images.txt": [],
+        "image_class_labels.txt": [],
+        "bounding_boxes.txt": [],
+        "classes.txt": [],
+    }
     iid = 0
     for c in range(1, classes + 1):
         name = f"{c:03d}.Bird_{c}"
@@ -409,8 +437,14 @@ def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_o
     result = train(resolve(method="frpt_bbox", dataset="cub200", backbone=SMALL, overrides=ov))
     assert 0.0 <= result.metrics["test/recall_at_1"] <= 1.0
     with pytest.raises(UserError, match="bounding boxes"):
-        train(resolve(method="frpt_bbox", dataset="fashion_mnist", backbone=SMALL,
-                      overrides={**_e2e(tiny_overrides), "data.crop_to_box": True}))
+        train(
+            resolve(
+                method="frpt_bbox",
+                dataset="fashion_mnist",
+                backbone=SMALL,
+                overrides={**_e2e(tiny_overrides), "data.crop_to_box": True},
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- DPP figure
@@ -468,8 +502,9 @@ def test_grad_cam_of_a_pooled_linear_classifier_is_the_classic_cam():
     assert torch.allclose(normalised(cam, (10, 10)), normalised(classic, (10, 10)), atol=1e-5)
 
 
-def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(tmp_path, tiny_overrides, tracking_uri, capsys,
-                                                                   monkeypatch):
+def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(
+    tmp_path, tiny_overrides, tracking_uri, capsys, monkeypatch
+):
     from mlflow import MlflowClient
 
     from harness.cli import main

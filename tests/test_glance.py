@@ -1,5 +1,6 @@
 """Results at a glance: where outputs go, a train command that talks, fast errors, `compare` on
 parents, and report tables and figures a paper can use."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,24 @@ from harness.cli import main
 from harness.studies.runner import run_study
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_TRAIN = ["--method", "linear_probe", "--set", "data.max_per_class=24", "--set", "data.image_size=32",
-              "--set", "data.resize_size=32", "--set", "model.pretrained=false", "--set", "optim.epochs=2",
-              "--set", "model.embed_dim=16", "--set", "tracking.system_metrics=false"]
+TINY_TRAIN = [
+    "--method",
+    "linear_probe",
+    "--set",
+    "data.max_per_class=24",
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.resize_size=32",
+    "--set",
+    "model.pretrained=false",
+    "--set",
+    "optim.epochs=2",
+    "--set",
+    "model.embed_dim=16",
+    "--set",
+    "tracking.system_metrics=false",
+]
 
 
 def _env(**extra: str) -> dict:
@@ -35,26 +51,56 @@ def test_outputs_go_where_the_user_stands(tmp_path):
     before = {p.name for p in REPO.iterdir()}
     here = tmp_path / "here"
     here.mkdir()
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "train", *TINY_TRAIN], cwd=here, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "train", *TINY_TRAIN],
+        cwd=here,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert (here / "mlflow.db").is_file() and (here / "mlartifacts").is_dir()
     home = tmp_path / "home"
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "train", *TINY_TRAIN], cwd=here,
-                          env=_env(DMLBENCH_HOME=str(home)), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "train", *TINY_TRAIN],
+        cwd=here,
+        env=_env(DMLBENCH_HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert (home / "mlflow.db").is_file()
     assert {p.name for p in REPO.iterdir()} == before  # nothing new in the package's folder
 
 
 def test_train_says_what_it_trains_and_shows_progress_off_a_terminal(tracking_uri):
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "train", *TINY_TRAIN, "--set",
-                           "data.max_per_class=200", "--tracking-uri", tracking_uri], cwd=REPO,
-                          env=_env(DMLBENCH_PROGRESS_EVERY_S="0"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "train",
+            *TINY_TRAIN,
+            "--set",
+            "data.max_per_class=200",
+            "--tracking-uri",
+            tracking_uri,
+        ],
+        cwd=REPO,
+        env=_env(DMLBENCH_PROGRESS_EVERY_S="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    plan = re.match(r"training linear_probe on fashion_mnist with tf_efficientnet_lite0 on cpu: ([\d,]+) images x 2 "
-                    r"epoch\(s\), ([\d,]+) validation images per epoch, ([\d,]+) test images; about .+", lines[0])
+    plan = re.match(
+        r"training linear_probe on fashion_mnist with tf_efficientnet_lite0 on cpu: ([\d,]+) images x 2 "
+        r"epoch\(s\), ([\d,]+) validation images per epoch, ([\d,]+) test images; about .+",
+        lines[0],
+    )
     assert plan, lines[0]
     assert any(re.match(r"epoch 1/2: step \d+/\d+, [\d,]+ img/s, ETA ", line) for line in lines), lines
     assert f"start 'dmlbench ui --tracking-uri {tracking_uri}'" in done.stdout  # the store it is in
@@ -65,9 +111,14 @@ def test_the_default_run_on_a_cpu_says_how_long_and_how_to_get_a_first_result(tr
     says so before the first step, then Ctrl-C stops it with the command that resumes."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", "--method", "bitfit", "--tracking-uri",
-                             tracking_uri], cwd=REPO, env=_env(DMLBENCH_PROGRESS_EVERY_S="0"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "train", "--method", "bitfit", "--tracking-uri", tracking_uri],
+        cwd=REPO,
+        env=_env(DMLBENCH_PROGRESS_EVERY_S="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first, hint = proc.stdout.readline(), proc.stdout.readline()
         assert re.match(r"training bitfit on fashion_mnist .* on cpu: [\d,]+ images x 30 epoch\(s\)", first), first
@@ -83,10 +134,13 @@ def test_the_default_run_on_a_cpu_says_how_long_and_how_to_get_a_first_result(tr
 
 
 def test_a_key_typo_answers_before_the_heavy_libraries_load():
-    code = ("import sys; from harness.cli import main; rc = main(['train', '--set', 'optim.lrr=1']); "
-            "print(rc, 'torch' in sys.modules, 'mlflow' in sys.modules, 'timm' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=60)
+    code = (
+        "import sys; from harness.cli import main; rc = main(['train', '--set', 'optim.lrr=1']); "
+        "print(rc, 'torch' in sys.modules, 'mlflow' in sys.modules, 'timm' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert done.stdout.split() == ["2", "False", "False", "False"], done.stdout + done.stderr
     assert done.stderr.strip() == "dmlbench: error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
 
@@ -99,10 +153,22 @@ def three_seed_study(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(folder)
         mlflow.set_tracking_uri(uri)
-        path = write_spec(folder, uri, name="glance", methods=["linear_probe", "bitfit"],
-                          budget={"n_trials": 2, "epochs": 1}, reproduce={"seeds": [0, 1]},
-                          references=[{"method": "linear_probe", "name": "pretrained", "label": "pretrained",
-                                       "overrides": {"optim.epochs": 0, "model.embed_dim": 0}}])
+        path = write_spec(
+            folder,
+            uri,
+            name="glance",
+            methods=["linear_probe", "bitfit"],
+            budget={"n_trials": 2, "epochs": 1},
+            reproduce={"seeds": [0, 1]},
+            references=[
+                {
+                    "method": "linear_probe",
+                    "name": "pretrained",
+                    "label": "pretrained",
+                    "overrides": {"optim.epochs": 0, "model.embed_dim": 0},
+                }
+            ],
+        )
         run_study(path)
         yield path, uri
 
@@ -113,8 +179,15 @@ def test_compare_puts_parents_results_side_by_side(three_seed_study, capsys):
     parents = [r.info.run_id for r in runs_of("glance", "parent") if r.data.tags["dmlbench.entry"] != "pretrained"]
     assert main(["compare", *parents, "--tracking-uri", uri, "--json"]) == 0
     rows = {row[""]: row for row in json.loads(capsys.readouterr().out)}
-    for key in ("seeds", "tuning/best_val_map_at_r", "test/recall_at_1_mean", "test/recall_at_1_std",
-                "test/map_at_r_mean", "best_param.optim.lr", "params/trainable"):
+    for key in (
+        "seeds",
+        "tuning/best_val_map_at_r",
+        "test/recall_at_1_mean",
+        "test/recall_at_1_std",
+        "test/map_at_r_mean",
+        "best_param.optim.lr",
+        "params/trainable",
+    ):
         assert key in rows, key
     assert {v for k, v in rows["seeds"].items() if k} == {"2"}
 
@@ -167,9 +240,14 @@ def test_figures_are_sized_for_a_paper(three_seed_study, tmp_path, monkeypatch):
     from harness.reports.style import RC
 
     legends, save = {}, figures._save
+
     def keep_legend(fig, where):
-        legends[where.name] = [t.get_text() for legend in fig.legends + [a.get_legend() for a in fig.axes]
-                               if legend is not None for t in legend.get_texts()]
+        legends[where.name] = [
+            t.get_text()
+            for legend in fig.legends + [a.get_legend() for a in fig.axes]
+            if legend is not None
+            for t in legend.get_texts()
+        ]
         save(fig, where)
 
     monkeypatch.setattr(figures, "_save", keep_legend)

@@ -3,6 +3,7 @@ the plan fits the lent machine's limits, every method goes through the smoke and
 toy sizes, a Python without mlflow/optuna still measures what needs neither (and the wheel branch
 installs), a kill mid-stage keeps every record and ends every process, a stage past its cap is
 killed and the next one runs, and a decode that falls back to the CPU is recorded and fails."""
+
 from __future__ import annotations
 
 import json
@@ -23,20 +24,25 @@ from methods import get_method, method_names
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu.sh"
 #: a Python that cannot import mlflow or optuna: a meta-path finder refuses them at startup
-BLOCKER = '''import sys
+BLOCKER = """import sys
 class _NoTracking:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("mlflow", "optuna"):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
         return None
 sys.meta_path.insert(0, _NoTracking())
-'''
+"""
 
 
 def window(out: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-    return subprocess.run(["bash", str(SCRIPT), str(out), *args, "--workdir", str(out.parent / "work")], env=full,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out), *args, "--workdir", str(out.parent / "work")],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def stage_records(out: Path, stage: str) -> tuple[dict, list[dict]]:
@@ -63,8 +69,9 @@ def test_every_method_goes_through_the_smoke_and_step_stages_at_toy_sizes(tmp_pa
     assert head["status"] == "ok"
     built = {r["method"]: r for r in smoke}
     assert set(built) == set(method_names()) | {"nvjpeg"}, set(method_names()) ^ set(built)
-    assert all(r["status"] == "ok" and r.get("syncs", 0) == 0 for r in built.values()), \
-        [(m, r.get("error")) for m, r in built.items() if r["status"] != "ok"]
+    assert all(r["status"] == "ok" and r.get("syncs", 0) == 0 for r in built.values()), [
+        (m, r.get("error")) for m, r in built.items() if r["status"] != "ok"
+    ]
     assert built["nvjpeg"]["decoder"] == "cpu"  # no CUDA here: the CPU was asked for and ran
     head, steps = stage_records(out, "step")
     vit = [m for m in method_names() if get_method(m).applies_to("vit")]
@@ -124,9 +131,13 @@ def _measures_alive(out: Path) -> list[int]:
 
 def test_a_kill_mid_stage_keeps_every_record_and_ends_every_process(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(["bash", str(SCRIPT), str(out), "--tiny", "--stages", "smoke,step", "--workdir",
-                             str(tmp_path / "work")], env={**os.environ, "PYTHON": sys.executable},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), str(out), "--tiny", "--stages", "smoke,step", "--workdir", str(tmp_path / "work")],
+        env={**os.environ, "PYTHON": sys.executable},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not any(r["stage"] == "step" and r.get("kind") is None for r in read(out)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -146,8 +157,17 @@ def test_a_kill_mid_stage_keeps_every_record_and_ends_every_process(tmp_path):
 
 def test_a_stage_past_its_cap_is_killed_and_the_next_stage_runs(tmp_path):
     out = tmp_path / "out"
-    proc = window(out, "--tiny", "--stages", "step,mapr", "--caps", "step=4", "--methods", "full_finetune,bitfit",
-                  env={"DMLBENCH_STAGE_MARGIN_S": "0"})
+    proc = window(
+        out,
+        "--tiny",
+        "--stages",
+        "step,mapr",
+        "--caps",
+        "step=4",
+        "--methods",
+        "full_finetune,bitfit",
+        env={"DMLBENCH_STAGE_MARGIN_S": "0"},
+    )
     assert proc.returncode == 1, proc.stdout[-2000:]  # a stage timed out
     step, _ = stage_records(out, "step")
     mapr, rows = stage_records(out, "mapr")
@@ -217,9 +237,18 @@ def test_runs_record_the_decoder_of_every_split(split_kind, tiny_overrides, tmp_
             (tmp_path / "f" / f"c{c}").mkdir(parents=True)
             for i in range(6):
                 Image.fromarray(np.full((20, 20, 3), 30 * c + i, np.uint8)).save(tmp_path / "f" / f"c{c}" / f"{i}.jpg")
-        overrides.update({"dataset": "image_folder", "data.root": str(tmp_path / "f"), "data.pipeline": split_kind,
-                          "data.val_fraction": 0.0, "data.batch_size": 8, "data.samples_per_class": 2,
-                          "data.max_per_class": 0, "data.check_published": False})
+        overrides.update(
+            {
+                "dataset": "image_folder",
+                "data.root": str(tmp_path / "f"),
+                "data.pipeline": split_kind,
+                "data.val_fraction": 0.0,
+                "data.batch_size": 8,
+                "data.samples_per_class": 2,
+                "data.max_per_class": 0,
+                "data.check_published": False,
+            }
+        )
     result = train(resolve(method="linear_probe", backbone="resnet18", overrides=overrides))
     params = mlflow.get_run(result.run_id).data.params
     decoders = {k: v for k, v in params.items() if k.startswith("data/decoder/")}

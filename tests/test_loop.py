@@ -1,4 +1,5 @@
 """The shared training loop: MLflow record, reproducibility, selection, failure states."""
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,21 @@ def test_run_is_fully_tracked(tiny_overrides, tmp_path):
     r = client.get_run(result.run_id)
     assert r.info.status == "FINISHED"
     assert r.data.params["method"] == "linear_probe" and r.data.params["optim.lr"] == "0.001"
-    for key in ("test/recall_at_1", "test/recall_at_8", "test/map_at_r", "test/r_precision",
-                "best/val_map_at_r", "params/trainable",
-                "params/trainable_inference", "params/total", "cost/peak_memory_gb",
-                "cost/throughput_img_s", "cost/wall_time_s", "cost/eval_time_s", "cost/eval_share"):
+    for key in (
+        "test/recall_at_1",
+        "test/recall_at_8",
+        "test/map_at_r",
+        "test/r_precision",
+        "best/val_map_at_r",
+        "params/trainable",
+        "params/trainable_inference",
+        "params/total",
+        "cost/peak_memory_gb",
+        "cost/throughput_img_s",
+        "cost/wall_time_s",
+        "cost/eval_time_s",
+        "cost/eval_share",
+    ):
         assert key in r.data.metrics, key
     # the fair protocol tests the selected checkpoint once: no per-epoch test, no test-selected figure
     assert "test/selected_recall_at_1" not in r.data.metrics
@@ -54,17 +66,26 @@ def test_run_is_fully_tracked(tiny_overrides, tmp_path):
 def test_run_follows_mlflow_conventions(tiny_overrides):
     """Namespaced metric names (the UI makes a chart section per prefix), constants as params,
     one dataset input per split with its size and digest, and system metrics when asked."""
-    result, cfg = run({**tiny_overrides, "tracking.system_metrics": True, "tracking.system_metrics_interval_s": 0.2,
-                       "optim.epochs": 3})
+    result, cfg = run(
+        {
+            **tiny_overrides,
+            "tracking.system_metrics": True,
+            "tracking.system_metrics_interval_s": 0.2,
+            "optim.epochs": 3,
+        }
+    )
     r = mlflow.MlflowClient(tiny_overrides["tracking.uri"]).get_run(result.run_id)
     sections = {k.split("/", 1)[0] for k in r.data.metrics}
     assert {"train", "val", "test", "best", "params", "cost", "system"} <= sections, sections
     assert all("/" in k for k in r.data.metrics), [k for k in r.data.metrics if "/" not in k]
     assert r.data.params["data/classes_below_samples_per_class"] == "0" and "data/cache_gb" in r.data.params
     assert "mlflow.source.git.commit" in r.data.tags and r.data.tags["mlflow.note.content"]
+
     def by_context(run_inputs):
-        return {{t.key: t.value for t in i.tags}["mlflow.data.context"]: (i.dataset, {t.key: t.value for t in i.tags})
-                for i in run_inputs.dataset_inputs}
+        return {
+            {t.key: t.value for t in i.tags}["mlflow.data.context"]: (i.dataset, {t.key: t.value for t in i.tags})
+            for i in run_inputs.dataset_inputs
+        }
 
     inputs = by_context(r.inputs)
     assert set(inputs) == {"train", "val", "test"}

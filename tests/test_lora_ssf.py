@@ -1,5 +1,6 @@
 """LoRA and SSF: equality with Hugging Face peft's LoRA, exact merging, the papers' initialisation
 and parameter arithmetic, dropout that is active in training, and a merged run through the loop."""
+
 from __future__ import annotations
 
 import copy
@@ -51,14 +52,16 @@ def test_lora_equals_peft_on_the_same_timm_vit():
     randomise(model, "lora_")
     reference = copy.deepcopy(create_backbone(TINY_VIT[0], pretrained=False, kwargs=TINY_VIT[1]).model)
     reference.load_state_dict(model.backbone.state_dict())
-    cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
-                          target_modules=r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)")
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=16, lora_dropout=0.0, target_modules=r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+    )
     reference = peft.inject_adapter_in_model(cfg, reference).eval()
     copied = 0
     with torch.no_grad():
         for key, update in model.lora_modules.items():
-            layer = reference.get_submodule(key.replace("blocks_", "blocks.").replace("_attn_", ".attn.")
-                                            .replace("_mlp_", ".mlp."))
+            layer = reference.get_submodule(
+                key.replace("blocks_", "blocks.").replace("_attn_", ".attn.").replace("_mlp_", ".mlp.")
+            )
             layer.lora_A["default"].weight.copy_(update.A)
             layer.lora_B["default"].weight.copy_(update.B)
             copied += 1
@@ -132,10 +135,15 @@ def test_lora_dropout_is_active_in_training_only():
     assert torch.equal(update(x), update(x))
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"rank": 0}, "method_args.rank"), ({"targets": ["attn.nope"]}, "attn.nope.*valid: attn.proj"),
-    ({"blocks": [5]}, "method_args.blocks.*0..1"), ({"dropout": 1.0}, "method_args.dropout"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"rank": 0}, "method_args.rank"),
+        ({"targets": ["attn.nope"]}, "attn.nope.*valid: attn.proj"),
+        ({"blocks": [5]}, "method_args.blocks.*0..1"),
+        ({"dropout": 1.0}, "method_args.dropout"),
+    ],
+)
 def test_lora_bad_options_are_user_errors(bad, match):
     with pytest.raises(UserError, match=match):
         build("lora", **bad)
@@ -198,7 +206,13 @@ def test_merged_runs_through_the_loop(tiny_vit_overrides):
     from harness.training.loop import train
 
     for method in ("lora", "ssf"):
-        cfg = resolve(method=method, backbone="vit_small_patch16_224",
-                      overrides={**tiny_vit_overrides, "optim.epochs": 1, "method_args.merge": True})
+        cfg = resolve(
+            method=method,
+            backbone="vit_small_patch16_224",
+            overrides={**tiny_vit_overrides, "optim.epochs": 1, "method_args.merge": True},
+        )
         result = train(cfg)
-        assert mlflow.get_run(result.run_id).data.params["model/merged"] == "True" and 0 <= result.metrics["test/recall_at_1"] <= 1
+        assert (
+            mlflow.get_run(result.run_id).data.params["model/merged"] == "True"
+            and 0 <= result.metrics["test/recall_at_1"] <= 1
+        )

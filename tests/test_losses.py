@@ -1,4 +1,5 @@
 """harness.models.losses against explicit reference formulas and pytorch-metric-learning."""
+
 from __future__ import annotations
 
 import math

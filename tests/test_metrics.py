@@ -3,6 +3,7 @@
 pml has no Recall@K for K > 1, so recall is checked against an independent brute-force numpy
 implementation; precision_at_1, MAP@R and R-precision are checked against pml itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,11 @@ def pml_metrics(q, ql, r=None, rl=None, knn_func=None) -> dict[str, float]:
         knn_func=knn_func,
     )
     out = calc.get_accuracy(q, ql, r, rl, ref_includes_query=r is None)
-    return {"recall@1": out["precision_at_1"], "map@r": out["mean_average_precision_at_r"],
-            "r_precision": out["r_precision"]}
+    return {
+        "recall@1": out["precision_at_1"],
+        "map@r": out["mean_average_precision_at_r"],
+        "r_precision": out["r_precision"],
+    }
 
 
 def brute_recall(q, ql, r=None, rl=None, ks=KS) -> dict[str, float]:
@@ -124,8 +128,7 @@ def test_quantised_ties_follow_index_rule(use_faiss, self_retrieval):
     if self_retrieval:
         check(x, y, use_faiss=use_faiss, chunk_size=33, knn_func=stable_knn)
     else:
-        check(x[:70], y[:70], x[70:], y[70:], use_faiss=use_faiss, chunk_size=33,
-              knn_func=stable_knn)
+        check(x[:70], y[:70], x[70:], y[70:], use_faiss=use_faiss, chunk_size=33, knn_func=stable_knn)
 
 
 @pytest.mark.parametrize("use_faiss", BACKENDS)
@@ -142,7 +145,8 @@ def test_backends_agree():
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=(150, 5)), rng.integers(0, 12, 150)
     assert evaluate_retrieval(x, y, use_faiss=True) == pytest.approx(
-        evaluate_retrieval(x, y, use_faiss=False), abs=1e-12)
+        evaluate_retrieval(x, y, use_faiss=False), abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("use_faiss", BACKENDS)
@@ -157,8 +161,9 @@ def test_hand_computed_example(use_faiss):
     x = np.stack([np.cos(angles), np.sin(angles)], 1)
     y = np.array([0, 1, 0, 0, 1])
     out = evaluate_retrieval(x, y, ks=(1, 2, 4), use_faiss=use_faiss)
-    assert out == pytest.approx({"recall@1": 0.2, "recall@2": 0.6, "recall@4": 1.0,
-                                 "map@r": 0.2, "r_precision": 0.3}, abs=1e-12)
+    assert out == pytest.approx(
+        {"recall@1": 0.2, "recall@2": 0.6, "recall@4": 1.0, "map@r": 0.2, "r_precision": 0.3}, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("use_faiss", BACKENDS)

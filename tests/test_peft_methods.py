@@ -3,6 +3,7 @@
 Random-init timm models only: a 2-block ViT-S at 32 px (6 heads, qkv bias) for behaviour, a
 12-block ViT-S at 32 px for the published parameter counts, resnet10t for the CNN variants.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,11 +52,25 @@ def backbone(name: str = VIT, kwargs: dict | None = None):
     return copy.deepcopy(_BACKBONES[key])
 
 
-def build(method: str, bb=None, *, num_classes: int = 4, embed_dim: int = 32, batch: int = 8, k: int = 2,
-          seed: int = 0, **args):
+def build(
+    method: str,
+    bb=None,
+    *,
+    num_classes: int = 4,
+    embed_dim: int = 32,
+    batch: int = 8,
+    k: int = 2,
+    seed: int = 0,
+    **args,
+):
     """Builder output for a resolved config (method defaults apply; options via method_args)."""
-    overrides = {"model.embed_dim": embed_dim, "data.image_size": 32, "data.batch_size": batch,
-                 "data.samples_per_class": k, **{f"method_args.{key}": v for key, v in args.items()}}
+    overrides = {
+        "model.embed_dim": embed_dim,
+        "data.image_size": 32,
+        "data.batch_size": batch,
+        "data.samples_per_class": k,
+        **{f"method_args.{key}": v for key, v in args.items()},
+    }
     cfg = resolve(method=method, overrides=overrides)
     spec = get_method(method)
     bb = bb if bb is not None else backbone(VIT, TINY_VIT)
@@ -125,8 +140,7 @@ def test_method_parameters_share_the_prefix(method):
 @pytest.mark.parametrize(
     "method,bb_name,args,lr",
     [(m, VIT, {}, 3e-3) for m in OURS]
-    + [("adapter", CNN, {}, 3e-3),
-       ("vpt_deep", CNN, {}, 0.1)],  # padding prompts live in pixel space: larger steps
+    + [("adapter", CNN, {}, 3e-3), ("vpt_deep", CNN, {}, 0.1)],  # padding prompts live in pixel space: larger steps
 )
 def test_method_parameters_alone_lower_the_loss(method, bb_name, args, lr):
     """Head and criterion frozen: the fixed batch's loss must fall through the method's own parameters."""
@@ -167,7 +181,9 @@ def test_adapter_block_matches_hand_written_formula(style):
         mid = x + block.attn(block.norm1(x))
         mlp = block.mlp(block.norm2(mid))
         source = mid if style == "parallel" else mlp
-        branch = 0.5 * (torch.relu(source @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T + adapter.up.bias)
+        branch = 0.5 * (
+            torch.relu(source @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T + adapter.up.bias
+        )
         assert torch.allclose(block(x), mid + mlp + branch, atol=1e-5)
 
 
@@ -214,8 +230,9 @@ def test_vpt_parameter_counts_vit_s():
     assert n_params(deep, "prompt_") == 12 * 10 * D == 46_080
     shallow = build("vpt_shallow", backbone(VIT, VIT_S12), embed_dim=384)
     assert n_params(shallow, "prompt_") == 10 * D
-    stepped = build("vpt_deep", backbone(VIT, VIT_S12), embed_dim=384, variant="vptspg", num_prompts=80,
-                    depth=11, block_step=2)
+    stepped = build(
+        "vpt_deep", backbone(VIT, VIT_S12), embed_dim=384, variant="vptspg", num_prompts=80, depth=11, block_step=2
+    )
     assert n_params(stepped, "prompt_") == sum(80 - 2 * l for l in range(11)) * D  # 770 tokens
     bound = math.sqrt(6 / (3 * 16 * 16 + D))
     values = deep.prompt_embeddings[0]
@@ -225,7 +242,9 @@ def test_vpt_parameter_counts_vit_s():
 def _block_inputs(model, x):
     """Inputs of every block during ``model.features(x)``."""
     seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())) for b in model.backbone.blocks]
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())) for b in model.backbone.blocks
+    ]
     with torch.no_grad():
         out = model.features(x)
     for h in hooks:
@@ -384,8 +403,12 @@ def test_proxies_gradients_and_container_write_back():
     assert model.proxy_bias.grad.abs().sum(1).gt(0).all()  # every proxy row learns
     class_grad = model.proxy_class_prompts[0].grad.abs().sum((1, 2))
     assert class_grad[:3].gt(0).all() and class_grad[3:].eq(0).all()  # only the batch's classes
-    for name in ("proxy_integrator.W_z", "proxy_head.proj.weight", "prompt_embeddings.0",
-                 "backbone.blocks.0.attn.qkv.bias"):
+    for name in (
+        "proxy_integrator.W_z",
+        "proxy_head.proj.weight",
+        "prompt_embeddings.0",
+        "backbone.blocks.0.attn.qkv.bias",
+    ):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     assert torch.equal(model.proxy_container, stored)  # written only after the step
     model.after_step()
@@ -456,11 +479,24 @@ def test_vptsp_presets_resolve_to_the_published_configs():
     assert "vit_small_patch16_224.augreg_in21k" in timm.list_pretrained("vit_small_patch16_224*")
     cub = resolve(method="vptsp_g", dataset="cub200", preset="cub")
     assert (cub.backbone, cub.model.embed_dim, cub.optim.name, cub.optim.lr, cub.optim.cosine_epochs) == (
-        "vit_small_patch16_224.augreg_in21k", 384, "sgd", 5e-3, 50)
+        "vit_small_patch16_224.augreg_in21k",
+        384,
+        "sgd",
+        5e-3,
+        50,
+    )
     assert (cub.data.batch_size, cub.data.samples_per_class, cub.method_args.lr_proxy) == (64, 2, 0.1)
     cars = resolve(method="vptsp_g", dataset="cars196", preset="cars")
-    assert (cars.method_args.num_prompt, cars.method_args.prompt_depth, cars.method_args.prompt_block_step) == (80, 11, 2)
-    assert (cars.method_args.num_class_prompt, cars.method_args.class_prompt_depth, cars.method_args.proxy_bias_ratio) == (50, 8, 0.7)
+    assert (cars.method_args.num_prompt, cars.method_args.prompt_depth, cars.method_args.prompt_block_step) == (
+        80,
+        11,
+        2,
+    )
+    assert (
+        cars.method_args.num_class_prompt,
+        cars.method_args.class_prompt_depth,
+        cars.method_args.proxy_bias_ratio,
+    ) == (50, 8, 0.7)
     sop = resolve(method="vptsp_ema", dataset="sop", preset="sop")
     assert sop.method_args.memory_bank and sop.data.samples_per_class == 1 and sop.optim.epochs == 120
     inshop = resolve(method="vptsp_g", dataset="inshop", preset="inshop", overrides={"method_args.lr_proxy": 0.01})
@@ -487,12 +523,21 @@ def loop_overrides(tmp_path_factory) -> dict:
     from conftest import TINY, TINY_VIT
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    return {**TINY, **TINY_VIT, "tracking.uri": uri, "tracking.log_artifacts": False, "optim.epochs": 1,
-            "data.max_per_class": 16, "data.batch_size": 32, "data.samples_per_class": 8}
+    return {
+        **TINY,
+        **TINY_VIT,
+        "tracking.uri": uri,
+        "tracking.log_artifacts": False,
+        "optim.epochs": 1,
+        "data.max_per_class": 16,
+        "data.batch_size": 32,
+        "data.samples_per_class": 8,
+    }
 
 
-@pytest.mark.parametrize("method,extra", [(m, {}) for m in OURS if m != "vptsp_g"]
-                         + [("vptsp_g", {"method_args.memory_bank": True})])
+@pytest.mark.parametrize(
+    "method,extra", [(m, {}) for m in OURS if m != "vptsp_g"] + [("vptsp_g", {"method_args.memory_bank": True})]
+)
 def test_trains_through_the_shared_loop(method, extra, loop_overrides):
     from harness.training.loop import train
 

@@ -2,6 +2,7 @@
 ``get_peft_model``, merged outputs equal to unmerged ones, state that saves and loads, prefixes as
 peft names them, and bad configs refused in one line. The registry-wide tests
 (test_registry_methods, test_step_syncs) cover them as every other method."""
+
 from __future__ import annotations
 
 import copy
@@ -29,9 +30,17 @@ CASES = [(m, f) for m in [*TUNERS, "peft"] for f in BACKBONES if get_method(m).a
 
 def build(method: str, family: str, **method_args):
     name, kwargs = BACKBONES[family]
-    cfg = resolve(method=method, backbone=name, overrides={
-        "model.pretrained": False, "model.backbone_kwargs": kwargs, "model.embed_dim": 16, "data.image_size": 32,
-        **{f"method_args.{k}": v for k, v in method_args.items()}})
+    cfg = resolve(
+        method=method,
+        backbone=name,
+        overrides={
+            "model.pretrained": False,
+            "model.backbone_kwargs": kwargs,
+            "model.embed_dim": 16,
+            "data.image_size": 32,
+            **{f"method_args.{k}": v for k, v in method_args.items()},
+        },
+    )
     torch.manual_seed(0)
     backbone = create_backbone(name, pretrained=False, kwargs=kwargs)
     untouched = copy.deepcopy(backbone.model)
@@ -85,13 +94,21 @@ def test_merged_outputs_equal_unmerged_and_state_round_trips(method, family):
 def test_peft_lora_on_vit_s_is_our_lora_arithmetic_and_equal_to_our_lora():
     """16 r D per block: ViT-S/16 at r = 8 is 589,824, for peft's LoRA and for ours; with the same
     A and B the two compute the same function."""
-    overrides = {"model.pretrained": False, "model.embed_dim": 16, "data.image_size": 32,
-                 "model.backbone_kwargs": {"img_size": 32}}
+    overrides = {
+        "model.pretrained": False,
+        "model.embed_dim": 16,
+        "data.image_size": 32,
+        "model.backbone_kwargs": {"img_size": 32},
+    }
     backbone = create_backbone("vit_small_patch16_224", pretrained=False, kwargs={"img_size": 32})
-    theirs = build_model(resolve(method="peft_lora", backbone="vit_small_patch16_224", overrides=overrides), 4,
-                         backbone=copy.deepcopy(backbone))
-    ours = build_model(resolve(method="lora", backbone="vit_small_patch16_224", overrides=overrides), 4,
-                       backbone=backbone)
+    theirs = build_model(
+        resolve(method="peft_lora", backbone="vit_small_patch16_224", overrides=overrides),
+        4,
+        backbone=copy.deepcopy(backbone),
+    )
+    ours = build_model(
+        resolve(method="lora", backbone="vit_small_patch16_224", overrides=overrides), 4, backbone=backbone
+    )
     assert owned_trainable(theirs) == owned_trainable(ours) == 589_824
     perturb(theirs)
     with torch.no_grad():
@@ -143,7 +160,9 @@ def test_any_peft_config_by_mapping_and_bad_ones_in_one_line():
         build("dora", "vit", rank=4)
 
 
-@pytest.mark.parametrize("method", [m for m in TUNERS if any(k.startswith("method_args.") for k in TUNERS[m].search_space)])
+@pytest.mark.parametrize(
+    "method", [m for m in TUNERS if any(k.startswith("method_args.") for k in TUNERS[m].search_space)]
+)
 def test_every_choice_of_the_default_search_space_builds_on_every_family(method):
     """A study samples these: a choice peft refuses on a backbone (BOFT's block size 16 on
     EfficientNet's 24-channel convolutions) would stop the study mid-tuning."""

@@ -1,6 +1,7 @@
 """Faithful recipes: the presets equal the released configs value by value, and each departure the
 review found (positive averaging, GRU dropout, cosine floor, protocol, proxies, heads, FRPT's code
 choices, embedding width, CNN adapter size, parameter shares) is fixed."""
+
 from __future__ import annotations
 
 import math
@@ -26,45 +27,207 @@ TINY_VIT = {"model.pretrained": False, "model.backbone_kwargs": {"img_size": 32,
 # The released ViT-S configs (Noahsark/ParameterEfficient-DML config/<dataset>_small.yaml), as
 # printed there; keys a config leaves out take params.py's defaults (lr_cosine_length 50).
 RELEASED = {
-    "cub": dict(optim="sgd", lr=0.005, decay=1.0e-06, n_epochs=15, lr_cosine_length=50, lr_cosine_min=1.0e-08,
-                batch_size=64, samples_per_class=2, lr_proxy=0.1, embed_dim=384, num_prompt=10, prompt_depth=12,
-                prompt_block_step=0, num_p_prompt=3, p_prompt_depth=12, prompt_p_block_step=0,
-                proxy_bias_ratio=0.5, rnn_dropout=0, memory_bank=False),
-    "cars": dict(optim="adamw", lr=0.0005, decay=0, n_epochs=50, lr_cosine_length=50, lr_cosine_min=1.0e-06,
-                 batch_size=64, samples_per_class=2, lr_proxy=0.01, embed_dim=384, num_prompt=80, prompt_depth=11,
-                 prompt_block_step=2, num_p_prompt=50, p_prompt_depth=8, prompt_p_block_step=2,
-                 proxy_bias_ratio=0.7, rnn_dropout=0, memory_bank=False),
-    "sop": dict(optim="adamw", lr=0.0001, decay=0.0001, n_epochs=120, lr_cosine_length=120, lr_cosine_min=5.0e-05,
-                batch_size=32, samples_per_class=1, lr_proxy=0.05, embed_dim=384, num_prompt=90, prompt_depth=12,
-                prompt_block_step=0, num_p_prompt=5, p_prompt_depth=12, prompt_p_block_step=0,
-                proxy_bias_ratio=0.2, rnn_dropout=0.1, memory_bank=True),
-    "inshop": dict(optim="adamw", lr=0.0001, decay=1.0e-07, n_epochs=80, lr_cosine_length=100,
-                   lr_cosine_min=5.0e-06, batch_size=32, samples_per_class=1, lr_proxy=0.05, embed_dim=384,
-                   num_prompt=90, prompt_depth=12, prompt_block_step=0, num_p_prompt=80, p_prompt_depth=12,
-                   prompt_p_block_step=0, proxy_bias_ratio=0.2, rnn_dropout=0.1, memory_bank=True),
+    "cub": dict(
+        optim="sgd",
+        lr=0.005,
+        decay=1.0e-06,
+        n_epochs=15,
+        lr_cosine_length=50,
+        lr_cosine_min=1.0e-08,
+        batch_size=64,
+        samples_per_class=2,
+        lr_proxy=0.1,
+        embed_dim=384,
+        num_prompt=10,
+        prompt_depth=12,
+        prompt_block_step=0,
+        num_p_prompt=3,
+        p_prompt_depth=12,
+        prompt_p_block_step=0,
+        proxy_bias_ratio=0.5,
+        rnn_dropout=0,
+        memory_bank=False,
+    ),
+    "cars": dict(
+        optim="adamw",
+        lr=0.0005,
+        decay=0,
+        n_epochs=50,
+        lr_cosine_length=50,
+        lr_cosine_min=1.0e-06,
+        batch_size=64,
+        samples_per_class=2,
+        lr_proxy=0.01,
+        embed_dim=384,
+        num_prompt=80,
+        prompt_depth=11,
+        prompt_block_step=2,
+        num_p_prompt=50,
+        p_prompt_depth=8,
+        prompt_p_block_step=2,
+        proxy_bias_ratio=0.7,
+        rnn_dropout=0,
+        memory_bank=False,
+    ),
+    "sop": dict(
+        optim="adamw",
+        lr=0.0001,
+        decay=0.0001,
+        n_epochs=120,
+        lr_cosine_length=120,
+        lr_cosine_min=5.0e-05,
+        batch_size=32,
+        samples_per_class=1,
+        lr_proxy=0.05,
+        embed_dim=384,
+        num_prompt=90,
+        prompt_depth=12,
+        prompt_block_step=0,
+        num_p_prompt=5,
+        p_prompt_depth=12,
+        prompt_p_block_step=0,
+        proxy_bias_ratio=0.2,
+        rnn_dropout=0.1,
+        memory_bank=True,
+    ),
+    "inshop": dict(
+        optim="adamw",
+        lr=0.0001,
+        decay=1.0e-07,
+        n_epochs=80,
+        lr_cosine_length=100,
+        lr_cosine_min=5.0e-06,
+        batch_size=32,
+        samples_per_class=1,
+        lr_proxy=0.05,
+        embed_dim=384,
+        num_prompt=90,
+        prompt_depth=12,
+        prompt_block_step=0,
+        num_p_prompt=80,
+        p_prompt_depth=12,
+        prompt_p_block_step=0,
+        proxy_bias_ratio=0.2,
+        rnn_dropout=0.1,
+        memory_bank=True,
+    ),
     # ViT-B/16, config/<dataset>_basic.yaml
-    "cub_b": dict(optim="sgd", lr=0.001, decay=1.0e-06, n_epochs=60, lr_cosine_length=100, lr_cosine_min=1.0e-07,
-                  batch_size=64, samples_per_class=2, lr_proxy=0.01, embed_dim=512, num_prompt=20, prompt_depth=12,
-                  prompt_block_step=0, num_p_prompt=5, p_prompt_depth=4, prompt_p_block_step=5,
-                  proxy_bias_ratio=0.4, rnn_dropout=0, memory_bank=False),
-    "cars_b": dict(optim="adamw", lr=0.0005, decay=0, n_epochs=60, lr_cosine_length=50, lr_cosine_min=1.0e-06,
-                   batch_size=64, samples_per_class=2, lr_proxy=0.01, embed_dim=512, num_prompt=80, prompt_depth=10,
-                   prompt_block_step=2, num_p_prompt=50, p_prompt_depth=8, prompt_p_block_step=2,
-                   proxy_bias_ratio=0.1, rnn_dropout=0, memory_bank=False),
-    "sop_b": dict(optim="adamw", lr=0.0001, decay=0.0001, n_epochs=120, lr_cosine_length=120, lr_cosine_min=1.0e-07,
-                  batch_size=32, samples_per_class=1, lr_proxy=0.05, embed_dim=512, num_prompt=90, prompt_depth=12,
-                  prompt_block_step=5, num_p_prompt=5, p_prompt_depth=8, prompt_p_block_step=0,
-                  proxy_bias_ratio=0.2, rnn_dropout=0.5, memory_bank=True),
-    "inshop_b": dict(optim="adamw", lr=0.0001, decay=0, n_epochs=75, lr_cosine_length=100, lr_cosine_min=1.0e-06,
-                     batch_size=32, samples_per_class=1, lr_proxy=0.05, embed_dim=512, num_prompt=90, prompt_depth=12,
-                     prompt_block_step=0, num_p_prompt=60, p_prompt_depth=12, prompt_p_block_step=0,
-                     proxy_bias_ratio=0.3, rnn_dropout=0, memory_bank=True),
-    "inaturalist_b": dict(optim="adamw", lr=0.0001, decay=0, n_epochs=40, lr_cosine_length=50, lr_cosine_min=1.0e-06,
-                          batch_size=64, samples_per_class=1, lr_proxy=0.05, embed_dim=512, num_prompt=90,
-                          prompt_depth=12, prompt_block_step=5, num_p_prompt=10, p_prompt_depth=12,
-                          prompt_p_block_step=0, proxy_bias_ratio=0.2, rnn_dropout=0, memory_bank=True),
+    "cub_b": dict(
+        optim="sgd",
+        lr=0.001,
+        decay=1.0e-06,
+        n_epochs=60,
+        lr_cosine_length=100,
+        lr_cosine_min=1.0e-07,
+        batch_size=64,
+        samples_per_class=2,
+        lr_proxy=0.01,
+        embed_dim=512,
+        num_prompt=20,
+        prompt_depth=12,
+        prompt_block_step=0,
+        num_p_prompt=5,
+        p_prompt_depth=4,
+        prompt_p_block_step=5,
+        proxy_bias_ratio=0.4,
+        rnn_dropout=0,
+        memory_bank=False,
+    ),
+    "cars_b": dict(
+        optim="adamw",
+        lr=0.0005,
+        decay=0,
+        n_epochs=60,
+        lr_cosine_length=50,
+        lr_cosine_min=1.0e-06,
+        batch_size=64,
+        samples_per_class=2,
+        lr_proxy=0.01,
+        embed_dim=512,
+        num_prompt=80,
+        prompt_depth=10,
+        prompt_block_step=2,
+        num_p_prompt=50,
+        p_prompt_depth=8,
+        prompt_p_block_step=2,
+        proxy_bias_ratio=0.1,
+        rnn_dropout=0,
+        memory_bank=False,
+    ),
+    "sop_b": dict(
+        optim="adamw",
+        lr=0.0001,
+        decay=0.0001,
+        n_epochs=120,
+        lr_cosine_length=120,
+        lr_cosine_min=1.0e-07,
+        batch_size=32,
+        samples_per_class=1,
+        lr_proxy=0.05,
+        embed_dim=512,
+        num_prompt=90,
+        prompt_depth=12,
+        prompt_block_step=5,
+        num_p_prompt=5,
+        p_prompt_depth=8,
+        prompt_p_block_step=0,
+        proxy_bias_ratio=0.2,
+        rnn_dropout=0.5,
+        memory_bank=True,
+    ),
+    "inshop_b": dict(
+        optim="adamw",
+        lr=0.0001,
+        decay=0,
+        n_epochs=75,
+        lr_cosine_length=100,
+        lr_cosine_min=1.0e-06,
+        batch_size=32,
+        samples_per_class=1,
+        lr_proxy=0.05,
+        embed_dim=512,
+        num_prompt=90,
+        prompt_depth=12,
+        prompt_block_step=0,
+        num_p_prompt=60,
+        p_prompt_depth=12,
+        prompt_p_block_step=0,
+        proxy_bias_ratio=0.3,
+        rnn_dropout=0,
+        memory_bank=True,
+    ),
+    "inaturalist_b": dict(
+        optim="adamw",
+        lr=0.0001,
+        decay=0,
+        n_epochs=40,
+        lr_cosine_length=50,
+        lr_cosine_min=1.0e-06,
+        batch_size=64,
+        samples_per_class=1,
+        lr_proxy=0.05,
+        embed_dim=512,
+        num_prompt=90,
+        prompt_depth=12,
+        prompt_block_step=5,
+        num_p_prompt=10,
+        p_prompt_depth=12,
+        prompt_p_block_step=0,
+        proxy_bias_ratio=0.2,
+        rnn_dropout=0,
+        memory_bank=True,
+    ),
 }
-COMPARISON_SET = ["full_finetune", "linear_probe", "bitfit", "adapter", "vpt_shallow", "vpt_deep", "vptsp_g", "vptsp_ema"]
+COMPARISON_SET = [
+    "full_finetune",
+    "linear_probe",
+    "bitfit",
+    "adapter",
+    "vpt_shallow",
+    "vpt_deep",
+    "vptsp_g",
+    "vptsp_ema",
+]
 
 
 def printed_config(capsys, *args: str) -> dict:
@@ -80,9 +243,17 @@ def test_preset_prints_the_released_config(capsys, dataset, method, tracking_uri
     o, d, loss, m = cfg["optim"], cfg["data"], cfg["loss"], cfg["model"]
     assert (o["name"], o["lr"], o["weight_decay"], o["epochs"]) == (r["optim"], r["lr"], r["decay"], r["n_epochs"])
     assert (o["cosine_epochs"], o["min_lr"], o["schedule"], o["schedule_unit"]) == (
-        r["lr_cosine_length"], r["lr_cosine_min"], "cosine", "epoch")
+        r["lr_cosine_length"],
+        r["lr_cosine_min"],
+        "cosine",
+        "epoch",
+    )
     assert (o["warmup_epochs"], o["grad_clip"], o["momentum"]) == (0.0, 0.0, 0.9)  # none in main.py; sdg_momentum
-    assert (d["batch_size"], d["samples_per_class"], d["augment"]) == (r["batch_size"], r["samples_per_class"], "standard")
+    assert (d["batch_size"], d["samples_per_class"], d["augment"]) == (
+        r["batch_size"],
+        r["samples_per_class"],
+        "standard",
+    )
     assert (m["embed_dim"], m["head_init"]) == (r["embed_dim"], "xavier")
     assert (loss["name"], loss["alpha"], loss["margin"], loss["positive_average"]) == ("proxy_anchor", 32.0, 0.1, "all")
     assert loss["proxy_init"] == "xavier_div8" and loss["proxy_lr"] == r["lr_proxy"]
@@ -93,18 +264,32 @@ def test_preset_prints_the_released_config(capsys, dataset, method, tracking_uri
     args = cfg["method_args"]
     if method in ("vptsp_g", "vptsp_ema"):
         assert (args["num_prompt"], args["prompt_depth"], args["prompt_block_step"]) == (
-            r["num_prompt"], r["prompt_depth"], r["prompt_block_step"])
+            r["num_prompt"],
+            r["prompt_depth"],
+            r["prompt_block_step"],
+        )
         assert (args["num_class_prompt"], args["class_prompt_depth"], args["class_prompt_block_step"]) == (
-            r["num_p_prompt"], r["p_prompt_depth"], r["prompt_p_block_step"])
+            r["num_p_prompt"],
+            r["p_prompt_depth"],
+            r["prompt_p_block_step"],
+        )
         assert (args["proxy_bias_ratio"], args["lr_proxy"], args["memory_bank"], args["bitfit"]) == (
-            r["proxy_bias_ratio"], r["lr_proxy"], r["memory_bank"], True)
+            r["proxy_bias_ratio"],
+            r["lr_proxy"],
+            r["memory_bank"],
+            True,
+        )
         if method == "vptsp_g":
             assert args["rnn_dropout"] == r["rnn_dropout"]
     if method == "adapter":  # adapter_bottleneck_dim 64, adapter_scalar 1, parallel, ln 'post'
         assert (args["bottleneck"], args["scale"], args["style"], args["layernorm"]) == (64, 1.0, "parallel", "post")
     if method == "vpt_deep":
         assert (args["variant"], args["num_prompts"], args["depth"], args["block_step"]) == (
-            "vptspg", r["num_prompt"], r["prompt_depth"], r["prompt_block_step"])
+            "vptspg",
+            r["num_prompt"],
+            r["prompt_depth"],
+            r["prompt_block_step"],
+        )
     assert not list(mlflow.search_runs(search_all_experiments=True).index)  # printing creates no run
 
 
@@ -123,10 +308,12 @@ def test_frpt_recipes_print_the_paper_and_the_released_code(capsys):
 
 
 def test_bad_presets_and_protocols_are_one_line_errors(capsys):
-    for args, text in [(["--method", "vptsp_g", "--preset", "cubb"], "unknown preset 'cubb'"),
-                       (["--method", "frpt", "--preset", "cub"], "exists for: adapter"),
-                       (["--method", "bitfit", "--preset", "cub", "--dataset", "cars196"], "recipe for dataset 'cub200'"),
-                       (["--method", "bitfit", "--set", "protocol=papr"], "valid: fair, paper")]:
+    for args, text in [
+        (["--method", "vptsp_g", "--preset", "cubb"], "unknown preset 'cubb'"),
+        (["--method", "frpt", "--preset", "cub"], "exists for: adapter"),
+        (["--method", "bitfit", "--preset", "cub", "--dataset", "cars196"], "recipe for dataset 'cub200'"),
+        (["--method", "bitfit", "--set", "protocol=papr"], "valid: fair, paper"),
+    ]:
         assert main(["train", *args, "--print-config"]) == 2
         err = capsys.readouterr().err
         assert text in err and len(err.strip().splitlines()) == 1
@@ -146,8 +333,9 @@ def test_recipes_command_lists_every_preset_with_its_source(capsys):
 
 def test_1_loss_positive_average_is_one_key_for_every_proxy_anchor_method():
     for method in ("vptsp_g", "bitfit", "adapter"):
-        cfg = resolve(method=method, backbone="vit_small_patch16_224",
-                      overrides={**TINY_VIT, "loss.positive_average": "all"})
+        cfg = resolve(
+            method=method, backbone="vit_small_patch16_224", overrides={**TINY_VIT, "loss.positive_average": "all"}
+        )
         model = build_model(cfg, num_classes=4)
         assert isinstance(model.criterion, ProxyAnchorLoss) and model.criterion.positive_average == "all", method
     with pytest.raises(Exception, match="method_args.positive_average"):
@@ -157,8 +345,11 @@ def test_1_loss_positive_average_is_one_key_for_every_proxy_anchor_method():
 def test_3_gru_dropout_acts_on_every_integration_step_in_training_only():
     from methods.vptsp_g import device_grouping
 
-    cfg = resolve(method="vptsp_g", backbone="vit_small_patch16_224",
-                  overrides={**TINY_VIT, "method_args.rnn_dropout": 0.5, "model.embed_dim": 8})
+    cfg = resolve(
+        method="vptsp_g",
+        backbone="vit_small_patch16_224",
+        overrides={**TINY_VIT, "method_args.rnn_dropout": 0.5, "model.embed_dim": 8},
+    )
     model = build_model(cfg, num_classes=3)
     obs, labels = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1), torch.tensor([0, 0, 1, 1, 2, 2])
     model.train()
@@ -173,9 +364,13 @@ def test_3_gru_dropout_acts_on_every_integration_step_in_training_only():
 def scheduled_lrs(overrides: dict, steps_per_epoch: int = 4) -> list[list[float]]:
     cfg = resolve(method="bitfit", overrides={"model.pretrained": False, **overrides})
     params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
-    opt = torch.optim.SGD([{"params": [params[0]], "lr": cfg.optim.lr, "schedule": cfg.optim.schedule},
-                           {"params": [params[1]], "lr": 10 * cfg.optim.lr, "schedule": cfg.optim.schedule}],
-                          lr=cfg.optim.lr)
+    opt = torch.optim.SGD(
+        [
+            {"params": [params[0]], "lr": cfg.optim.lr, "schedule": cfg.optim.schedule},
+            {"params": [params[1]], "lr": 10 * cfg.optim.lr, "schedule": cfg.optim.schedule},
+        ],
+        lr=cfg.optim.lr,
+    )
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     out = []
     for _ in range(cfg.optim.epochs * steps_per_epoch):
@@ -189,16 +384,33 @@ def scheduled_lrs(overrides: dict, steps_per_epoch: int = 4) -> list[list[float]
 def test_4_min_lr_floors_every_schedule_and_group_and_epoch_steps_match_cosine_annealing():
     lrs = scheduled_lrs({"optim.lr": 0.1, "optim.min_lr": 0.01, "optim.epochs": 5, "optim.warmup_epochs": 0})
     assert lrs[-1] == pytest.approx([0.01, 0.01]) and min(min(r) for r in lrs) >= 0.01 - 1e-12
-    step = scheduled_lrs({"optim.lr": 0.1, "optim.min_lr": 0.05, "optim.epochs": 6, "optim.schedule": "step",
-                          "optim.step_epochs": 1, "optim.step_gamma": 0.5, "optim.warmup_epochs": 0})
+    step = scheduled_lrs(
+        {
+            "optim.lr": 0.1,
+            "optim.min_lr": 0.05,
+            "optim.epochs": 6,
+            "optim.schedule": "step",
+            "optim.step_epochs": 1,
+            "optim.step_gamma": 0.5,
+            "optim.warmup_epochs": 0,
+        }
+    )
     assert step[-1] == pytest.approx([0.05, 0.05])
     # per-epoch stepping equals torch's CosineAnnealingLR(T_max, eta_min) stepped once per epoch
-    per_epoch = scheduled_lrs({"optim.lr": 0.1, "optim.min_lr": 0.01, "optim.epochs": 5, "optim.cosine_epochs": 8,
-                               "optim.warmup_epochs": 0, "optim.schedule_unit": "epoch"})
+    per_epoch = scheduled_lrs(
+        {
+            "optim.lr": 0.1,
+            "optim.min_lr": 0.01,
+            "optim.epochs": 5,
+            "optim.cosine_epochs": 8,
+            "optim.warmup_epochs": 0,
+            "optim.schedule_unit": "epoch",
+        }
+    )
     ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=8, eta_min=0.01)
     for epoch in range(5):
-        within = [r[0] for r in per_epoch[epoch * 4:(epoch + 1) * 4]]
+        within = [r[0] for r in per_epoch[epoch * 4 : (epoch + 1) * 4]]
         assert within == pytest.approx([ref_opt.param_groups[0]["lr"]] * 4)  # constant within the epoch
         ref_opt.step()
         ref.step()
@@ -218,8 +430,9 @@ def test_5_paper_protocol_trains_on_all_classes_and_reports_the_best_test_epoch(
 
 
 def test_7_adapter_layernorm_after_the_up_projection_is_an_option():
-    cfg = resolve(method="adapter", backbone="vit_small_patch16_224",
-                  overrides={**TINY_VIT, "method_args.layernorm": "post"})
+    cfg = resolve(
+        method="adapter", backbone="vit_small_patch16_224", overrides={**TINY_VIT, "method_args.layernorm": "post"}
+    )
     adapter = next(iter(build_model(cfg, 4).adapter_modules.values()))
     assert isinstance(adapter.post_norm, nn.LayerNorm) and isinstance(adapter.pre_norm, nn.Identity)
 
@@ -234,8 +447,11 @@ def test_8_proxies_xavier_over_8_with_their_own_learning_rate():
 
 
 def test_9_heads_xavier_uniform_with_zero_bias():
-    cfg = resolve(method="linear_probe", backbone="vit_small_patch16_224",
-                  overrides={**TINY_VIT, "model.head_init": "xavier", "model.embed_dim": 64})
+    cfg = resolve(
+        method="linear_probe",
+        backbone="vit_small_patch16_224",
+        overrides={**TINY_VIT, "model.head_init": "xavier", "model.embed_dim": 64},
+    )
     proj = build_model(cfg, 4).head.proj
     bound = math.sqrt(6 / (384 + 64))
     assert torch.count_nonzero(proj.bias) == 0 and proj.weight.abs().max() <= bound
@@ -291,7 +507,9 @@ def test_10_frpt_code_choices():
 
 def test_11_embedding_width_follows_the_backbone_unless_set():
     def width(backbone: str, **over) -> int:
-        return resolve(method="bitfit", backbone=backbone, overrides={"model.pretrained": False, **over}).model.embed_dim
+        return resolve(
+            method="bitfit", backbone=backbone, overrides={"model.pretrained": False, **over}
+        ).model.embed_dim
 
     assert width("vit_small_patch16_224") == 384 and width("vit_base_patch16_224") == 512
     assert width("tf_efficientnet_lite0") == 512 and width("vit_small_patch16_224", **{"model.embed_dim": 128}) == 128
@@ -309,10 +527,16 @@ def test_12_cnn_adapter_is_a_bottleneck_on_resnet50():
 def test_13_parameter_shares_are_logged(tiny_vit_overrides):
     from harness.training.loop import train
 
-    cfg = resolve(method="bitfit", backbone="vit_small_patch16_224", overrides={**tiny_vit_overrides, "optim.epochs": 1})
+    cfg = resolve(
+        method="bitfit", backbone="vit_small_patch16_224", overrides={**tiny_vit_overrides, "optim.epochs": 1}
+    )
     m = train(cfg).metrics
-    backbone = sum(p.numel() for p in create_backbone("vit_small_patch16_224", pretrained=False,
-                                                      kwargs=TINY_VIT["model.backbone_kwargs"]).model.parameters())
+    backbone = sum(
+        p.numel()
+        for p in create_backbone(
+            "vit_small_patch16_224", pretrained=False, kwargs=TINY_VIT["model.backbone_kwargs"]
+        ).model.parameters()
+    )
     assert m["params/trainable_share"] == pytest.approx(m["params/trainable"] / backbone)
     assert m["params/trainable_inference_share"] == pytest.approx(m["params/trainable_inference"] / backbone)
 

@@ -2,6 +2,7 @@
 registry like timm's model tests), checked against its own registration: the declared backbone
 training and prefixes are exactly what trains, frozen weights stay frozen, the loss goes down,
 the inference path gives unit embeddings, counts, modes, caching and saving follow the prefixes."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,10 +22,19 @@ CASES = [(m, f) for m in method_names() for f in ("cnn", "vit") if get_method(m)
 
 def build(method: str, family: str):
     name, kwargs = BACKBONES[family]
-    cfg = resolve(method=method, backbone=name, overrides={
-        "model.pretrained": False, "model.backbone_kwargs": kwargs, "model.embed_dim": 16,
-        "data.image_size": 32, "optim.lr": 1e-3, "optim.name": "adamw", "optim.weight_decay": 0.0,
-    })
+    cfg = resolve(
+        method=method,
+        backbone=name,
+        overrides={
+            "model.pretrained": False,
+            "model.backbone_kwargs": kwargs,
+            "model.embed_dim": 16,
+            "data.image_size": 32,
+            "optim.lr": 1e-3,
+            "optim.name": "adamw",
+            "optim.weight_decay": 0.0,
+        },
+    )
     backbone = create_backbone(name, pretrained=False, kwargs=kwargs)
     original = dict(backbone.model.named_parameters())
     model = build_model(cfg, num_classes=4, backbone=backbone)
@@ -37,8 +47,9 @@ def test_method_is_what_it_says(method, family):
     cfg, model, original = build(method, family)
     spec = get_method(method)
     trainable_backbone = {n for n, p in original.items() if p.requires_grad}
-    expected_backbone = {"none": set(), "all": set(original),
-                         "biases": {n for n in original if n.endswith("bias")}}[spec.backbone]
+    expected_backbone = {"none": set(), "all": set(original), "biases": {n for n in original if n.endswith("bias")}}[
+        spec.backbone
+    ]
     assert trainable_backbone == expected_backbone, sorted(trainable_backbone ^ expected_backbone)[:3]
     assert model.frozen_backbone == (spec.backbone != "all")
     assert model.method_prefixes == spec.prefixes and model.training_only_prefixes == spec.training_only
@@ -86,8 +97,11 @@ def test_method_is_what_it_says(method, family):
     counts = model.count_parameters()
     if not getattr(model, "memory_bank", False):  # the VPTSP-G bank counts CPU-held prompts too
         assert counts["params/trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-        training_only = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and (
-            n.startswith("criterion.") or model.owner(n) in spec.training_only))
+        training_only = sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if p.requires_grad and (n.startswith("criterion.") or model.owner(n) in spec.training_only)
+        )
         assert counts["params/trainable_inference"] == counts["params/trainable"] - training_only
     assert counts["params/trainable_inference"] <= counts["params/trainable"] <= counts["params/total"]
 
@@ -113,9 +127,34 @@ def test_family_is_enforced_for_every_method():
 
 
 def test_registry_covers_the_product():
-    expected = {"full_finetune", "linear_probe", "bitfit", "adapter", "vpt_shallow", "vpt_deep",
-                "vptsp_g", "vptsp_ema", "frpt", "frpt_dpp", "frpt_cah", "frpt_no_in", "frpt_bbox", "frpt_cam", "lora", "ssf",
-                "peft_lora", "dora", "loha", "lokr", "oft", "boft", "ia3", "vera", "fourierft", "peft"}
+    expected = {
+        "full_finetune",
+        "linear_probe",
+        "bitfit",
+        "adapter",
+        "vpt_shallow",
+        "vpt_deep",
+        "vptsp_g",
+        "vptsp_ema",
+        "frpt",
+        "frpt_dpp",
+        "frpt_cah",
+        "frpt_no_in",
+        "frpt_bbox",
+        "frpt_cam",
+        "lora",
+        "ssf",
+        "peft_lora",
+        "dora",
+        "loha",
+        "lokr",
+        "oft",
+        "boft",
+        "ia3",
+        "vera",
+        "fourierft",
+        "peft",
+    }
     assert expected <= set(method_names())
 
 
@@ -127,7 +166,7 @@ def test_readme_example_method_passes_the_registry_checks():
     from harness.models import registry
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Adding a method"):]
+    section = readme[readme.index("## Adding a method") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
     try:

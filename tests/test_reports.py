@@ -1,4 +1,5 @@
 """Study reports: rebuilt from MLflow alone, byte-identical, with published numbers paired correctly."""
+
 from __future__ import annotations
 
 import shutil
@@ -36,13 +37,27 @@ def finished_study(tmp_path_factory):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     overrides = {k: v for k, v in {**TINY, **TINY_VIT}.items() if k not in ("dataset", "optim.epochs")}
     spec = {
-        "name": "rep", "backbone": "vit_small_patch16_224", "datasets": ["fashion_mnist"],
+        "name": "rep",
+        "backbone": "vit_small_patch16_224",
+        "datasets": ["fashion_mnist"],
         "methods": [{"method": "linear_probe", "label": "Linear probe"}],
-        "references": [{"method": "linear_probe", "name": "pretrained", "label": "pretrained (no training)",
-                        "published_as": "pretrained", "overrides": {"optim.epochs": 0, "model.embed_dim": 0}}],
-        "overrides": {**overrides, "tracking.uri": uri, "tracking.log_artifacts": False,
-                      "eval.transfer": ["fashion_styles"]},
-        "budget": {"n_trials": 2, "epochs": 2}, "reproduce": {"seeds": [0, 1]},
+        "references": [
+            {
+                "method": "linear_probe",
+                "name": "pretrained",
+                "label": "pretrained (no training)",
+                "published_as": "pretrained",
+                "overrides": {"optim.epochs": 0, "model.embed_dim": 0},
+            }
+        ],
+        "overrides": {
+            **overrides,
+            "tracking.uri": uri,
+            "tracking.log_artifacts": False,
+            "eval.transfer": ["fashion_styles"],
+        },
+        "budget": {"n_trials": 2, "epochs": 2},
+        "reproduce": {"seeds": [0, 1]},
     }
     path = folder / "rep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -66,11 +81,21 @@ def test_report_is_rebuilt_identically(finished_study, tmp_path):
     a, b = files(again), files(other)
     assert a == b
     names = set(a)
-    for name in ("report.md", "results.csv", "results.md", "results.tex", "tuning.csv", "spec.yaml",
-                 "figures/curves_fashion_mnist.png", "figures/tradeoff_fashion_mnist.png",
-                 "figures/comparison_fashion_mnist.png",
-                 "figures/optuna/fashion_mnist_history.png", "retention.md", "retention.tex",
-                 "figures/retention_fashion_mnist.png"):
+    for name in (
+        "report.md",
+        "results.csv",
+        "results.md",
+        "results.tex",
+        "tuning.csv",
+        "spec.yaml",
+        "figures/curves_fashion_mnist.png",
+        "figures/tradeoff_fashion_mnist.png",
+        "figures/comparison_fashion_mnist.png",
+        "figures/optuna/fashion_mnist_history.png",
+        "retention.md",
+        "retention.tex",
+        "figures/retention_fashion_mnist.png",
+    ):
         assert name in names
         if name.endswith(".png"):
             assert name.removesuffix(".png") + ".pdf" in names  # vector beside raster
@@ -87,8 +112,11 @@ def test_retention_table_reports_what_each_method_kept(finished_study, tmp_path)
     assert key in runs and not pd.Series(trials_logged).notna().any()
     out = build_report(finished_study, out_dir=tmp_path / "r")
     table = (out / "retention.md").read_text()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in table.splitlines() if line.startswith("| ") and "Method" not in line}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in table.splitlines()
+        if line.startswith("| ") and "Method" not in line
+    }
     assert set(rows) == {"Linear probe", "pretrained (no training)"}
     assert rows["pretrained (no training)"][0] == "+0.0" and rows["pretrained (no training)"][-1] == "100.0"
     assert "fashion_styles kept" in table and "Forgetting" in (out / "report.md").read_text()
@@ -112,8 +140,11 @@ def test_optuna_figures_read_the_optuna_storage_and_never_write_it(finished_stud
 
 def test_results_are_the_reproduction_runs(finished_study, tmp_path):
     out = build_report(finished_study, out_dir=tmp_path / "r")
-    runs = mlflow.search_runs(experiment_names=["fashion_mnist"], output_format="list",
-                              filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'reproduction'")
+    runs = mlflow.search_runs(
+        experiment_names=["fashion_mnist"],
+        output_format="list",
+        filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'reproduction'",
+    )
     table = pd.read_csv(out / "results.csv")
     assert list(table["label"]) == ["Linear probe", "pretrained (no training)"]
     for entry, (_, row) in zip(("linear_probe", "pretrained"), table.iterrows()):
@@ -132,8 +163,11 @@ def test_results_are_the_reproduction_runs(finished_study, tmp_path):
 
 def test_report_is_logged_to_a_study_run(finished_study, tmp_path):
     build_report(finished_study, out_dir=tmp_path / "m")
-    (run,) = mlflow.search_runs(experiment_names=["fashion_mnist"], output_format="list",
-                                filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'report'")
+    (run,) = mlflow.search_runs(
+        experiment_names=["fashion_mnist"],
+        output_format="list",
+        filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'report'",
+    )
     listed = {f.path for f in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id, "report")}
     assert {"report/report.md", "report/results.tex", "report/figures"} <= listed
 
@@ -141,16 +175,30 @@ def test_report_is_logged_to_a_study_run(finished_study, tmp_path):
 # ----------------------------------------------------------------------------- published numbers
 
 
-def fake_mlflow_runs(entry: str, dataset: str, r1: list[float], shots: int = 0, protocol: str = "paper") -> pd.DataFrame:
+def fake_mlflow_runs(
+    entry: str, dataset: str, r1: list[float], shots: int = 0, protocol: str = "paper"
+) -> pd.DataFrame:
     """Rows shaped like mlflow.search_runs output for reproduction runs (input to the pairing logic)."""
-    return pd.DataFrame([{
-        "run_id": f"{entry}-{seed}", "start_time": pd.Timestamp(2024, 1, 1) + pd.Timedelta(seconds=seed),
-        "tags.dmlbench.role": "reproduction", "tags.dmlbench.status": "finished", "tags.dmlbench.dataset": dataset,
-        "tags.dmlbench.entry": entry, "tags.dmlbench.seed": str(seed), "params.data.shots": str(shots),
-        "params.protocol": protocol,
-        "metrics.test/recall_at_1": value, "metrics.test/selected_recall_at_1": value + 0.01,
-        "metrics.params/trainable": 2.9e6, "metrics.params/total": 26.4e6,
-    } for seed, value in enumerate(r1)])
+    return pd.DataFrame(
+        [
+            {
+                "run_id": f"{entry}-{seed}",
+                "start_time": pd.Timestamp(2024, 1, 1) + pd.Timedelta(seconds=seed),
+                "tags.dmlbench.role": "reproduction",
+                "tags.dmlbench.status": "finished",
+                "tags.dmlbench.dataset": dataset,
+                "tags.dmlbench.entry": entry,
+                "tags.dmlbench.seed": str(seed),
+                "params.data.shots": str(shots),
+                "params.protocol": protocol,
+                "metrics.test/recall_at_1": value,
+                "metrics.test/selected_recall_at_1": value + 0.01,
+                "metrics.params/trainable": 2.9e6,
+                "metrics.params/total": 26.4e6,
+            }
+            for seed, value in enumerate(r1)
+        ]
+    )
 
 
 def test_published_cells_pair_with_our_runs():
@@ -171,7 +219,9 @@ def test_published_cells_pair_with_our_runs():
 
 def test_fair_protocol_rows_show_published_numbers_without_a_difference():
     spec = load_spec(REPO / "studies" / "frpt_ablation.yaml")
-    df, md, tex = published_tables(spec, matches(spec, fake_mlflow_runs("frpt", "cub200", [0.70, 0.72], protocol="fair")))
+    df, md, tex = published_tables(
+        spec, matches(spec, fake_mlflow_runs("frpt", "cub200", [0.70, 0.72], protocol="fair"))
+    )
     r1 = df[(df["metric"] == "R@1") & (df["method"] == "DPP + PT + CAH")]
     assert list(r1["published"]) == [74.3] and np.isnan(r1["delta"]).all() and list(r1["protocol"]) == ["fair"]
     assert "| 74.3 | — |" in md
@@ -182,8 +232,12 @@ def test_fair_protocol_rows_show_published_numbers_without_a_difference():
 
 def test_few_shot_cells_need_the_same_shots():
     spec = load_spec(REPO / "studies" / "frpt_few_shot.yaml")
-    runs = pd.concat([fake_mlflow_runs("frpt_r50_10shot", "cub200", [0.66], shots=10),
-                      fake_mlflow_runs("frpt_r50_5shot", "cub200", [0.60], shots=5)])
+    runs = pd.concat(
+        [
+            fake_mlflow_runs("frpt_r50_10shot", "cub200", [0.66], shots=10),
+            fake_mlflow_runs("frpt_r50_5shot", "cub200", [0.60], shots=5),
+        ]
+    )
     paired = matches(spec, runs)
     few = {(p["entry"], p["column"], p["value"]) for p in paired if p["table_id"] == "frpt_table4"}
     assert few == {("frpt_r50_10shot", "10-shot", 66.6), ("frpt_r50_5shot", "5-shot", 62.8)}
@@ -241,8 +295,14 @@ def test_results_latex_is_booktabs_with_the_best_in_bold_and_compiles(finished_s
     if shutil.which("pdflatex") is None:
         return
     doc = tmp_path / "doc.tex"
-    doc.write_text("\\documentclass[twocolumn]{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
-                   + tex + "\n\\end{document}\n")
-    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    doc.write_text(
+        "\\documentclass[twocolumn]{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + tex + "\n\\end{document}\n"
+    )
+    done = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout[-2000:]

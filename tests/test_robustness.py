@@ -1,5 +1,6 @@
 """Nothing lost, nothing stuck, every mistake caught up front: resumable runs, one-line errors
 with distinct exit codes, interrupted runs ended KILLED, and input checks before anything exists."""
+
 from __future__ import annotations
 
 import os
@@ -35,10 +36,19 @@ def store_runs(uri: str):
 RESUMED = {
     "bitfit": ("bitfit", {}),
     # the CPU memory bank keeps each class row's optimizer state outside the optimizer
-    "vptsp_g_memory_bank": ("vptsp_g", {"method_args.memory_bank": True, "optim.name": "adamw",
-                                        "loss.name": "proxy_anchor", "backbone": "vit_small_patch16_224",
-                                        "data.samples_per_class": 4, "data.batch_size": 16,
-                                        "method_args.num_prompt": 4, "method_args.num_class_prompt": 2}),
+    "vptsp_g_memory_bank": (
+        "vptsp_g",
+        {
+            "method_args.memory_bank": True,
+            "optim.name": "adamw",
+            "loss.name": "proxy_anchor",
+            "backbone": "vit_small_patch16_224",
+            "data.samples_per_class": 4,
+            "data.batch_size": 16,
+            "method_args.num_prompt": 4,
+            "method_args.num_class_prompt": 2,
+        },
+    ),
 }
 
 
@@ -81,8 +91,20 @@ def test_resume_of_an_unknown_run_is_a_one_line_error(tracking_uri, capsys):
 
 def test_diverged_loss_is_one_line_exit_3_and_a_failed_run(tiny_overrides, tracking_uri, capsys):
     sets = [f"{k}={v}" for k, v in tiny_overrides.items() if k != "model.backbone_kwargs"]
-    args = ["train", "--method", "bitfit", *sum((["--set", s] for s in sets), []),
-            "--set", "optim.lr=1e30", "--set", "optim.grad_clip=0", "--set", "optim.name=sgd", "--set", "optim.epochs=3"]
+    args = [
+        "train",
+        "--method",
+        "bitfit",
+        *sum((["--set", s] for s in sets), []),
+        "--set",
+        "optim.lr=1e30",
+        "--set",
+        "optim.grad_clip=0",
+        "--set",
+        "optim.name=sgd",
+        "--set",
+        "optim.epochs=3",
+    ]
     assert main(args) == 3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "training diverged" in err and "Traceback" not in err
@@ -92,14 +114,37 @@ def test_diverged_loss_is_one_line_exit_3_and_a_failed_run(tiny_overrides, track
 
 def test_ctrl_c_ends_the_run_killed_with_exit_130(tmp_path, tracking_uri):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "harness.cli", "train", "--method", "linear_probe",
-           "--set", "data.max_per_class=32", "--set", "data.image_size=32", "--set", "data.resize_size=32",
-           "--set", "data.num_workers=0", "--set", "model.pretrained=false", "--set", "optim.epochs=500",
-           "--set", "data.batch_size=48", "--set", "data.samples_per_class=16", "--set", "model.embed_dim=16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "train",
+        "--method",
+        "linear_probe",
+        "--set",
+        "data.max_per_class=32",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.resize_size=32",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "model.pretrained=false",
+        "--set",
+        "optim.epochs=500",
+        "--set",
+        "data.batch_size=48",
+        "--set",
+        "data.samples_per_class=16",
+        "--set",
+        "model.embed_dim=16",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(
-            r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in store_runs(tracking_uri)):
+        r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in store_runs(tracking_uri)
+    ):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -112,12 +157,20 @@ def test_ctrl_c_ends_the_run_killed_with_exit_130(tmp_path, tracking_uri):
 # ----------------------------------------------------------------------------- checks up front
 
 
-@pytest.mark.parametrize("key, value, text", [
-    ("optim.lr", "nan", "optim.lr"), ("optim.lr", "inf", "optim.lr"), ("optim.lr", "-1", "optim.lr"),
-    ("eval.ks", "[1, 0]", "eval.ks"), ("data.resize_size", "16", "data.resize_size"),
-    ("model.embed_dim", "-5", "model.embed_dim"), ("data.shots", "-1", "data.shots"),
-    ("data.max_per_class", "-3", "data.max_per_class"), ("optim.min_lr", "1.0", "optim.min_lr"),
-])
+@pytest.mark.parametrize(
+    "key, value, text",
+    [
+        ("optim.lr", "nan", "optim.lr"),
+        ("optim.lr", "inf", "optim.lr"),
+        ("optim.lr", "-1", "optim.lr"),
+        ("eval.ks", "[1, 0]", "eval.ks"),
+        ("data.resize_size", "16", "data.resize_size"),
+        ("model.embed_dim", "-5", "model.embed_dim"),
+        ("data.shots", "-1", "data.shots"),
+        ("data.max_per_class", "-3", "data.max_per_class"),
+        ("optim.min_lr", "1.0", "optim.min_lr"),
+    ],
+)
 def test_bad_values_are_refused_before_anything_exists(key, value, text, tracking_uri, capsys):
     assert main(["train", "--method", "bitfit", "--set", "model.pretrained=false", "--set", f"{key}={value}"]) == 2
     err = capsys.readouterr().err
@@ -138,15 +191,21 @@ def test_vit_is_built_for_the_run_image_size(tiny_vit_overrides):
     cfg = resolve(method="bitfit", backbone="vit_small_patch16_224", overrides=over)
     assert cfg.model.backbone_kwargs["img_size"] == 48
     with pytest.raises(UserError, match="img_size=32 does not match data.image_size=48"):
-        resolve(method="bitfit", backbone="vit_small_patch16_224",
-                overrides={**over, "model.backbone_kwargs": {"depth": 2, "img_size": 32}})
+        resolve(
+            method="bitfit",
+            backbone="vit_small_patch16_224",
+            overrides={**over, "model.backbone_kwargs": {"depth": 2, "img_size": 32}},
+        )
 
 
-@pytest.mark.parametrize("file, line, text", [
-    ("image_class_labels.txt", "1 one", "image_class_labels.txt:1: expected '<image id> <integer class id>'"),
-    ("classes.txt", "Black_footed_Albatross", "classes.txt:1: expected '<integer class id> <class name>'"),
-    ("bounding_boxes.txt", "1 2.0 3.0", "bounding_boxes.txt:1: expected '<image id> <x> <y> <width> <height>'"),
-])
+@pytest.mark.parametrize(
+    "file, line, text",
+    [
+        ("image_class_labels.txt", "1 one", "image_class_labels.txt:1: expected '<image id> <integer class id>'"),
+        ("classes.txt", "Black_footed_Albatross", "classes.txt:1: expected '<integer class id> <class name>'"),
+        ("bounding_boxes.txt", "1 2.0 3.0", "bounding_boxes.txt:1: expected '<image id> <x> <y> <width> <height>'"),
+    ],
+)
 def test_malformed_cub_metadata_names_file_and_line(tmp_path, file, line, text):
     from test_data import cfg_for, make_cub
 
@@ -186,13 +245,33 @@ def test_tracking_uris_are_checked_before_any_run(tmp_path, capsys, monkeypatch)
     port = closed.getsockname()[1]
     closed.close()
     srv, silent = silent_server()
-    cases = [("garbage://x", "bad MLflow tracking URI"), (str(tmp_path / "mlruns"), "file store"),
-             (f"file://{tmp_path}/mlruns", "file store"), (f"http://127.0.0.1:{port}", "does not answer"),
-             (f"http://127.0.0.1:{silent}", "does not answer")]
+    cases = [
+        ("garbage://x", "bad MLflow tracking URI"),
+        (str(tmp_path / "mlruns"), "file store"),
+        (f"file://{tmp_path}/mlruns", "file store"),
+        (f"http://127.0.0.1:{port}", "does not answer"),
+        (f"http://127.0.0.1:{silent}", "does not answer"),
+    ]
     for uri, text in cases:
         started = time.monotonic()
-        assert main(["train", "--method", "bitfit", "--set", "model.pretrained=false", "--set",
-                     "data.max_per_class=4", "--set", "data.num_workers=0", "--tracking-uri", uri]) == 2, uri
+        assert (
+            main(
+                [
+                    "train",
+                    "--method",
+                    "bitfit",
+                    "--set",
+                    "model.pretrained=false",
+                    "--set",
+                    "data.max_per_class=4",
+                    "--set",
+                    "data.num_workers=0",
+                    "--tracking-uri",
+                    uri,
+                ]
+            )
+            == 2
+        ), uri
         assert time.monotonic() - started < 30
         err = capsys.readouterr().err
         assert text in err and len(err.strip().splitlines()) == 1, (uri, err)
@@ -206,10 +285,13 @@ def test_report_without_runs_writes_nothing(tmp_path, tracking_uri, capsys):
     assert "no runs of study 'demo'" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("storage, text", [
-    ("nosuchdriver://x/y", "bad --storage"),
-    ("postgresql+psycopg://u@127.0.0.1:1/db", "cannot open Optuna storage"),
-])
+@pytest.mark.parametrize(
+    "storage, text",
+    [
+        ("nosuchdriver://x/y", "bad --storage"),
+        ("postgresql+psycopg://u@127.0.0.1:1/db", "cannot open Optuna storage"),
+    ],
+)
 def test_bad_storage_urls_are_refused_before_any_run_or_trial(storage, text, tracking_uri, capsys):
     spec = REPO / "studies" / "demo.yaml"
     assert main(["study", "run", str(spec), "--storage", storage]) == 2
@@ -218,18 +300,26 @@ def test_bad_storage_urls_are_refused_before_any_run_or_trial(storage, text, tra
     assert store_runs(tracking_uri) == []
 
 
-@pytest.mark.parametrize("space, text", [
-    ({"optim.lr": {"type": "float", "low": "abc", "high": 1}}, "finite numbers low <= high"),
-    ({"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "log scale needs low > 0"),
-    ({"optim.name": {"type": "categorical", "choices": ["adamw", "sgdd"]}}, "bad value 'sgdd' for 'optim.name'"),
-    ({"method_args.style": {"type": "categorical", "choices": ["parallel", "seqential"]}}, "'seqential'"),
-    ([1], "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "space, text",
+    [
+        ({"optim.lr": {"type": "float", "low": "abc", "high": 1}}, "finite numbers low <= high"),
+        ({"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "log scale needs low > 0"),
+        ({"optim.name": {"type": "categorical", "choices": ["adamw", "sgdd"]}}, "bad value 'sgdd' for 'optim.name'"),
+        ({"method_args.style": {"type": "categorical", "choices": ["parallel", "seqential"]}}, "'seqential'"),
+        ([1], "must be a mapping"),
+    ],
+)
 def test_study_search_spaces_are_checked_before_anything_exists(space, text, tmp_path, tracking_uri, capsys):
     import yaml
 
-    spec = {"name": "bad", "backbone": "tf_efficientnet_lite0", "datasets": ["fashion_mnist"],
-            "methods": [{"method": "adapter", "search_space": space}], "budget": {"n_trials": 1, "epochs": 1}}
+    spec = {
+        "name": "bad",
+        "backbone": "tf_efficientnet_lite0",
+        "datasets": ["fashion_mnist"],
+        "methods": [{"method": "adapter", "search_space": space}],
+        "budget": {"n_trials": 1, "epochs": 1},
+    }
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["study", "run", str(path)]) == 2
@@ -240,8 +330,9 @@ def test_study_search_spaces_are_checked_before_anything_exists(space, text, tmp
 
 
 def test_weights_are_not_saved_when_log_weights_is_off(tiny_overrides):
-    result = train(resolve(method="linear_probe", overrides={**tiny_overrides, "optim.epochs": 1,
-                                                             "tracking.log_weights": False}))
+    result = train(
+        resolve(method="linear_probe", overrides={**tiny_overrides, "optim.epochs": 1, "tracking.log_weights": False})
+    )
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert "curves.png" in names and "trainable.safetensors" not in names
 

@@ -7,6 +7,7 @@ same torch) every number must be equal bit for bit; on another machine floating-
 may differ in the last bits, which two epochs can amplify, so there the comparison allows a
 small tolerance and says so. Regenerate (only on purpose) with ``python tests/test_same_metrics.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,19 @@ SKIP = ("cost/",)
 def machine() -> dict[str, str]:
     cpu = ""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu or platform.processor(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu or platform.processor(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def tiny_runs(uri: str) -> dict[str, dict[str, float]]:
@@ -54,8 +62,13 @@ def tiny_runs(uri: str) -> dict[str, dict[str, float]]:
         from harness.training.resolution import resolve
     out = {}
     for name, method, backbone, extra in RUNS:
-        overrides = {**TINY, **(TINY_VIT if backbone.startswith("vit") else {}), "tracking.uri": uri,
-                     "tracking.log_artifacts": False, **extra}
+        overrides = {
+            **TINY,
+            **(TINY_VIT if backbone.startswith("vit") else {}),
+            "tracking.uri": uri,
+            "tracking.log_artifacts": False,
+            **extra,
+        }
         result = train(resolve(method=method, backbone=backbone, overrides=overrides))
         metrics = {k: float(v) for k, v in result.metrics.items() if not k.startswith(SKIP)}
         for row in result.history:

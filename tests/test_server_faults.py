@@ -1,5 +1,6 @@
 """Servers that go away, for real: an MLflow tracking server killed during a run and a study,
 PostgreSQL restarted during a trial's per-epoch report, and PostgreSQL down for good."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,12 @@ from test_studies import write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 #: MLflow's client gives up on a dead server after seconds here, not minutes
-FAST_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "PYTHONUNBUFFERED": "1"}
+FAST_MLFLOW = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 class Server:
@@ -33,10 +38,27 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
-             str(self.folder / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.folder,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'server.db'}",
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.folder,
+            start_new_session=True,
+        )
 
         def up() -> bool:
             try:
@@ -68,9 +90,24 @@ def server_runs(url: str) -> list:
 
 def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(server, tmp_path):
     env = {**os.environ, **FAST_MLFLOW}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", server.url,
-                             "--set", f"tracking.checkpoint_dir={tmp_path / 'ckpt'}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "train",
+            *TRAIN,
+            "--tracking-uri",
+            server.url,
+            "--set",
+            f"tracking.checkpoint_dir={tmp_path / 'ckpt'}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: any("train/loss" in r.data.metrics for r in server_runs(server.url)))
         (run,) = server_runs(server.url)
@@ -86,9 +123,25 @@ def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(se
     assert f"dmlbench train --resume {run.info.run_id} --tracking-uri {server.url}" in lines[0]
     server.start()
     assert mlflow.MlflowClient(server.url).get_run(run.info.run_id).info.status == "RUNNING"
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "train", "--resume", run.info.run_id, "--tracking-uri",
-                           server.url, "--set", "optim.epochs=4"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "train",
+            "--resume",
+            run.info.run_id,
+            "--tracking-uri",
+            server.url,
+            "--set",
+            "optim.epochs=4",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert mlflow.MlflowClient(server.url).get_run(run.info.run_id).info.status == "FINISHED"
 
@@ -98,13 +151,24 @@ def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, t
     active run; with the server back, the rerun resumes that trial's run from its checkpoint and
     leaves every run in a final state."""
     env = {**os.environ, **FAST_MLFLOW, "MLFLOW_TRACKING_URI": server.url}
-    path = write_spec(tmp_path, server.url, name="srv", methods=["linear_probe"], budget={"n_trials": 1, "epochs": 4},
-                      reproduce={"seeds": []}, storage=str(tmp_path / "srv.journal"))
+    path = write_spec(
+        tmp_path,
+        server.url,
+        name="srv",
+        methods=["linear_probe"],
+        budget={"n_trials": 1, "epochs": 4},
+        reproduce={"seeds": []},
+        storage=str(tmp_path / "srv.journal"),
+    )
     cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics
-                             for r in server_runs(server.url)))
+        wait_for(
+            lambda: any(
+                r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics
+                for r in server_runs(server.url)
+            )
+        )
         server.kill()
         _, err = proc.communicate(timeout=240)
     finally:
@@ -121,27 +185,62 @@ def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, t
     assert not [r for r in runs if r.info.status == "RUNNING"]
     trial_runs = [r for r in runs if r.data.tags.get("dmlbench.role") == "trial"]
     assert [r.info.run_id for r in trial_runs] == [trial_run.info.run_id]  # resumed, not trained anew
-    steps = sorted(m.step for m in mlflow.MlflowClient(server.url).get_metric_history(trial_run.info.run_id, "train/loss"))
+    steps = sorted(
+        m.step for m in mlflow.MlflowClient(server.url).get_metric_history(trial_run.info.run_id, "train/loss")
+    )
     assert steps == [1, 2, 3, 4]  # each epoch once: the checkpointed ones were not trained again
 
 
 def _pg_ctl(url: str, action: str) -> None:
     data, options = PG_DATA[url]
-    subprocess.run(as_postgres([str(pg_bin() / "pg_ctl"), "-D", str(data), "-w", "-m", "fast", "-l",
-                                str(data.parent / "log"), "-o", options, action]), check=True, capture_output=True)
+    subprocess.run(
+        as_postgres(
+            [
+                str(pg_bin() / "pg_ctl"),
+                "-D",
+                str(data),
+                "-w",
+                "-m",
+                "fast",
+                "-l",
+                str(data.parent / "log"),
+                "-o",
+                options,
+                action,
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
 
 
 def _pg_study(tmp_path: Path, tracking_uri: str, postgres_url: str, name: str, extra_env: dict, epochs: int = 6):
     pytest.importorskip("psycopg")
-    path = write_spec(tmp_path, tracking_uri, name=name, methods=["linear_probe"], budget={"n_trials": 1, "epochs": epochs},
-                      reproduce={"seeds": []})
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1", "DMLBENCH_HEARTBEAT_S": "1",
-           **extra_env}
+    path = write_spec(
+        tmp_path,
+        tracking_uri,
+        name=name,
+        methods=["linear_probe"],
+        budget={"n_trials": 1, "epochs": epochs},
+        reproduce={"seeds": []},
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONUNBUFFERED": "1",
+        "DMLBENCH_HEARTBEAT_S": "1",
+        **extra_env,
+    }
     cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path), "--storage", postgres_url]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = mlflow.MlflowClient(tracking_uri)
-    wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics
-                         for e in client.search_experiments() for r in client.search_runs([e.experiment_id])))
+    wait_for(
+        lambda: any(
+            r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics
+            for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id])
+        )
+    )
     return proc, cmd, env, path
 
 

@@ -1,4 +1,5 @@
 """SIGTERM (kill, Slurm pre-emption, time limits) and dying parents, sent to real processes."""
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,28 @@ from test_studies import optuna_study, runs_of, write_spec
 from harness import cli
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN = ["--method", "linear_probe", "--set", "data.max_per_class=32", "--set", "data.image_size=32",
-         "--set", "data.resize_size=32", "--set", "data.num_workers=0", "--set", "model.pretrained=false",
-         "--set", "optim.epochs=500", "--set", "data.batch_size=48", "--set", "data.samples_per_class=16",
-         "--set", "model.embed_dim=16"]
+TRAIN = [
+    "--method",
+    "linear_probe",
+    "--set",
+    "data.max_per_class=32",
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.resize_size=32",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "model.pretrained=false",
+    "--set",
+    "optim.epochs=500",
+    "--set",
+    "data.batch_size=48",
+    "--set",
+    "data.samples_per_class=16",
+    "--set",
+    "model.embed_dim=16",
+]
 
 
 def wait_for(condition, timeout: float = 180.0) -> None:
@@ -33,15 +52,25 @@ def wait_for(condition, timeout: float = 180.0) -> None:
 
 
 def training_runs(uri: str) -> list:
-    return [r for r in mlflow.MlflowClient(uri).search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()])
-        if r.info.status == "RUNNING" and "train/loss" in r.data.metrics]
+    return [
+        r
+        for r in mlflow.MlflowClient(uri).search_runs(
+            [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()]
+        )
+        if r.info.status == "RUNNING" and "train/loss" in r.data.metrics
+    ]
 
 
 def test_sigterm_ends_a_train_run_killed_with_exit_143_and_the_resume_command(tmp_path, tracking_uri):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", tracking_uri],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "train", *TRAIN, "--tracking-uri", tracking_uri],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: training_runs(tracking_uri))
         proc.send_signal(signal.SIGTERM)
@@ -52,13 +81,16 @@ def test_sigterm_ends_a_train_run_killed_with_exit_143_and_the_resume_command(tm
     assert proc.returncode == 143, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("dmlbench: terminated (SIGTERM) run ")
-    (run,) = mlflow.MlflowClient(tracking_uri).search_runs([mlflow.get_experiment_by_name("fashion_mnist").experiment_id])
+    (run,) = mlflow.MlflowClient(tracking_uri).search_runs(
+        [mlflow.get_experiment_by_name("fashion_mnist").experiment_id]
+    )
     assert run.info.status == "KILLED" and run.data.tags["dmlbench.status"] == "interrupted"
     assert f"dmlbench train --resume {run.info.run_id} --tracking-uri {tracking_uri}" in lines[0]
 
 
 def test_interrupt_before_a_run_is_one_readable_line(monkeypatch, capsys):
     """Ctrl-C while a run is still being prepared (or during a report) used to print 'dmlbench: '."""
+
     def interrupted(args):
         raise KeyboardInterrupt
 
@@ -70,14 +102,31 @@ def test_interrupt_before_a_run_is_one_readable_line(monkeypatch, capsys):
 
 def _study_process(tmp_path: Path, tracking_uri: str, name: str) -> tuple[subprocess.Popen, Path]:
     mlflow.set_tracking_uri(tracking_uri)
-    path = write_spec(tmp_path, tracking_uri, name=name, methods=["linear_probe"],
-                      budget={"n_trials": 2, "epochs": 100000}, reproduce={"seeds": []})
+    path = write_spec(
+        tmp_path,
+        tracking_uri,
+        name=name,
+        methods=["linear_probe"],
+        budget={"n_trials": 2, "epochs": 100000},
+        reproduce={"seeds": []},
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "study", "run", str(path), "--workers", "2"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    wait_for(lambda: proc.poll() is not None or len(
-        [r for r in runs_of(name, "trial") if r.info.status == "RUNNING" and "train/loss" in r.data.metrics]) == 2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "study", "run", str(path), "--workers", "2"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for(
+        lambda: (
+            proc.poll() is not None
+            or len([r for r in runs_of(name, "trial") if r.info.status == "RUNNING" and "train/loss" in r.data.metrics])
+            == 2
+        )
+    )
     assert proc.poll() is None, proc.stderr.read()
     return proc, path
 

@@ -9,6 +9,7 @@ run too). Blocking transfers the project's code asks for (``.cpu()``, ``.numpy()
 read of the summed loss at the end: VPTSP-G groups each batch by class on the host and its memory
 bank moves rows through pinned memory, so neither syncs.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,9 @@ from methods import get_method, method_names
 from harness.training.resolution import resolve
 from harness.runtime import SyncCounter, host_scalars
 
-CASES = [(m, f, {}) for m in method_names() for f in ("cnn", "vit")
-         if get_method(m).applies_to(f) and m != "frpt_bbox"]  # frpt_bbox needs boxes (CUB)
+CASES = [
+    (m, f, {}) for m in method_names() for f in ("cnn", "vit") if get_method(m).applies_to(f) and m != "frpt_bbox"
+]  # frpt_bbox needs boxes (CUB)
 CASES += [(m, "vit", {"method_args.memory_bank": True}) for m in ("vptsp_g", "vptsp_ema")]
 
 
@@ -47,12 +49,13 @@ class PausedWhileFetching:
             yield batch
 
 
-@pytest.mark.parametrize("method, family, extra", CASES, ids=lambda v: ("bank" if v else "plain") if isinstance(v, dict) else str(v))
+@pytest.mark.parametrize(
+    "method, family, extra", CASES, ids=lambda v: ("bank" if v else "plain") if isinstance(v, dict) else str(v)
+)
 def test_training_step_never_syncs(method, family, extra, tiny_overrides, tiny_vit_overrides):
     overrides = tiny_vit_overrides if family == "vit" else tiny_overrides
     backbone = "vit_small_patch16_224" if family == "vit" else "resnet18"
-    run = prepare(resolve(method=method, backbone=backbone,
-                          overrides={**overrides, "data.max_per_class": 48, **extra}))
+    run = prepare(resolve(method=method, backbone=backbone, overrides={**overrides, "data.max_per_class": 48, **extra}))
     train_epoch(run, 1)  # the optimiser creates its state (host step counters) in the first step
     first = run.images
     counter = SyncCounter(ignore=host_scalars(run.optimizer))
@@ -85,8 +88,16 @@ def test_counter_sees_the_syncs_it_is_for():
         x * 2  # no sync
         x.cpu(), x.numpy(), x.tolist(), x.to("cpu"), x.to(torch.device("cpu"), torch.float64)
         x.to("cpu", non_blocking=True), x.to(torch.float16)  # neither waits
-    assert dict(c.counts) == {"_local_scalar_dense": 2, "nonzero": 1, "_unique2": 1, "index": 1, "Tensor.cpu": 1,
-                              "Tensor.numpy": 1, "Tensor.tolist": 1, "Tensor.to": 2}
+    assert dict(c.counts) == {
+        "_local_scalar_dense": 2,
+        "nonzero": 1,
+        "_unique2": 1,
+        "index": 1,
+        "Tensor.cpu": 1,
+        "Tensor.numpy": 1,
+        "Tensor.tolist": 1,
+        "Tensor.to": 2,
+    }
     with SyncCounter() as c:  # the project's code only: a test's own calls are not the step's
         x.cpu()
     assert not c.counts

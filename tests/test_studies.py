@@ -1,4 +1,5 @@
 """Optuna studies end to end on tiny data: nested MLflow runs, resume, kill, prune, workers, specs."""
+
 from __future__ import annotations
 
 import os
@@ -36,10 +37,16 @@ def base_overrides(uri: str) -> dict:
 
 def write_spec(folder: Path, uri: str, **changes) -> Path:
     spec = {
-        "name": "tiny", "backbone": "vit_small_patch16_224", "datasets": ["fashion_mnist"],
-        "methods": ["linear_probe", "bitfit"], "overrides": base_overrides(uri), "objective": "val_map_at_r",
-        "budget": {"n_trials": 3, "epochs": 2}, "sampler": {"name": "tpe", "seed": 0},
-        "pruner": {"name": "none"}, "reproduce": {"seeds": [0]},
+        "name": "tiny",
+        "backbone": "vit_small_patch16_224",
+        "datasets": ["fashion_mnist"],
+        "methods": ["linear_probe", "bitfit"],
+        "overrides": base_overrides(uri),
+        "objective": "val_map_at_r",
+        "budget": {"n_trials": 3, "epochs": 2},
+        "sampler": {"name": "tpe", "seed": 0},
+        "pruner": {"name": "none"},
+        "reproduce": {"seeds": [0]},
     }
     spec.update(changes)
     path = folder / f"{spec['name']}.yaml"
@@ -49,8 +56,7 @@ def write_spec(folder: Path, uri: str, **changes) -> Path:
 
 def optuna_study(path: Path, entry: str, dataset: str = "fashion_mnist") -> optuna.Study:
     spec = load_spec(path)
-    return optuna.load_study(study_name=f"{spec.name}/{dataset}/{entry}",
-                             storage=open_storage(storage_url(spec)))
+    return optuna.load_study(study_name=f"{spec.name}/{dataset}/{entry}", storage=open_storage(storage_url(spec)))
 
 
 def runs_of(study: str, role: str | None = None) -> list:
@@ -123,9 +129,15 @@ def test_status_reports_budget_and_reproductions(tiny_study):
 
 
 def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, tracking_uri):
-    path = write_spec(tmp_path, tracking_uri, name="prune", methods=["linear_probe"],
-                      budget={"n_trials": 1, "epochs": 2}, reproduce={"seeds": []},
-                      pruner={"name": "threshold", "lower": 1.5})  # MAP@R < 1.5 always: prune at epoch 1
+    path = write_spec(
+        tmp_path,
+        tracking_uri,
+        name="prune",
+        methods=["linear_probe"],
+        budget={"n_trials": 1, "epochs": 2},
+        reproduce={"seeds": []},
+        pruner={"name": "threshold", "lower": 1.5},
+    )  # MAP@R < 1.5 always: prune at epoch 1
     run_study(path)
     study = optuna_study(path, "linear_probe")
     assert [t.state for t in study.trials] == [TrialState.PRUNED]
@@ -136,11 +148,22 @@ def test_pruned_trial_is_pruned_in_optuna_and_mlflow(tmp_path, tracking_uri):
 
 
 def test_killed_worker_is_resumed(tmp_path, tracking_uri):
-    path = write_spec(tmp_path, tracking_uri, name="kill", methods=["linear_probe"],
-                      budget={"n_trials": 2, "epochs": 2}, reproduce={"seeds": []})
+    path = write_spec(
+        tmp_path,
+        tracking_uri,
+        name="kill",
+        methods=["linear_probe"],
+        budget={"n_trials": 2, "epochs": 2},
+        reproduce={"seeds": []},
+    )
     code = f"from harness.studies.runner import run_study; run_study({str(path)!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killed = None
     deadline = time.monotonic() + 120
     try:
@@ -172,8 +195,14 @@ def test_killed_worker_is_resumed(tmp_path, tracking_uri):
 
 
 def test_two_workers_share_one_journal(tmp_path, tracking_uri):
-    path = write_spec(tmp_path, tracking_uri, name="workers", methods=["linear_probe"],
-                      budget={"n_trials": 3, "epochs": 1}, reproduce={"seeds": []})
+    path = write_spec(
+        tmp_path,
+        tracking_uri,
+        name="workers",
+        methods=["linear_probe"],
+        budget={"n_trials": 3, "epochs": 1},
+        reproduce={"seeds": []},
+    )
     run_study(path, workers=2)
     trials = optuna_study(path, "linear_probe").trials
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
@@ -210,13 +239,27 @@ def test_stale_trial_detection():
         ({"budjet": {"n_trials": 1, "epochs": 1}}, "did you mean 'budget'"),
         ({"methods": ["linear_probe", "vtp_deep"]}, "unknown method 'vtp_deep'"),
         ({"datasets": ["cub"]}, "unknown dataset 'cub'"),
-        ({"methods": [{"method": "bitfit", "search_space": {"optim.lr": None, "optim.weight_decay": None}}]},
-         "empty search space"),
+        (
+            {"methods": [{"method": "bitfit", "search_space": {"optim.lr": None, "optim.weight_decay": None}}]},
+            "empty search space",
+        ),
         ({"methods": [{"method": "bitfit", "overides": {}}]}, "did you mean 'overrides'"),
-        ({"methods": [{"method": "bitfit", "search_space": {"optim.lrr": {"type": "float", "low": 0.1, "high": 1}}}]},
-         "unknown config key 'optim.lrr'"),
-        ({"methods": [{"method": "bitfit", "search_space": {"optim.lr": {"type": "loguniform", "low": 0.1, "high": 1}}}]},
-         "bad type 'loguniform'"),
+        (
+            {
+                "methods": [
+                    {"method": "bitfit", "search_space": {"optim.lrr": {"type": "float", "low": 0.1, "high": 1}}}
+                ]
+            },
+            "unknown config key 'optim.lrr'",
+        ),
+        (
+            {
+                "methods": [
+                    {"method": "bitfit", "search_space": {"optim.lr": {"type": "loguniform", "low": 0.1, "high": 1}}}
+                ]
+            },
+            "bad type 'loguniform'",
+        ),
         ({"overrides": {"optim.epochs": 5}}, "budget.epochs sets it"),
         ({"budget": {"n_trials": 2, "epochs": 1, "timeout": 5}}, "did you mean 'timeout_s'"),
         ({"sampler": {"name": "cmaes"}}, "unknown sampler 'cmaes'"),
@@ -233,10 +276,17 @@ def test_bad_spec_is_refused_in_one_line(tmp_path, tracking_uri, change, message
 
 
 def test_grid_budget_is_capped_by_the_grid(tmp_path, tracking_uri):
-    grid = {"optim.lr": {"type": "categorical", "choices": [0.001, 0.01]},
-            "optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.05}}
-    path = write_spec(tmp_path, tracking_uri, sampler={"name": "bruteforce"}, budget={"n_trials": 50, "epochs": 1},
-                      methods=[{"method": "bitfit", "search_space": grid}])
+    grid = {
+        "optim.lr": {"type": "categorical", "choices": [0.001, 0.01]},
+        "optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.05},
+    }
+    path = write_spec(
+        tmp_path,
+        tracking_uri,
+        sampler={"name": "bruteforce"},
+        budget={"n_trials": 50, "epochs": 1},
+        methods=[{"method": "bitfit", "search_space": grid}],
+    )
     spec = load_spec(path)
     assert budget_of(spec, spec.entries[0]) == 6
     with pytest.raises(UserError, match="discrete search space"):
@@ -261,15 +311,26 @@ def test_demo_takes_every_applicable_method_from_the_registry():
     # frpt_bbox needs boxes; vpt_deep and frpt_no_in compute what vpt_shallow and frpt do on a CNN;
     # peft_lora and peft (by default) are peft's LoRA, equal to lora; one peft tuner per family
     expected = {m for m in method_names() if get_method(m).applies_to("cnn")} - {
-        "frpt_bbox", "vpt_deep", "frpt_no_in", "peft_lora", "peft", "boft", "dora", "loha", "lokr"}
+        "frpt_bbox",
+        "vpt_deep",
+        "frpt_no_in",
+        "peft_lora",
+        "peft",
+        "boft",
+        "dora",
+        "loha",
+        "lokr",
+    }
     assert tuned == expected
     assert [e.label for e in spec.entries if e.fixed] == ["pretrained (no training)"]
 
 
 @pytest.mark.parametrize(
     ("name", "keep", "backbone", "vit"),
-    [("frpt_ablation", ["frpt", "pretrained"], "resnet18", False),
-     ("peft_vit_s", ["vpt_deep", "vptsp_g"], "vit_small_patch16_224", True)],
+    [
+        ("frpt_ablation", ["frpt", "pretrained"], "resnet18", False),
+        ("peft_vit_s", ["vpt_deep", "vptsp_g"], "vit_small_patch16_224", True),
+    ],
 )
 def test_shrunken_shipped_spec_runs(tmp_path, tracking_uri, name, keep, backbone, vit):
     raw = yaml.safe_load((REPO / "studies" / f"{name}.yaml").read_text())
@@ -279,11 +340,22 @@ def test_shrunken_shipped_spec_runs(tmp_path, tracking_uri, name, keep, backbone
     assert len(entries) == len(keep)
     for e in entries:
         e["backbone"] = backbone
-    overrides = base_overrides(tracking_uri) if vit else {
-        k: v for k, v in base_overrides(tracking_uri).items() if k != "model.backbone_kwargs"}
-    raw.update(name=f"shrunk_{name}", datasets=["fashion_mnist"], backbone=backbone, methods=entries, references=[],
-               overrides=overrides, budget={"n_trials": 1, "epochs": 1}, reproduce={"seeds": [0]},
-               pruner={"name": "none"})
+    overrides = (
+        base_overrides(tracking_uri)
+        if vit
+        else {k: v for k, v in base_overrides(tracking_uri).items() if k != "model.backbone_kwargs"}
+    )
+    raw.update(
+        name=f"shrunk_{name}",
+        datasets=["fashion_mnist"],
+        backbone=backbone,
+        methods=entries,
+        references=[],
+        overrides=overrides,
+        budget={"n_trials": 1, "epochs": 1},
+        reproduce={"seeds": [0]},
+        pruner={"name": "none"},
+    )
     path = tmp_path / f"shrunk_{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     run_study(path)
@@ -316,7 +388,10 @@ def test_results_roll_up_onto_parents_and_the_optuna_side_is_labelled(tiny_study
         (parent,) = [r for r in runs_of("tiny", "parent") if r.data.tags["dmlbench.entry"] == entry]
         (repro,) = [r for r in runs_of("tiny", "reproduction") if r.data.tags["dmlbench.entry"] == entry]
         m = parent.data.metrics
-        assert m["tuning/best_val_map_at_r"] == pytest.approx(study.best_value) and parent.data.tags["dmlbench.seeds"] == "1"
+        assert (
+            m["tuning/best_val_map_at_r"] == pytest.approx(study.best_value)
+            and parent.data.tags["dmlbench.seeds"] == "1"
+        )
         assert "test/recall_at_1_std" not in m and "test/seeds" not in m  # one seed: no spread, no count chart
         assert m["test/recall_at_1_mean"] == repro.data.metrics["test/recall_at_1"]
         assert m["params/trainable"] == repro.data.metrics["params/trainable"]
@@ -325,16 +400,26 @@ def test_results_roll_up_onto_parents_and_the_optuna_side_is_labelled(tiny_study
         assert study.metric_names == ["best/val_map_at_r"] and study.user_attrs["method"] == entry
         assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
         best = study.best_trial.user_attrs
-        assert best["best/val_recall_at_1"] >= 0 and best["mlflow_run_id"] and best["dmlbench.heartbeat_utc"].endswith("UTC")
+        assert (
+            best["best/val_recall_at_1"] >= 0
+            and best["mlflow_run_id"]
+            and best["dmlbench.heartbeat_utc"].endswith("UTC")
+        )
         assert "mlflow.source.git.commit" in repro.data.tags and "protocol" in repro.data.tags["mlflow.note.content"]
         trial_runs = [r for r in runs_of("tiny", "trial") if r.data.tags["dmlbench.entry"] == entry]
         # weights: the reproductions and the best trial only
         client = mlflow.MlflowClient()
-        kept = {r.data.tags["dmlbench.trial"] for r in trial_runs
-                if "trainable.safetensors" in {a.path for a in client.list_artifacts(r.info.run_id)}}
+        kept = {
+            r.data.tags["dmlbench.trial"]
+            for r in trial_runs
+            if "trainable.safetensors" in {a.path for a in client.list_artifacts(r.info.run_id)}
+        }
         assert kept == {str(study.best_trial.number)}, kept
-        assert all(r.data.tags["dmlbench.weights"].startswith("removed") for r in trial_runs
-                   if r.data.tags["dmlbench.trial"] not in kept)
+        assert all(
+            r.data.tags["dmlbench.weights"].startswith("removed")
+            for r in trial_runs
+            if r.data.tags["dmlbench.trial"] not in kept
+        )
         assert "trainable.safetensors" in {a.path for a in client.list_artifacts(repro.info.run_id)}
     (summary,) = runs_of("tiny", "study")
     assert not summary.data.metrics  # a table, not one-bar charts
@@ -354,17 +439,31 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tmp_path, tracking
     one line per process, every interrupted trial is FAIL with a retry queued that resumes its
     KILLED run, and no MLflow run or Optuna trial is left RUNNING."""
     mlflow.set_tracking_uri(tracking_uri)  # an earlier test of this worker may have set another
-    path = write_spec(tmp_path, tracking_uri, name="ctrlc", methods=["linear_probe"],
-                      budget={"n_trials": 2, "epochs": 100000}, reproduce={"seeds": []})
+    path = write_spec(
+        tmp_path,
+        tracking_uri,
+        name="ctrlc",
+        methods=["linear_probe"],
+        budget={"n_trials": 2, "epochs": 100000},
+        reproduce={"seeds": []},
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "study", "run", str(path), "--workers", "2"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, as a terminal gives it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "study", "run", str(path), "--workers", "2"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own process group, as a terminal gives it
     deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            training = [r for r in runs_of("ctrlc", "trial") if r.info.status == "RUNNING" and "train/loss" in r.data.metrics]
+            training = [
+                r for r in runs_of("ctrlc", "trial") if r.info.status == "RUNNING" and "train/loss" in r.data.metrics
+            ]
             if len(training) == 2:
                 break
         assert proc.poll() is None, proc.stderr.read()
@@ -386,7 +485,9 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(tmp_path, tracking
     runs = runs_of("ctrlc")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     killed = {r.info.run_id for r in runs if r.info.status == "KILLED"}
-    assert len(killed) == 2, [(r.info.status, r.data.tags.get("dmlbench.role"), r.data.tags.get("dmlbench.error")) for r in runs]
+    assert len(killed) == 2, [
+        (r.info.status, r.data.tags.get("dmlbench.role"), r.data.tags.get("dmlbench.error")) for r in runs
+    ]
     assert {t.user_attrs["dmlbench.resume_run"] for t in retries} == killed
 
 
@@ -403,8 +504,12 @@ def test_a_trials_startup_point_is_the_same_whichever_worker_asks_and_when(tmp_p
     alone = optuna.create_study(sampler=make_sampler(spec, entry))
     sequential = [alone.ask(dists).params for _ in range(4)]
     storage = optuna.storages.InMemoryStorage()
-    workers = [optuna.create_study(study_name="s", storage=storage, sampler=make_sampler(spec, entry, offset),
-                                   load_if_exists=True) for offset in (0, 7919)]
+    workers = [
+        optuna.create_study(
+            study_name="s", storage=storage, sampler=make_sampler(spec, entry, offset), load_if_exists=True
+        )
+        for offset in (0, 7919)
+    ]
     asked = [workers[w].ask(dists) for w in (1, 0, 0, 1)]
     assert [t.params for t in sorted(asked, key=lambda t: t.number)] == sequential
     assert len({tuple(sorted(p.items())) for p in sequential}) == 4

@@ -1,5 +1,6 @@
 """eval.transfer: the selected checkpoint evaluated zero-shot on other datasets beside the untrained
 backbone (cached once per backbone), and the retained fraction; bad names refused up front."""
+
 from __future__ import annotations
 
 import mlflow
@@ -16,8 +17,9 @@ TRANSFER = {"eval.transfer": ["fashion_styles"], "data.max_per_class": 16}
 def test_the_untrained_backbone_retains_everything_and_its_metrics_are_cached(tiny_overrides, monkeypatch):
     """The pretrained-only row (no training, raw backbone features) *is* the untrained backbone:
     retained exactly 1. A second run reuses the cached untrained metrics."""
-    reference = resolve(method="linear_probe", overrides={**tiny_overrides, **TRANSFER,
-                                                          "optim.epochs": 0, "model.embed_dim": 0})
+    reference = resolve(
+        method="linear_probe", overrides={**tiny_overrides, **TRANSFER, "optim.epochs": 0, "model.embed_dim": 0}
+    )
     result = loop.train(reference)
     m = result.metrics
     for metric in transfer.METRICS:
@@ -35,7 +37,8 @@ def test_the_untrained_backbone_retains_everything_and_its_metrics_are_cached(ti
     assert t["transfer/fashion_styles/untrained_recall_at_1"] == m["transfer/fashion_styles/untrained_recall_at_1"]
     for metric in transfer.METRICS:
         assert t[f"transfer/fashion_styles/retained_{metric}"] == pytest.approx(
-            t[f"transfer/fashion_styles/{metric}"] / t[f"transfer/fashion_styles/untrained_{metric}"])
+            t[f"transfer/fashion_styles/{metric}"] / t[f"transfer/fashion_styles/untrained_{metric}"]
+        )
     assert t["transfer/fashion_styles/recall_at_1"] != m["transfer/fashion_styles/recall_at_1"]  # it trained
 
 
@@ -45,5 +48,6 @@ def test_transfer_names_are_checked_before_anything_runs(tiny_overrides):
     with pytest.raises(UserError, match="eval.transfer lists 'fashion_mnist', the dataset the run trains on"):
         resolve(method="bitfit", overrides={**tiny_overrides, "eval.transfer": ["fashion_mnist"]})
     with pytest.raises(UserError, match="does not exist"):
-        prepare(resolve(method="bitfit", overrides={**tiny_overrides,
-                                                         "eval.transfer": ["fashion_styles=/nonexistent/dir"]}))
+        prepare(
+            resolve(method="bitfit", overrides={**tiny_overrides, "eval.transfer": ["fashion_styles=/nonexistent/dir"]})
+        )

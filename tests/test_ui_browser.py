@@ -2,6 +2,7 @@
 shows the results as columns sorted by the objective, the chart view puts results first and hides
 constants, and run pages open in model-training mode. Skipped where Chromium is not installed
 (``.ci/run`` installs it)."""
+
 from __future__ import annotations
 
 import os
@@ -27,9 +28,21 @@ RUNS = {"a": 0.50, "b": 0.70, "c": 0.60}
 
 def rendered(url: str) -> str:
     """The page's DOM after its scripts ran (a fresh browser profile each time: no remembered mode)."""
-    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1200",
-                           "--virtual-time-budget=20000", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1600,1200",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -47,16 +60,27 @@ def served(tmp_path_factory) -> Iterator[tuple[str, dict[str, str], str]]:
             mlflow.set_tag("dmlbench.method", "bitfit")
             for epoch in (1, 2):
                 mlflow.log_metrics({"val/recall_at_1": r1 - 0.1 / epoch, "train/loss": 1.0 / epoch}, step=epoch)
-            mlflow.log_metrics({"test/recall_at_1": r1, "test/map_at_r": r1 / 3, "best/val_recall_at_1": r1 - 0.05,
-                                "params/trainable": 1000 * r1, "cost/throughput_img_s": 100.0,
-                                "test/selected_epoch": 2.0})
+            mlflow.log_metrics(
+                {
+                    "test/recall_at_1": r1,
+                    "test/map_at_r": r1 / 3,
+                    "best/val_recall_at_1": r1 - 0.05,
+                    "params/trainable": 1000 * r1,
+                    "cost/throughput_img_s": 100.0,
+                    "test/selected_epoch": 2.0,
+                }
+            )
             ids[name] = run.info.run_id
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--timeout", "120"],
-                            env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--timeout", "120"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = ""
         while "MLflow UI for" not in line and proc.poll() is None:
@@ -72,11 +96,18 @@ def test_the_printed_url_opens_the_results_sorted_by_the_objective(served):
     url, ids, _ = served
     assert "viewStateShareKey=" in url and "workflowType=machine_learning" in url
     dom = rendered(url)
-    headers = re.findall(r'class="ag-header-cell [^"]*" role="columnheader"[^>]*aria-colindex="(\d+)" col-id="([^"]+)"',
-                         dom)  # the DOM's order is not the screen's: aria-colindex is
+    headers = re.findall(
+        r'class="ag-header-cell [^"]*" role="columnheader"[^>]*aria-colindex="(\d+)" col-id="([^"]+)"', dom
+    )  # the DOM's order is not the screen's: aria-colindex is
     shown = [h for _, h in sorted((int(i), h) for i, h in headers) if h.startswith(("metrics.", "tags."))]
-    assert shown == ["metrics.`test/recall_at_1`", "metrics.`test/map_at_r`", "metrics.`best/val_recall_at_1`",
-                     "metrics.`params/trainable`", "metrics.`cost/throughput_img_s`", "tags.`dmlbench.method`"]
+    assert shown == [
+        "metrics.`test/recall_at_1`",
+        "metrics.`test/map_at_r`",
+        "metrics.`best/val_recall_at_1`",
+        "metrics.`params/trainable`",
+        "metrics.`cost/throughput_img_s`",
+        "tags.`dmlbench.method`",
+    ]
     assert "Sort: test/recall_at_1" in dom
     rows = dict(re.findall(r'role="row" row-index="(\d+)" row-id="([0-9a-f]{32})"', dom))
     by_index = [rows[str(i)] for i in range(len(RUNS))]

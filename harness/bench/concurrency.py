@@ -6,6 +6,7 @@ the work folder, tuning only) runs through :func:`harness.studies.runner.run_stu
 ``dmlbench study run`` does; the record gives its wall time, the images its trials trained per
 second together, and the check that the budget was used exactly once.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,17 +16,40 @@ from typing import Any
 import yaml
 
 
-def study_spec(path: Path, k: int, *, dataset: str, root: Path, backbone: str, methods: list[str], trials: int,
-               epochs: int, overrides: dict[str, Any]) -> Path:
+def study_spec(
+    path: Path,
+    k: int,
+    *,
+    dataset: str,
+    root: Path,
+    backbone: str,
+    methods: list[str],
+    trials: int,
+    epochs: int,
+    overrides: dict[str, Any],
+) -> Path:
     """A tuning-only study spec for one K, written to ``path``."""
     spec = {
-        "name": f"concurrency_k{k}", "description": f"{k} concurrent trials per device (dmlbench benchmark)",
-        "backbone": backbone, "datasets": [dataset], "methods": methods,
-        "overrides": {"data.root": str(root), "data.check_published": False, "model.pretrained": False, "tracking.system_metrics": False,
-                      "tracking.log_artifacts": False, "data.verify_images": False,
-                      "tracking.uri": f"sqlite:///{path.parent / f'k{k}.db'}", **overrides},
-        "objective": "val_map_at_r", "budget": {"n_trials": trials, "epochs": epochs},
-        "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"}, "reproduce": {"seeds": []},
+        "name": f"concurrency_k{k}",
+        "description": f"{k} concurrent trials per device (dmlbench benchmark)",
+        "backbone": backbone,
+        "datasets": [dataset],
+        "methods": methods,
+        "overrides": {
+            "data.root": str(root),
+            "data.check_published": False,
+            "model.pretrained": False,
+            "tracking.system_metrics": False,
+            "tracking.log_artifacts": False,
+            "data.verify_images": False,
+            "tracking.uri": f"sqlite:///{path.parent / f'k{k}.db'}",
+            **overrides,
+        },
+        "objective": "val_map_at_r",
+        "budget": {"n_trials": trials, "epochs": epochs},
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "reproduce": {"seeds": []},
         "storage": str(path.parent / f"k{k}.optuna.journal"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,9 +78,16 @@ def concurrent_trial(k: int, device: str, workdir: Path, **spec_args: Any) -> di
                 done += 1
                 images += int(t.user_attrs.get("dmlbench.train_images", 0))
     budget = spec.budget.n_trials * len(spec.units())
-    return {"kind": "concurrency", "k": k, "device": device, "trials": done, "budget": budget,
-            "wall_s": round(wall, 1), "trained_img_s": round(images / wall, 1) if images else None,
-            "trials_per_min": round(60 * done / wall, 2)}
+    return {
+        "kind": "concurrency",
+        "k": k,
+        "device": device,
+        "trials": done,
+        "budget": budget,
+        "wall_s": round(wall, 1),
+        "trained_img_s": round(images / wall, 1) if images else None,
+        "trials_per_min": round(60 * done / wall, 2),
+    }
 
 
 def concurrent_trials(ks: list[int], device: str, workdir: Path, **spec_args: Any) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ normalised in the workers, 4x the bytes to collate, transfer and copy), kept to 
 device-side work) without a model; :func:`plain_pipeline_throughput` does the same for the
 torchvision ``ImageFolder`` + PIL + ``DataLoader`` pipeline a user would write.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,15 +55,21 @@ class _Repeat(Dataset):
 def _loader_ms(item: Any, n: int, batch: int, device: torch.device, collate: Callable | None = None) -> float:
     """Per item: collating ``batch`` of ``item`` in one worker process and moving it to the main
     process (shared memory), pinned when the device is CUDA."""
-    loader = DataLoader(_Repeat(item, n), batch_size=batch, num_workers=1, pin_memory=device.type == "cuda",
-                        **({"collate_fn": collate} if collate else {}))
+    loader = DataLoader(
+        _Repeat(item, n),
+        batch_size=batch,
+        num_workers=1,
+        pin_memory=device.type == "cuda",
+        **({"collate_fn": collate} if collate else {}),
+    )
     iterator = iter(loader)
     next(iterator)  # worker start-up is not per item
     return _ms_per_item(lambda: [None for _ in iterator], n - batch, device)
 
 
-def stage_breakdown(files: list[str], cfg: Any, mean: Any, std: Any, device: torch.device, pipeline: str,
-                    batch: int = 64) -> dict[str, float]:
+def stage_breakdown(
+    files: list[str], cfg: Any, mean: Any, std: Any, device: torch.device, pipeline: str, batch: int = 64
+) -> dict[str, float]:
     """Per-image host milliseconds of each stage of ``pipeline`` (see the module docstring)."""
     from PIL import Image
 
@@ -74,13 +81,17 @@ def stage_breakdown(files: list[str], cfg: Any, mean: Any, std: Any, device: tor
         decoder = Decoder(device, on_device=cfg.data.decode == "device")
         tensors = [as_encoded(b) for b in encoded]
         decoded: list[torch.Tensor] = []
-        out["decode"] = _ms_per_item(lambda: [decoded.extend(decoder(tensors[i:i + batch], files[i:i + batch]))
-                                              for i in range(0, n, batch)], n, device)
+        out["decode"] = _ms_per_item(
+            lambda: [decoded.extend(decoder(tensors[i : i + batch], files[i : i + batch])) for i in range(0, n, batch)],
+            n,
+            device,
+        )
         bt = BatchTransform.from_config(cfg.data, mean, std, device, train=True, geometry=True)
         crops: list[torch.Tensor] = []
         rng = np.random.default_rng(0)
-        out["augment"] = _ms_per_item(lambda: crops.extend(bt._geometry(decoded[i:i + batch], rng)
-                                                           for i in range(0, n, batch)), n, device)
+        out["augment"] = _ms_per_item(
+            lambda: crops.extend(bt._geometry(decoded[i : i + batch], rng) for i in range(0, n, batch)), n, device
+        )
         out["to_float_normalise"] = _ms_per_item(lambda: [A.normalize(c, bt.mean, bt.std) for c in crops], n, device)
         out["collate_transfer"] = _loader_ms(tensors[0], max(4 * batch, n), batch, device, collate=list)
         out["host_to_device"] = 0.0  # the encoded bytes go to the GPU inside nvJPEG's decode (counted there)
@@ -95,19 +106,22 @@ def stage_breakdown(files: list[str], cfg: Any, mean: Any, std: Any, device: tor
     if pipeline == "legacy":  # ToDtype + Normalize on each image in the worker, float32 batches
         floats: list[torch.Tensor] = []
         out["to_float_normalise"] = _ms_per_item(
-            lambda: floats.extend(A.normalize(c[None], mean_t, std_t)[0] for c in crops), n, torch.device("cpu"))
+            lambda: floats.extend(A.normalize(c[None], mean_t, std_t)[0] for c in crops), n, torch.device("cpu")
+        )
         item, moved = (floats[0], 0, 0), torch.stack(floats[:batch])
     else:  # uint8 batches; normalised on the device, batched
         dev_mean, dev_std = mean_t.to(device), std_t.to(device)
-        stacked = [torch.stack(crops[i:i + batch]).to(device) for i in range(0, n, batch)]
-        out["to_float_normalise"] = _ms_per_item(lambda: [A.normalize(s, dev_mean, dev_std) for s in stacked],
-                                                 n, device)
+        stacked = [torch.stack(crops[i : i + batch]).to(device) for i in range(0, n, batch)]
+        out["to_float_normalise"] = _ms_per_item(
+            lambda: [A.normalize(s, dev_mean, dev_std) for s in stacked], n, device
+        )
         item, moved = (crops[0], 0, 0), torch.stack(crops[:batch])
     out["collate_transfer"] = _loader_ms(item, max(4 * batch, n), batch, device)
     if device.type == "cuda":
         pinned = moved.pin_memory()
-        out["host_to_device"] = _ms_per_item(lambda: [pinned.to(device, non_blocking=True) for _ in range(10)],
-                                             10 * len(moved), device)
+        out["host_to_device"] = _ms_per_item(
+            lambda: [pinned.to(device, non_blocking=True) for _ in range(10)], 10 * len(moved), device
+        )
     else:
         out["host_to_device"] = 0.0
     return out
@@ -128,15 +142,23 @@ def pipeline_throughput(batches: Any, max_batches: int, device: torch.device) ->
     return seen / max(time.perf_counter() - start, 1e-9)
 
 
-def plain_pipeline_throughput(image_root: str, cfg: Any, mean: Any, std: Any, device: torch.device,
-                              workers: int, max_batches: int) -> float:
+def plain_pipeline_throughput(
+    image_root: str, cfg: Any, mean: Any, std: Any, device: torch.device, workers: int, max_batches: int
+) -> float:
     """torchvision ``ImageFolder`` + PIL + RandomResizedCrop/flip/ToTensor/Normalize + DataLoader."""
     from torchvision import datasets, transforms as T
 
-    tf = T.Compose([T.RandomResizedCrop(int(cfg.data.image_size)), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(mean, std)])
-    loader = DataLoader(datasets.ImageFolder(image_root, tf), batch_size=int(cfg.data.batch_size), shuffle=True,
-                        num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
-                        persistent_workers=False)
+    tf = T.Compose(
+        [T.RandomResizedCrop(int(cfg.data.image_size)), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    )
+    loader = DataLoader(
+        datasets.ImageFolder(image_root, tf),
+        batch_size=int(cfg.data.batch_size),
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=False,
+    )
     moved = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
     return pipeline_throughput(moved, max_batches, device)

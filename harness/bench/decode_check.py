@@ -3,6 +3,7 @@ from the CPU pipeline's, how fast each decodes a batch, and which decoder really
 check fails (``status: failed``, exit 1 from the command) when nvJPEG was asked for and a batch
 was decoded on the CPU instead. ``python -m harness.bench.decode_check WORKDIR OUT.json``: the
 first 256 JPEGs under WORKDIR."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,16 @@ def compare(files: list[str], device: torch.device, make_decoder=Decoder) -> dic
     diffs = [(a.int() - b.int()).abs() for a, b in zip(out.pop("_device"), out.pop("_cpu"))]
     out["decode_max_abs_diff"] = int(max(int(d.max()) for d in diffs))
     out["decode_mean_abs_diff"] = round(float(np.mean([float(d.float().mean()) for d in diffs])), 4)
-    cfg = SimpleNamespace(data=SimpleNamespace(image_size=224, resize_size=256, augment="standard",
-                                               test_resize="short", random_erasing=0.0, decode="device"))
+    cfg = SimpleNamespace(
+        data=SimpleNamespace(
+            image_size=224,
+            resize_size=256,
+            augment="standard",
+            test_resize="short",
+            random_erasing=0.0,
+            decode="device",
+        )
+    )
     cpu = torch.stack([make_transform(cfg.data, train=False)(Image.open(f).convert("RGB")) for f in files])
     bt = BatchTransform.from_config(cfg.data, (0.5,) * 3, (0.5,) * 3, device, train=False, geometry=True)
     ours = bt._geometry(make_decoder(device, on_device=True)(encoded, files), np.random.default_rng(0)).cpu()

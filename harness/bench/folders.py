@@ -11,6 +11,7 @@ the shapes make classes separable, so a run also learns something. Shapes:
 
 ``scale`` shrinks the number of classes (tests, quick checks), ``size`` overrides the image size.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,7 +49,7 @@ def _noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         _NOISE.append(np.random.default_rng(12345).normal(0, 6, (768, 768, 3)).astype(np.float32))
     tile = _NOISE[0]
     y, x = rng.integers(0, tile.shape[0] - height + 1), rng.integers(0, tile.shape[1] - width + 1)
-    return tile[y:y + height, x:x + width]
+    return tile[y : y + height, x : x + width]
 
 
 def _image(rng: np.random.Generator, cls: int, width: int, height: int) -> bytes:
@@ -58,8 +59,10 @@ def _image(rng: np.random.Generator, cls: int, width: int, height: int) -> bytes
     crng = np.random.default_rng(cls)  # the class's look
     base, accent = crng.integers(30, 225, 3).astype(np.float32), crng.integers(0, 255, (3, 3))
     angle = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(angle) * np.arange(width, dtype=np.float32)[None, :] / width
-            + np.sin(angle) * np.arange(height, dtype=np.float32)[:, None] / height)[..., None]
+    ramp = (
+        np.cos(angle) * np.arange(width, dtype=np.float32)[None, :] / width
+        + np.sin(angle) * np.arange(height, dtype=np.float32)[:, None] / height
+    )[..., None]
     pixels = base + 60 * ramp + _noise(rng, height, width)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
@@ -85,8 +88,15 @@ def _write_class(args: tuple[Path, str, int, list[tuple[int, int]], int]) -> lis
     return out
 
 
-def make_folder(kind: str, root: str | Path, *, scale: float = 1.0, size: tuple[int, int] | None = None,
-                seed: int = 0, workers: int | None = None) -> tuple[str, Path]:
+def make_folder(
+    kind: str,
+    root: str | Path,
+    *,
+    scale: float = 1.0,
+    size: tuple[int, int] | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> tuple[str, Path]:
     """Write the folder (once: an existing complete folder is reused); returns (dataset, root)."""
     if kind not in SHAPES:
         raise UserError(f"unknown folder shape '{kind}'; valid: {', '.join(SHAPES)}")

@@ -6,6 +6,7 @@ recorded with its error's one line and the stage goes on; a stage past its own d
 (``DMLBENCH_STAGE_DEADLINE``, set by the window a few seconds before the cap) records what it had
 no time for as skipped. Sizes are the GPU's unless ``tiny`` (toy sizes for a CPU test).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ from harness.bench.model_stages import decode, mapr, smoke, step
 from harness.bench.records import Recorder
 from harness.bench.training_stages import concurrency, e2e, sop
 
-BODIES = {"smoke": smoke, "step": step, "e2e": e2e, "sop": sop, "concurrency": concurrency, "decode": decode,
-          "mapr": mapr}
+BODIES = {
+    "smoke": smoke,
+    "step": step,
+    "e2e": e2e,
+    "sop": sop,
+    "concurrency": concurrency,
+    "decode": decode,
+    "mapr": mapr,
+}
 
 
 def main(argv: list[str]) -> int:

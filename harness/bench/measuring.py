@@ -1,5 +1,6 @@
 """What every stage of the GPU window shares: its sizes (the GPU's, or toy sizes for a CPU test),
 its own deadline, one record per measurement, and the generated folders later stages reuse."""
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,23 @@ class Sizes:
 
 
 FULL = Sizes(image=224, batch=64, steps=20, warmup=5)
-TINY = Sizes(image=32, batch=16, steps=2, warmup=1, vit_kwargs={"depth": 2}, cub_scale=0.02, cub_size=(96, 72),
-             sop_scale=0.002, sop_size=(64, 64), workers=0, eval_n=2000, eval_dim=64, ks=(1, 2), study_scale=0.02,
-             study_methods=("bitfit",))
+TINY = Sizes(
+    image=32,
+    batch=16,
+    steps=2,
+    warmup=1,
+    vit_kwargs={"depth": 2},
+    cub_scale=0.02,
+    cub_size=(96, 72),
+    sop_scale=0.002,
+    sop_size=(64, 64),
+    workers=0,
+    eval_n=2000,
+    eval_dim=64,
+    ks=(1, 2),
+    study_scale=0.02,
+    study_methods=("bitfit",),
+)
 
 
 def time_left() -> float:
@@ -61,8 +76,14 @@ def vit_methods() -> list[str]:
     return [m for m in method_names() if get_method(m).applies_to("vit")]
 
 
-def each(rec: Recorder, items: list, needs_s: float, body: Callable[[Any], dict[str, Any]],
-         name: Callable[[Any], str] = str, **fields: Any) -> None:
+def each(
+    rec: Recorder,
+    items: list,
+    needs_s: float,
+    body: Callable[[Any], dict[str, Any]],
+    name: Callable[[Any], str] = str,
+    **fields: Any,
+) -> None:
     """``body(item)`` per item as one record: ok with its fields, failed with the error's line, or
     skipped once fewer than ``needs_s`` seconds are left before the stage's deadline."""
     for item in items:
@@ -82,7 +103,9 @@ def each(rec: Recorder, items: list, needs_s: float, body: Callable[[Any], dict[
         say(f"{rec.stage} {label}: ok " + ", ".join(f"{k}={v}" for k, v in list(result.items())[:4]))
 
 
-def generated_folder(kind: str, sizes: Sizes, o: dict, scale: float | None = None, make: bool = True) -> tuple[str, Path]:
+def generated_folder(
+    kind: str, sizes: Sizes, o: dict, scale: float | None = None, make: bool = True
+) -> tuple[str, Path]:
     """The generated folder of this shape (written once, reused by later stages)."""
     from harness.bench.folders import SHAPES, make_folder
 

@@ -1,6 +1,7 @@
 """The stages of the GPU window that need neither MLflow nor Optuna: the smoke test (every method
 built and stepped on the device, host syncs as errors, nvJPEG), the model step against the plain
 timm loop, decode fidelity and exact MAP@R."""
+
 from __future__ import annotations
 
 import sys
@@ -31,9 +32,17 @@ def smoke(rec: Recorder, sizes: Sizes, o: dict) -> None:
             versions[module] = "missing" if missing((module,)) else importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[module] = "installed"
-    rec.add(None, kind="env", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
-            python=sys.version.split()[0], cuda=torch.version.cuda, **versions)
+    rec.add(
+        None,
+        kind="env",
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        timm=timm.__version__,
+        python=sys.version.split()[0],
+        cuda=torch.version.cuda,
+        **versions,
+    )
     methods = o["methods"] or method_names()
     each(rec, methods, 1.0, lambda m: smoke_method(m, device))
     each(rec, ["nvjpeg"], 1.0, lambda _: smoke_decode(device))
@@ -61,14 +70,27 @@ def smoke_method(method: str, device: Any) -> dict[str, Any]:
     model.train()
 
     def one() -> None:
-        train_step(model, optimizer, images, labels, host, amp=amp, scaler=scaler, grad_clip=cfg.optim.grad_clip,
-                   trainable=trainable)
+        train_step(
+            model,
+            optimizer,
+            images,
+            labels,
+            host,
+            amp=amp,
+            scaler=scaler,
+            grad_clip=cfg.optim.grad_clip,
+            trainable=trainable,
+        )
 
     one()  # creates the optimiser's state
     syncs = count_syncs(one, device, optimizer)
-    return {"family": model.family, "params/trainable": model.count_parameters()["params/trainable"],
-            "syncs": syncs, "status": "ok" if syncs == 0 else "failed",
-            "error": None if syncs == 0 else f"{syncs} host-device sync(s) in one training step"}
+    return {
+        "family": model.family,
+        "params/trainable": model.count_parameters()["params/trainable"],
+        "syncs": syncs,
+        "status": "ok" if syncs == 0 else "failed",
+        "error": None if syncs == 0 else f"{syncs} host-device sync(s) in one training step",
+    }
 
 
 def smoke_decode(device: Any) -> dict[str, Any]:
@@ -90,8 +112,11 @@ def smoke_decode(device: Any) -> dict[str, Any]:
     used = decoder.used()
     wanted = "nvjpeg" if device.type == "cuda" else "cpu"
     ok = used == wanted and all(tuple(t.shape) == (3, 120, 160) for t in images)
-    return {"decoder": used, "status": "ok" if ok else "failed",
-            "error": None if ok else f"asked for {wanted}, decoded with {used}"}
+    return {
+        "decoder": used,
+        "status": "ok" if ok else "failed",
+        "error": None if ok else f"asked for {wanted}, decoded with {used}",
+    }
 
 
 def step(rec: Recorder, sizes: Sizes, o: dict) -> None:
@@ -101,9 +126,22 @@ def step(rec: Recorder, sizes: Sizes, o: dict) -> None:
 
     plain: dict[str, float] = {}
     kwargs = {"model.backbone_kwargs": sizes.vit_kwargs} if sizes.vit_kwargs else {}
-    each(rec, o["methods"] or vit_methods(), 2.0, lambda m: measure_step(
-        m, VIT, image_size=sizes.image, batch_size=sizes.batch, steps=sizes.steps, warmup=sizes.warmup,
-        baseline=True, plain_cache=plain, overrides=kwargs))
+    each(
+        rec,
+        o["methods"] or vit_methods(),
+        2.0,
+        lambda m: measure_step(
+            m,
+            VIT,
+            image_size=sizes.image,
+            batch_size=sizes.batch,
+            steps=sizes.steps,
+            warmup=sizes.warmup,
+            baseline=True,
+            plain_cache=plain,
+            overrides=kwargs,
+        ),
+    )
 
 
 def decode(rec: Recorder, sizes: Sizes, o: dict) -> None:
@@ -126,5 +164,9 @@ def mapr(rec: Recorder, sizes: Sizes, o: dict) -> None:
     from harness.bench.endtoend import evaluation_speed
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    each(rec, [f"{sizes.eval_n}x{sizes.eval_dim}"], 2.0,
-         lambda _: evaluation_speed(sizes.eval_n, sizes.eval_dim, device, ks=sizes.ks))
+    each(
+        rec,
+        [f"{sizes.eval_n}x{sizes.eval_dim}"],
+        2.0,
+        lambda _: evaluation_speed(sizes.eval_n, sizes.eval_dim, device, ks=sizes.ks),
+    )

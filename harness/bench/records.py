@@ -6,6 +6,7 @@ summary is rebuilt from the file alone (:func:`summary`), after every stage and 
 Every record has ``stage``, ``method`` (None for a stage's own record), ``status`` (``ok``,
 ``failed``, ``timeout``, ``skipped``, ``interrupted``) and, unless ok, ``error``: one line.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ class Recorder:
     def __init__(self, out: Path, stage: str) -> None:
         self.path, self.stage = Path(out) / RECORDS, stage
 
-    def add(self, method: str | None = None, status: str = "ok", error: str | BaseException | None = None,
-            **fields: Any) -> dict[str, Any]:
+    def add(
+        self, method: str | None = None, status: str = "ok", error: str | BaseException | None = None, **fields: Any
+    ) -> dict[str, Any]:
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
         record: dict[str, Any] = {"stage": self.stage, "method": method, "status": status}
@@ -88,15 +90,52 @@ def read(out: Path) -> list[dict[str, Any]]:
 #: columns of each stage's table in the summary, when the records have them
 COLUMNS = {
     "smoke": ["method", "status", "family", "params/trainable", "syncs", "decoder", "error"],
-    "step": ["method", "status", "img_s", "baseline_img_s", "step_vs_baseline", "pct_bf16_peak", "peak_gb",
-             "train_gflops_per_img", "error"],
-    "e2e": ["method", "pipeline", "status", "data_img_s", "pipeline_img_s", "eval_share", "syncs_per_step",
-            "decoder", "e2e_wall_s", "seconds", "error"],
-    "sop": ["method", "pipeline", "status", "data_img_s", "decoder", "decoded_batches", "e2e_wall_s", "seconds",
-            "error"],
+    "step": [
+        "method",
+        "status",
+        "img_s",
+        "baseline_img_s",
+        "step_vs_baseline",
+        "pct_bf16_peak",
+        "peak_gb",
+        "train_gflops_per_img",
+        "error",
+    ],
+    "e2e": [
+        "method",
+        "pipeline",
+        "status",
+        "data_img_s",
+        "pipeline_img_s",
+        "eval_share",
+        "syncs_per_step",
+        "decoder",
+        "e2e_wall_s",
+        "seconds",
+        "error",
+    ],
+    "sop": [
+        "method",
+        "pipeline",
+        "status",
+        "data_img_s",
+        "decoder",
+        "decoded_batches",
+        "e2e_wall_s",
+        "seconds",
+        "error",
+    ],
     "concurrency": ["k", "status", "trials", "budget", "wall_s", "trained_img_s", "trials_per_min", "error"],
-    "decode": ["status", "decoder", "decode_device_img_s", "decode_cpu_img_s", "decode_max_abs_diff",
-               "decode_mean_abs_diff", "test_transform_max_abs_diff", "error"],
+    "decode": [
+        "status",
+        "decoder",
+        "decode_device_img_s",
+        "decode_cpu_img_s",
+        "decode_max_abs_diff",
+        "decode_mean_abs_diff",
+        "test_transform_max_abs_diff",
+        "error",
+    ],
     "mapr": ["status", "eval_n", "eval_dim", "eval_s", "eval_peak_gb", "error"],
 }
 
@@ -107,8 +146,13 @@ def summary(records: Iterable[dict[str, Any]]) -> str:
     lines = ["# GPU window", ""]
     env = next((r for r in records if r.get("kind") == "env"), None)
     if env:
-        lines += ["- " + ", ".join(f"{k} {env[k]}" for k in ("device", "torch", "torchvision", "timm", "peft", "python")
-                                    if env.get(k)), ""]
+        lines += [
+            "- "
+            + ", ".join(
+                f"{k} {env[k]}" for k in ("device", "torch", "torchvision", "timm", "peft", "python") if env.get(k)
+            ),
+            "",
+        ]
     stages = list(dict.fromkeys(r["stage"] for r in records if r.get("stage")))
     for stage in stages:
         own = [r for r in records if r.get("stage") == stage and r.get("kind") == "stage"]
@@ -131,8 +175,12 @@ def summary(records: Iterable[dict[str, Any]]) -> str:
             names = list(dict.fromkeys(n for s in staged.values() for n in s))
             lines += ["| data path, host ms per image | " + " | ".join(staged) + " |", "|---|" + "---|" * len(staged)]
             lines += [f"| {n} | " + " | ".join(_cell(s.get(n)) for s in staged.values()) + " |" for n in names]
-            lines += ["| total | " + " | ".join(_cell(sum(v for v in s.values() if v is not None))
-                                               for s in staged.values()) + " |", ""]
+            lines += [
+                "| total | "
+                + " | ".join(_cell(sum(v for v in s.values() if v is not None)) for s in staged.values())
+                + " |",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 

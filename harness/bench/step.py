@@ -10,6 +10,7 @@ are compared with the plain full fine-tuning loop), bf16 autocast on CUDA, and t
 clipping (``optim.grad_clip``). Both run in the same process, alternately, and the best of the
 rounds is kept, so the ratio is not the machine's noise.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,16 +33,33 @@ from harness.runtime import pick_device
 PLAIN_EQUIVALENT = {"full_finetune": "all", "linear_probe": "head", "bitfit": "biases"}
 
 
-def step_config(method: str, backbone: str, image_size: int, batch_size: int, samples_per_class: int,
-                amp: bool, overrides: dict[str, Any] | None = None) -> Any:
-    return resolve(method=method, backbone=backbone, overrides={
-        "model.pretrained": False, "data.image_size": image_size, "data.batch_size": batch_size,
-        "data.resize_size": int(round(image_size * 256 / 224)),
-        "data.samples_per_class": samples_per_class, "optim.amp": amp, **(overrides or {})})
+def step_config(
+    method: str,
+    backbone: str,
+    image_size: int,
+    batch_size: int,
+    samples_per_class: int,
+    amp: bool,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    return resolve(
+        method=method,
+        backbone=backbone,
+        overrides={
+            "model.pretrained": False,
+            "data.image_size": image_size,
+            "data.batch_size": batch_size,
+            "data.resize_size": int(round(image_size * 256 / 224)),
+            "data.samples_per_class": samples_per_class,
+            "optim.amp": amp,
+            **(overrides or {}),
+        },
+    )
 
 
-def synthetic_batch(batch_size: int, image_size: int, samples_per_class: int, num_classes: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def synthetic_batch(
+    batch_size: int, image_size: int, samples_per_class: int, num_classes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Images and labels on the device, and the labels on the host (as the sampler hands them)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
@@ -67,8 +85,9 @@ def harness_step(cfg: Any, num_classes: int, device: torch.device) -> tuple[Call
     model = prepare_for_device(build_model(cfg, num_classes).to(device), cfg, device)
     optimizer = make_optimizer(model, cfg)
     amp, scaler = autocast_for(device, cfg.optim.amp), grad_scaler_for(device, cfg.optim.amp)
-    images, labels, host = synthetic_batch(cfg.data.batch_size, cfg.data.image_size, cfg.data.samples_per_class,
-                                           num_classes, device)
+    images, labels, host = synthetic_batch(
+        cfg.data.batch_size, cfg.data.image_size, cfg.data.samples_per_class, num_classes, device
+    )
     if getattr(model, "channels_last", False):
         images = images.contiguous(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -79,8 +98,17 @@ def harness_step(cfg: Any, num_classes: int, device: torch.device) -> tuple[Call
             with amp():
                 model.training_loss(images, labels)
             return
-        train_step(model, optimizer, images, labels, host, amp=amp, scaler=scaler, grad_clip=cfg.optim.grad_clip,
-                   trainable=trainable)
+        train_step(
+            model,
+            optimizer,
+            images,
+            labels,
+            host,
+            amp=amp,
+            scaler=scaler,
+            grad_clip=cfg.optim.grad_clip,
+            trainable=trainable,
+        )
 
     return step, model
 
@@ -93,8 +121,9 @@ def plain_step(cfg: Any, num_classes: int, device: torch.device, method: str) ->
 
     trains = PLAIN_EQUIVALENT.get(method, "all")
     torch.manual_seed(0)
-    backbone = timm.create_model(cfg.backbone.split(".")[0], pretrained=False, num_classes=0,
-                                 **cfg.model.backbone_kwargs).to(device)
+    backbone = timm.create_model(
+        cfg.backbone.split(".")[0], pretrained=False, num_classes=0, **cfg.model.backbone_kwargs
+    ).to(device)
     width = backbone.num_features
     dim = cfg.model.embed_dim or width
     vit = hasattr(backbone, "blocks")
@@ -103,11 +132,13 @@ def plain_step(cfg: Any, num_classes: int, device: torch.device, method: str) ->
     for name, p in backbone.named_parameters():
         p.requires_grad_(trains == "all" or (trains == "biases" and name.endswith("bias")))
     params = [p for m in (backbone, head, criterion) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+    )
     amp = autocast_for(device, cfg.optim.amp)
-    images, labels, _ = synthetic_batch(cfg.data.batch_size, cfg.data.image_size, cfg.data.samples_per_class,
-                                        num_classes, device)
+    images, labels, _ = synthetic_batch(
+        cfg.data.batch_size, cfg.data.image_size, cfg.data.samples_per_class, num_classes, device
+    )
     backbone.train(trains == "all")  # a frozen backbone stays in eval mode, as in the harness
     clip = cfg.optim.grad_clip
 
@@ -134,10 +165,23 @@ def train_flops_per_image(step: Callable[[], None], batch_size: int) -> float:
     return counter.get_total_flops() / batch_size
 
 
-def measure_step(method: str, backbone: str, *, image_size: int = 224, batch_size: int = 64,
-                 samples_per_class: int = 2, num_classes: int = 100, steps: int = 20, warmup: int = 5,
-                 device: str = "", amp: bool = True, baseline: bool = False, rounds: int = 2,
-                 overrides: dict[str, Any] | None = None, plain_cache: dict[str, float] | None = None) -> dict[str, Any]:
+def measure_step(
+    method: str,
+    backbone: str,
+    *,
+    image_size: int = 224,
+    batch_size: int = 64,
+    samples_per_class: int = 2,
+    num_classes: int = 100,
+    steps: int = 20,
+    warmup: int = 5,
+    device: str = "",
+    amp: bool = True,
+    baseline: bool = False,
+    rounds: int = 2,
+    overrides: dict[str, Any] | None = None,
+    plain_cache: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """img/s, peak memory and FLOPs of the harness step (and the plain loop's img/s when
     ``baseline``), measured in this process. ``plain_cache`` keeps the plain loop's seconds per
     step by trainable set (all, head, biases), so methods that share a set time it once."""
@@ -160,10 +204,16 @@ def measure_step(method: str, backbone: str, *, image_size: int = 224, batch_siz
         best_plain = plain_cache.setdefault(kind, best_plain)
     flops = train_flops_per_image(ours, batch_size)
     record = {
-        "method": method, "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
-        "amp": "bf16" if amp and dev.type == "cuda" else "fp32", "device": device_name(dev),
-        "img_s": round(batch_size / best_ours, 1), "peak_gb": round(peak, 3),
-        "train_gflops_per_img": round(flops / 1e9, 3), **model.count_parameters(),
+        "method": method,
+        "backbone": backbone,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "amp": "bf16" if amp and dev.type == "cuda" else "fp32",
+        "device": device_name(dev),
+        "img_s": round(batch_size / best_ours, 1),
+        "peak_gb": round(peak, 3),
+        "train_gflops_per_img": round(flops / 1e9, 3),
+        **model.count_parameters(),
     }
     peak_flops = peak_bf16_flops(dev)
     if peak_flops:
@@ -180,8 +230,18 @@ def device_name(device: torch.device) -> str:
 
 
 #: dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, from the vendors' data sheets
-BF16_PEAK = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
-             "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+BF16_PEAK = {
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:

@@ -1,6 +1,7 @@
 """The stages of the GPU window that train through ``train()`` (they need MLflow, the last one
 Optuna too): end to end on the CUB-shaped folder, the SOP-shaped folder decoded every batch, and
 concurrent trials of a shrunk study."""
+
 from __future__ import annotations
 
 import time
@@ -23,16 +24,44 @@ def e2e(rec: Recorder, sizes: Sizes, o: dict) -> None:
     common = dict(image_size=sizes.image, batch_size=sizes.batch, samples_per_class=2, workers=sizes.workers)
     kwargs = {"model.backbone_kwargs": sizes.vit_kwargs} if sizes.vit_kwargs else {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    each(rec, ["cpu", "device"], 5.0, lambda p: data_path_figures(
-        VIT, dataset, root, p, device, overrides=kwargs, **common), name=lambda p: f"data path ({p})")
+    each(
+        rec,
+        ["cpu", "device"],
+        5.0,
+        lambda p: data_path_figures(VIT, dataset, root, p, device, overrides=kwargs, **common),
+        name=lambda p: f"data path ({p})",
+    )
     runs = [(m, extra, p) for m, extra in E2E for p in ("cpu", "device")]
-    each(rec, runs, 10.0, lambda r: end_to_end(
-        r[0], VIT, dataset, root, Path(o["workdir"]) / "stores", pipeline=r[2], epochs=1,
-        overrides={**kwargs, **r[1]}, **common), name=lambda r: r[0] + (" (memory bank)" if r[1] else ""),
-        )
+    each(
+        rec,
+        runs,
+        10.0,
+        lambda r: end_to_end(
+            r[0],
+            VIT,
+            dataset,
+            root,
+            Path(o["workdir"]) / "stores",
+            pipeline=r[2],
+            epochs=1,
+            overrides={**kwargs, **r[1]},
+            **common,
+        ),
+        name=lambda r: r[0] + (" (memory bank)" if r[1] else ""),
+    )
     if device.type == "cuda":
-        each(rec, ["bitfit"], 10.0, lambda m: {"pipeline": "device", "syncs_per_step": cuda_syncs_per_step(
-            m, VIT, dataset, root, pipeline="device", overrides=kwargs, **common)}, name=lambda m: f"{m} syncs")
+        each(
+            rec,
+            ["bitfit"],
+            10.0,
+            lambda m: {
+                "pipeline": "device",
+                "syncs_per_step": cuda_syncs_per_step(
+                    m, VIT, dataset, root, pipeline="device", overrides=kwargs, **common
+                ),
+            },
+            name=lambda m: f"{m} syncs",
+        )
 
 
 def sop(rec: Recorder, sizes: Sizes, o: dict) -> None:
@@ -43,10 +72,25 @@ def sop(rec: Recorder, sizes: Sizes, o: dict) -> None:
     dataset, root = generated_folder("sop", sizes, o)
     rec.add("folder", kind="folder", dataset=dataset, seconds=round(time.monotonic() - started, 1))
     kwargs = {"model.backbone_kwargs": sizes.vit_kwargs} if sizes.vit_kwargs else {}
-    each(rec, ["bitfit"], 10.0, lambda m: end_to_end(
-        m, VIT, dataset, root, Path(o["workdir"]) / "stores", pipeline="device", epochs=1, image_size=sizes.image,
-        batch_size=sizes.batch, samples_per_class=2, workers=sizes.workers,
-        overrides={**kwargs, "data.pixel_cache_gb": 0}))
+    each(
+        rec,
+        ["bitfit"],
+        10.0,
+        lambda m: end_to_end(
+            m,
+            VIT,
+            dataset,
+            root,
+            Path(o["workdir"]) / "stores",
+            pipeline="device",
+            epochs=1,
+            image_size=sizes.image,
+            batch_size=sizes.batch,
+            samples_per_class=2,
+            workers=sizes.workers,
+            overrides={**kwargs, "data.pixel_cache_gb": 0},
+        ),
+    )
 
 
 def concurrency(rec: Recorder, sizes: Sizes, o: dict) -> None:
@@ -57,11 +101,31 @@ def concurrency(rec: Recorder, sizes: Sizes, o: dict) -> None:
 
     dataset, root = generated_folder("cub", sizes, o, scale=sizes.study_scale)
     device = "0" if torch.cuda.is_available() else "cpu"
-    overrides = {"data.image_size": sizes.image, "data.resize_size": round(sizes.image * 256 / 224),
-                 "data.batch_size": sizes.batch, "data.samples_per_class": 2, "data.num_workers": sizes.workers}
+    overrides = {
+        "data.image_size": sizes.image,
+        "data.resize_size": round(sizes.image * 256 / 224),
+        "data.batch_size": sizes.batch,
+        "data.samples_per_class": 2,
+        "data.num_workers": sizes.workers,
+    }
     if sizes.vit_kwargs:
         overrides["model.backbone_kwargs"] = sizes.vit_kwargs
     ks = [2] if sizes is TINY else [1, 2, 4]  # a CPU test: the spawned workers are the cost
-    each(rec, ks, 15.0, lambda k: concurrent_trial(
-        k, device, Path(o["workdir"]) / "concurrency", dataset=dataset, root=root, backbone=VIT,
-        methods=list(sizes.study_methods), trials=2, epochs=1, overrides=overrides), name=lambda k: f"K={k}")
+    each(
+        rec,
+        ks,
+        15.0,
+        lambda k: concurrent_trial(
+            k,
+            device,
+            Path(o["workdir"]) / "concurrency",
+            dataset=dataset,
+            root=root,
+            backbone=VIT,
+            methods=list(sizes.study_methods),
+            trials=2,
+            epochs=1,
+            overrides=overrides,
+        ),
+        name=lambda k: f"K={k}",
+    )

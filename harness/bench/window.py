@@ -18,6 +18,7 @@ are missing; the others need only torch, timm, torchvision and peft, which the m
 OUT holds three files (``records.jsonl``, ``summary.md``, ``log.txt``): within what comes back
 from the machine (8 files, 2 folders deep).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,26 @@ class Stage:
 
 #: in order of value: if the machine or its image is wrong, the smoke stage is all that is spent
 STAGES = (
-    Stage("smoke", 60, "imports; every method built once on the device at a tiny size, two steps of each "
-                       "(the second under torch.cuda.set_sync_debug_mode('error')); a few JPEGs through nvJPEG"),
+    Stage(
+        "smoke",
+        60,
+        "imports; every method built once on the device at a tiny size, two steps of each "
+        "(the second under torch.cuda.set_sync_debug_mode('error')); a few JPEGs through nvJPEG",
+    ),
     Stage("step", 120, "every ViT-S method's training step against the plain timm loop (bf16, batch 64, 224 px)"),
-    Stage("e2e", 120, "train() end to end on the CUB-shaped folder (200 x 60 JPEGs of 500x375): full "
-                      "fine-tuning, BitFit, VPTSP-G with the memory bank, on the cpu and device pipelines",
-          needs=("mlflow",)),
-    Stage("sop", 45, "a SOP-shaped folder with the pixel cache off: nvJPEG decodes every batch (BitFit)",
-          needs=("mlflow",)),
+    Stage(
+        "e2e",
+        120,
+        "train() end to end on the CUB-shaped folder (200 x 60 JPEGs of 500x375): full "
+        "fine-tuning, BitFit, VPTSP-G with the memory bank, on the cpu and device pipelines",
+        needs=("mlflow",),
+    ),
+    Stage(
+        "sop",
+        45,
+        "a SOP-shaped folder with the pixel cache off: nvJPEG decodes every batch (BitFit)",
+        needs=("mlflow",),
+    ),
     Stage("concurrency", 90, "K = 1, 2, 4 concurrent trials per device of a shrunk study", needs=("mlflow", "optuna")),
     Stage("decode", 20, "nvJPEG's pixels against libjpeg-turbo's on 256 files of the CUB-shaped folder"),
     Stage("mapr", 20, "exact Recall@K and MAP@R of 60,000 x 384 embeddings on the device"),
@@ -71,8 +84,10 @@ def plan_text(stages: list[Stage], caps: dict[str, float]) -> str:
     for s in stages:
         lines.append(f"{s.name:12s} {caps[s.name]:6.0f}  {','.join(s.needs) or '-':14s} {s.what}")
     total = sum(caps[s.name] for s in stages)
-    lines.append(f"{'sum':12s} {total:6.0f}  (at most {BUDGET_S:.0f} s: one 600 s command holds it with the "
-                 "machine's start and a margin)")
+    lines.append(
+        f"{'sum':12s} {total:6.0f}  (at most {BUDGET_S:.0f} s: one 600 s command holds it with the "
+        "machine's start and a margin)"
+    )
     return "\n".join(lines)
 
 
@@ -99,8 +114,9 @@ class StageProcess:
     """One stage's process, in a process group of its own, its output copied to ours and to the log."""
 
     def __init__(self, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=env)
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         self.last_line = ""
         self.copier = threading.Thread(target=self._copy, args=(log,), daemon=True)
         self.copier.start()
@@ -153,12 +169,16 @@ def run_stage(stage: Stage, cap: float, out: Path, options: dict, current: list)
     recorder = Recorder(out, stage.name)
     absent = missing(stage.needs)
     if absent:
-        return recorder.add(kind="stage", status="skipped", cap_s=cap, seconds=0.0,
-                            error=f"{', '.join(absent)} not installed (carry .whl/: bash benchmarks/wheels.sh)")
+        return recorder.add(
+            kind="stage",
+            status="skipped",
+            cap_s=cap,
+            seconds=0.0,
+            error=f"{', '.join(absent)} not installed (carry .whl/: bash benchmarks/wheels.sh)",
+        )
     started = time.monotonic()
     env = {**os.environ, "DMLBENCH_STAGE_DEADLINE": str(time.time() + cap - MARGIN_S), "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "harness.bench.measures", stage.name, str(out), json.dumps(options),
-            str(os.getpid())]
+    argv = [sys.executable, "-m", "harness.bench.measures", stage.name, str(out), json.dumps(options), str(os.getpid())]
     print(f"== {stage.name} (cap {cap:.0f} s, {time.strftime('%H:%M:%S')}): {stage.what}", flush=True)
     process = StageProcess(argv, out / "log.txt", env)
     current[0] = process
@@ -172,11 +192,21 @@ def run_stage(stage: Stage, cap: float, out: Path, options: dict, current: list)
         current[0] = None
     seconds = round(time.monotonic() - started, 1)
     if code is None:
-        return recorder.add(kind="stage", status="timeout", cap_s=cap, seconds=seconds,
-                            error=f"killed at its cap of {cap:.0f} s (the records it made are kept)")
+        return recorder.add(
+            kind="stage",
+            status="timeout",
+            cap_s=cap,
+            seconds=seconds,
+            error=f"killed at its cap of {cap:.0f} s (the records it made are kept)",
+        )
     if code != 0:
-        return recorder.add(kind="stage", status="failed", cap_s=cap, seconds=seconds,
-                            error=f"exit {code}: {process.last_line or 'no output'}")
+        return recorder.add(
+            kind="stage",
+            status="failed",
+            cap_s=cap,
+            seconds=seconds,
+            error=f"exit {code}: {process.last_line or 'no output'}",
+        )
     return recorder.add(kind="stage", status="ok", cap_s=cap, seconds=seconds)
 
 
@@ -201,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="", help="comma-separated subset, in plan order (default: all)")
     p.add_argument("--caps", default="", help="stage=seconds,... to replace caps (tiny runs on a CPU)")
     p.add_argument("--methods", default="", help="smoke and step: these methods instead of every one")
-    p.add_argument("--workdir", default=os.environ.get("DMLBENCH_BENCH_WORKDIR", "/tmp/dmlbench-bench"),
-                   help="generated folders and the stores of the training runs (not brought back)")
+    p.add_argument(
+        "--workdir",
+        default=os.environ.get("DMLBENCH_BENCH_WORKDIR", "/tmp/dmlbench-bench"),
+        help="generated folders and the stores of the training runs (not brought back)",
+    )
     args = p.parse_args(argv)
     names = [n for n in args.stages.split(",") if n] or list(BY_NAME)
     unknown = [n for n in names if n not in BY_NAME]
@@ -216,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    options = {"tiny": args.tiny, "workdir": str(Path(args.workdir).resolve()),
-               "methods": [m for m in args.methods.split(",") if m]}
+    options = {
+        "tiny": args.tiny,
+        "workdir": str(Path(args.workdir).resolve()),
+        "methods": [m for m in args.methods.split(",") if m],
+    }
     current: list = [None]
 
     def on_signal(signum: int, frame) -> None:
@@ -232,20 +268,29 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             record = run_stage(stage, caps[stage.name], out, options, current)
             write_summary(out)
-            print(f"== {stage.name}: {record['status']}" + (f" ({record['error']})" if record.get("error") else ""),
-                  flush=True)
+            print(
+                f"== {stage.name}: {record['status']}" + (f" ({record['error']})" if record.get("error") else ""),
+                flush=True,
+            )
     except Interrupted as exc:
         if current[0] is not None:
             current[0].kill()
         done = {r["stage"] for r in read(out) if r.get("kind") == "stage"}
         for stage in stages:
             if stage.name not in done:
-                Recorder(out, stage.name).add(kind="stage", status="interrupted", cap_s=caps[stage.name],
-                                              error=f"{exc} after {time.monotonic() - begun:.0f} s")
+                Recorder(out, stage.name).add(
+                    kind="stage",
+                    status="interrupted",
+                    cap_s=caps[stage.name],
+                    error=f"{exc} after {time.monotonic() - begun:.0f} s",
+                )
                 break
         write_summary(out)
-        print(f"gpu.sh: {exc}: stopped every process it started; the records made so far are in {out}",
-              file=sys.stderr, flush=True)
+        print(
+            f"gpu.sh: {exc}: stopped every process it started; the records made so far are in {out}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + exc.signum
     text = write_summary(out)
     print(text, end="")

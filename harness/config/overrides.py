@@ -3,6 +3,7 @@
 Every value passes :func:`set_key`, which checks it against the dataclass field's annotation
 (``Literal`` choices included), so the CLI's choice checks come from the types alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,9 +61,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, bool):  # YAML 1.1 reads off/on as booleans; amp was a boolean once
             value = _LEGACY.get((key, value), "on" if value else "off")
         if value not in typing.get_args(typ):
-            raise UserError(
-                f"bad value {value!r} for '{key}'; valid: {', '.join(map(str, typing.get_args(typ)))}"
-            )
+            raise UserError(f"bad value {value!r} for '{key}'; valid: {', '.join(map(str, typing.get_args(typ)))}")
         return value
     base = origin or typ
     if base is bool:
@@ -119,8 +118,11 @@ def set_key(cfg: RunConfig, dotted: str, value: Any) -> None:
         if part not in names:
             raise UserError(
                 f"unknown config key '{dotted}'{closest(dotted, _valid_keys(cfg))}"
-                + ("" if cfg.method_args is not None or parts[0] in {f.name for f in dataclasses.fields(cfg)}
-                   else " (method options live under method_args.)")
+                + (
+                    ""
+                    if cfg.method_args is not None or parts[0] in {f.name for f in dataclasses.fields(cfg)}
+                    else " (method options live under method_args.)"
+                )
             )
         if i == len(parts) - 1:
             current = getattr(obj, part)
@@ -135,7 +137,6 @@ def set_key(cfg: RunConfig, dotted: str, value: Any) -> None:
         obj = getattr(obj, part)
         if not dataclasses.is_dataclass(obj):
             raise UserError(f"unknown config key '{dotted}': '{part}' has no sub-keys")
-
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -160,8 +161,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, text = item.split("=", 1)
         out[key.strip()] = parse_scalar(text)
     return out
-
-
 
 
 def precheck(overrides: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
 """Where outputs go: where the user stands, or ``$DMLBENCH_HOME`` (never the package's folder)."""
+
 from __future__ import annotations
 
 import os

@@ -15,6 +15,7 @@ bound (``> 0``, ``>= -1``) or an interval (``[0, 1)``); ``note`` says what a spe
 (the test crop and the resize, the class-balanced sampler and the batch size) are a dataclass's
 ``check()`` method.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,7 +58,8 @@ class Range:
 
     def text(self) -> str:
         words = ("a finite number " if self.finite else "") + (
-            self.spec if _BOUND.match(self.spec) else f"in {self.spec}")
+            self.spec if _BOUND.match(self.spec) else f"in {self.spec}"
+        )
         return f"must be {words}" + (f" ({self.note})" if self.note else "")
 
 

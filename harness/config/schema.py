@@ -4,6 +4,7 @@ Choices are ``Literal`` types, so :mod:`harness.config.overrides` checks them fr
 alone; reading files and ``--set`` values lives there, and resolving defaults, presets and range
 checks in :mod:`harness.training.resolution`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,6 @@ import yaml
 
 from harness.config.rules import ranged
 from harness.errors import UserError
-
 
 
 @dataclass
@@ -72,17 +72,19 @@ class DataConfig:
     #: among the processes sharing it; 0 = decode every batch
     pixel_cache_gb: float = ranged(-1.0, ">= -1", "-1 = auto, 0 = decode every batch")
 
-
     def check(self, prefix: str = "data.") -> None:
         """Rules between fields: the test crop comes out of the resize; the class-balanced
         sampler fills a batch with whole classes."""
         if self.resize_size < self.image_size:
-            raise UserError(f"bad value {self.resize_size!r} for '{prefix}resize_size': must be >= "
-                            f"{prefix}image_size={self.image_size} (the test centre crop is taken from it)")
+            raise UserError(
+                f"bad value {self.resize_size!r} for '{prefix}resize_size': must be >= "
+                f"{prefix}image_size={self.image_size} (the test centre crop is taken from it)"
+            )
         m = self.samples_per_class
         if m and self.batch_size % m:
-            raise UserError(f"bad value {m!r} for '{prefix}samples_per_class': must divide "
-                            f"{prefix}batch_size={self.batch_size}")
+            raise UserError(
+                f"bad value {m!r} for '{prefix}samples_per_class': must divide {prefix}batch_size={self.batch_size}"
+            )
 
 
 @dataclass
@@ -171,15 +173,16 @@ class OptimConfig:
     #: torch.compile backend ("inductor"; "aot_eager" checks the wiring without code generation)
     compile_backend: str = "inductor"
 
-
     def check(self, prefix: str = "optim.") -> None:
         """The schedule's floor lies below the learning rate it is a floor of; the biases' weight
         decay is a value of its own or -1 (none of its own)."""
         if not self.min_lr < self.lr:
             raise UserError(f"bad value {self.min_lr!r} for '{prefix}min_lr': must be in [0, {prefix}lr={self.lr})")
         if not (self.weight_decay_bias == -1 or 0 <= self.weight_decay_bias < math.inf):
-            raise UserError(f"bad value {self.weight_decay_bias!r} for '{prefix}weight_decay_bias': "
-                            f"must be >= 0, or -1 for {prefix}weight_decay")
+            raise UserError(
+                f"bad value {self.weight_decay_bias!r} for '{prefix}weight_decay_bias': "
+                f"must be >= 0, or -1 for {prefix}weight_decay"
+            )
 
 
 @dataclass
@@ -201,7 +204,6 @@ class EvalConfig:
     #: other datasets ("name" or "name=DIR") whose test splits the selected checkpoint is evaluated
     #: on zero-shot at the end, beside the untrained backbone: transfer/<name>/* (forgetting)
     transfer: list = field(default_factory=list)
-
 
     def check(self, prefix: str = "eval.") -> None:
         """Recall@K needs positive integers K."""
@@ -259,7 +261,6 @@ class RunConfig:
     method_args: Any = None
 
 
-
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}``; leaves dict-valued dataclass-free mappings as dicts."""
     out: dict[str, Any] = {}
@@ -270,8 +271,6 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Below it stand only :mod:`harness.config`, :mod:`harness.runtime` and :mod:`harn
 method lookups (:func:`get_method`, :func:`method_names`) see every method once the ``methods``
 package is imported, which is why the layers above import them from ``methods``.
 """
+
 from harness.config.rules import ranged
 from harness.errors import UserError
 from harness.models.backbones import Backbone, backbone_from, create_backbone
@@ -25,8 +26,24 @@ from harness.models.registry import MethodSpec, get_method, method_names, regist
 from harness.runtime import to_device
 
 __all__ = [
-    "Backbone", "BuildContext", "DMLModel", "EmbeddingHead", "Injection", "MergeableModel", "ProxyAnchorLoss",
-    "UserError", "block_targets", "freeze", "ranged", "register_method", "select_indices", "to_device",
+    "Backbone",
+    "BuildContext",
+    "DMLModel",
+    "EmbeddingHead",
+    "Injection",
+    "MergeableModel",
+    "ProxyAnchorLoss",
+    "UserError",
+    "block_targets",
+    "freeze",
+    "ranged",
+    "register_method",
+    "select_indices",
+    "to_device",
     # for the layers above (methods import none of these)
-    "MethodSpec", "backbone_from", "create_backbone", "get_method", "method_names",
+    "MethodSpec",
+    "backbone_from",
+    "create_backbone",
+    "get_method",
+    "method_names",
 ]

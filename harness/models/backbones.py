@@ -3,6 +3,7 @@
 The exact weight source is returned so every run can record it. Offline without weights the user
 gets a one-line error saying how to supply them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -135,9 +136,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def create_backbone(
-    name: str, *, pretrained: bool = True, weights: str = "", kwargs: dict | None = None
-) -> Backbone:
+def create_backbone(name: str, *, pretrained: bool = True, weights: str = "", kwargs: dict | None = None) -> Backbone:
     """Create ``name`` without classifier and load its weights.
 
     Order: a local ``weights`` file; the embedded package for tf_efficientnet_lite0; the hub
@@ -184,8 +183,9 @@ def create_backbone(
 
 def backbone_from(cfg: RunConfig) -> Backbone:
     """The run's backbone: ``cfg.backbone`` with ``cfg.model``'s weights and timm options."""
-    return create_backbone(cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights,
-                           kwargs=cfg.model.backbone_kwargs)
+    return create_backbone(
+        cfg.backbone, pretrained=cfg.model.pretrained, weights=cfg.model.weights, kwargs=cfg.model.backbone_kwargs
+    )
 
 
 def describe(name: str, kwargs: dict | None = None) -> tuple[str, int, tuple[int, int] | None]:

@@ -12,6 +12,7 @@ Vocabulary: a *target* is a submodule given by its dotted path in the backbone
 its input (``"input"``) or an input tapped on another module (``tap=``), and its result is added
 to the target's output (``combine="add"``) or replaces it (``"replace"``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -51,7 +52,9 @@ def block_targets(
     """
     stack = getattr(model, "blocks", None)
     if not isinstance(stack, nn.Sequential) or not len(stack):
-        raise UserError(f"{type(model).__name__} has no 'blocks' sequence to inject into; valid: timm ViTs (vit_*, deit_*)")
+        raise UserError(
+            f"{type(model).__name__} has no 'blocks' sequence to inject into; valid: timm ViTs (vit_*, deit_*)"
+        )
     if not names:
         raise UserError(f"'{key_names}' is empty; name at least one submodule of a block, e.g. attn.qkv")
     targets: dict[str, nn.Module] = {}
@@ -60,8 +63,10 @@ def block_targets(
         valid = sorted(n for n, m in block.named_modules() if n and isinstance(m, types))
         for name in names:
             if name not in valid:
-                raise UserError(f"bad value {name!r} in '{key_names}': block {i} has no such "
-                                f"{'/'.join(t.__name__ for t in types)}; valid: {', '.join(valid)}")
+                raise UserError(
+                    f"bad value {name!r} in '{key_names}': block {i} has no such "
+                    f"{'/'.join(t.__name__ for t in types)}; valid: {', '.join(valid)}"
+                )
             targets[f"blocks.{i}.{name}"] = block.get_submodule(name)
     return targets
 
@@ -84,8 +89,13 @@ class Tap:
 class InjectedHook:
     """Forward hook combining a target's output with an injected module's result."""
 
-    def __init__(self, injected: nn.Module, source: Literal["output", "input"], combine: Literal["add", "replace"],
-                 tap: Tap | None = None) -> None:
+    def __init__(
+        self,
+        injected: nn.Module,
+        source: Literal["output", "input"],
+        combine: Literal["add", "replace"],
+        tap: Tap | None = None,
+    ) -> None:
         self.injected, self.source, self.combine, self.tap = injected, source, combine, tap
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

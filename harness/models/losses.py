@@ -5,6 +5,7 @@ parameters (proxies / class weights) so the trainer can give them their own lear
 computes in float32 even under bf16/fp16 autocast: the exp(alpha * cos) terms of Proxy Anchor and
 the 1/temperature logits overflow or lose all precision in half precision.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,15 @@ class ProxyAnchorLoss(nn.Module):
 
     AVERAGES = ("with_positives", "all")
 
-    def __init__(self, num_classes: int, embed_dim: int, alpha: float = 32.0, margin: float = 0.1,
-                 positive_average: str = "with_positives", proxy_init: str = "kaiming") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        alpha: float = 32.0,
+        margin: float = 0.1,
+        positive_average: str = "with_positives",
+        proxy_init: str = "kaiming",
+    ) -> None:
         super().__init__()
         if positive_average not in self.AVERAGES:
             raise unknown("positive_average", positive_average, self.AVERAGES)
@@ -65,8 +73,9 @@ class ProxyAnchorLoss(nn.Module):
             nn.init.kaiming_normal_(self.proxies, mode="fan_out")  # as in the Proxy Anchor code
 
     @full_precision
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                proxies: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Loss for a batch; ``proxies`` (C, D) overrides the owned parameter (VPTSP-G's proxies)."""
         proxies = self.proxies if proxies is None else proxies
         if proxies.shape[0] != self.num_classes:
@@ -86,8 +95,9 @@ class ProxyAnchorLoss(nn.Module):
 class NormSoftmaxLoss(nn.Module):
     """Normalised softmax (Zhai & Wu, BMVC 2019): cross-entropy on cos(x, w_c) / temperature."""
 
-    def __init__(self, num_classes: int, embed_dim: int, temperature: float = 0.05,
-                 label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, num_classes: int, embed_dim: int, temperature: float = 0.05, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         self.temperature, self.label_smoothing = float(temperature), float(label_smoothing)
         self.weight = nn.Parameter(torch.empty(num_classes, embed_dim))
@@ -100,8 +110,7 @@ class NormSoftmaxLoss(nn.Module):
 
     @full_precision
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(embeddings), labels.long(),
-                               label_smoothing=self.label_smoothing)
+        return F.cross_entropy(self.logits(embeddings), labels.long(), label_smoothing=self.label_smoothing)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -112,8 +121,9 @@ class CrossEntropyLoss(nn.Module):
     (1 - eps + eps / C and eps / C).
     """
 
-    def __init__(self, num_classes: int, embed_dim: int, label_smoothing: float = 0.0,
-                 smoothing_form: str = "torch") -> None:
+    def __init__(
+        self, num_classes: int, embed_dim: int, label_smoothing: float = 0.0, smoothing_form: str = "torch"
+    ) -> None:
         super().__init__()
         self.label_smoothing, self.smoothing_form = float(label_smoothing), smoothing_form
         self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
@@ -135,12 +145,18 @@ LOSSES = ("proxy_anchor", "norm_softmax", "cross_entropy")
 def build_loss(name: str, num_classes: int, embed_dim: int, cfg) -> nn.Module:
     """Instantiate a loss from a :class:`harness.config.LossConfig`; unknown names are a UserError."""
     if name == "proxy_anchor":
-        return ProxyAnchorLoss(num_classes, embed_dim, alpha=cfg.alpha, margin=cfg.margin,
-                               positive_average=cfg.positive_average, proxy_init=cfg.proxy_init)
+        return ProxyAnchorLoss(
+            num_classes,
+            embed_dim,
+            alpha=cfg.alpha,
+            margin=cfg.margin,
+            positive_average=cfg.positive_average,
+            proxy_init=cfg.proxy_init,
+        )
     if name == "norm_softmax":
-        return NormSoftmaxLoss(num_classes, embed_dim, temperature=cfg.temperature,
-                               label_smoothing=cfg.label_smoothing)
+        return NormSoftmaxLoss(num_classes, embed_dim, temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
     if name == "cross_entropy":
-        return CrossEntropyLoss(num_classes, embed_dim, label_smoothing=cfg.label_smoothing,
-                                smoothing_form=cfg.smoothing_form)
+        return CrossEntropyLoss(
+            num_classes, embed_dim, label_smoothing=cfg.label_smoothing, smoothing_form=cfg.smoothing_form
+        )
     raise unknown("loss", name, LOSSES)

@@ -5,6 +5,7 @@ the method's declared prefixes (as in peft; see :mod:`harness.models.registry`),
 change :meth:`features` / :meth:`training_loss`. Ownership by prefix drives the rest: parameter
 groups, train/eval mode, feature caching, saving and counting. The loop only talks to this class.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,9 +57,7 @@ class DMLModel(nn.Module):
     #: LoRA, SSF and peft's tuners; :meth:`merge_`)
     merges_on_test: bool = False
 
-    def __init__(
-        self, backbone: Backbone, head: nn.Module, criterion: nn.Module, *, frozen_backbone: bool
-    ) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Module, criterion: nn.Module, *, frozen_backbone: bool) -> None:
         super().__init__()
         self.backbone = backbone.model
         self.head = head
@@ -160,8 +159,13 @@ class DMLModel(nn.Module):
                 roles.setdefault((self.role_of(name), bias), []).append(p)
         mult = {"head": optim_cfg.head_lr_mult, "criterion": loss_cfg.lr_mult}
         groups = [
-            {"name": role + (".bias" if bias else ""), "role": role, "params": params,
-             "lr": optim_cfg.lr * mult.get(role, 1.0), **({"weight_decay": optim_cfg.weight_decay_bias} if bias else {})}
+            {
+                "name": role + (".bias" if bias else ""),
+                "role": role,
+                "params": params,
+                "lr": optim_cfg.lr * mult.get(role, 1.0),
+                **({"weight_decay": optim_cfg.weight_decay_bias} if bias else {}),
+            }
             for (role, bias), params in roles.items()
         ]
         for g in groups:  # the VPTSP-G code's lr_proxy: an absolute lr for the proxies

@@ -18,6 +18,7 @@ The registration declares what the harness needs to treat every method alike:
 - ``config``: the options dataclass (``method_args.*``); ``Literal`` fields give the choices.
 - ``search_space``: extends :data:`DEFAULT_SEARCH_SPACE` (a key set to ``None`` drops it).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -11,6 +11,7 @@ release names them (``layerN.M.bn1.IN`` / ``.BN``), so its checkpoint
 first block: 2 is the ImageNet network, 1 is fast-reid's ``MODEL.BACKBONE.LAST_STRIDE`` (a 14x14
 final map at 224 px instead of 7x7; the weights are the same).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -64,15 +65,26 @@ def _create(variant: str, layers: list[int], pretrained: bool, last_stride: int 
 
 
 def _cfg(file: str) -> dict[str, Any]:
-    return {"url": _RELEASE + file, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-            "crop_pct": 0.875, "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "first_conv": "conv1", "classifier": "fc"}
+    return {
+        "url": _RELEASE + file,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "conv1",
+        "classifier": "fc",
+    }
 
 
-default_cfgs = generate_default_cfgs({
-    "resnet50_ibn_a.in1k": _cfg("resnet50_ibn_a-d9d0bb7b.pth"),
-    "resnet101_ibn_a.in1k": _cfg("resnet101_ibn_a-59ea0ac6.pth"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "resnet50_ibn_a.in1k": _cfg("resnet50_ibn_a-d9d0bb7b.pth"),
+        "resnet101_ibn_a.in1k": _cfg("resnet101_ibn_a-59ea0ac6.pth"),
+    }
+)
 
 
 @register_model

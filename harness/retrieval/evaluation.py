@@ -1,4 +1,5 @@
 """Evaluation: embed a split and compute its retrieval metrics, or reuse cached frozen features."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,14 +51,34 @@ def metric_name(key: str) -> str:
 class FeatureCache:
     """Frozen features computed once (linear probe): training and evaluation reuse them."""
 
-    def __init__(self, model: DMLModel, loaders: dict[str, data.Batches], d: DataConfig, seed: int,
-                 eval_batch_size: int, device: torch.device, amp: Any, backbone: Backbone) -> None:
+    def __init__(
+        self,
+        model: DMLModel,
+        loaders: dict[str, data.Batches],
+        d: DataConfig,
+        seed: int,
+        eval_batch_size: int,
+        device: torch.device,
+        amp: Any,
+        backbone: Backbone,
+    ) -> None:
         self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         pipeline = data.resolve_pipeline(d.pipeline, device)
         model.eval()
         for name, split in loaders.items():  # every split with the test transform (train included)
-            batches = data.split_batches(split.table, d, seed, eval_batch_size, backbone.mean, backbone.std, device,
-                                         pipeline, train=False, split="features", pixels=split.pixels)
+            batches = data.split_batches(
+                split.table,
+                d,
+                seed,
+                eval_batch_size,
+                backbone.mean,
+                backbone.std,
+                device,
+                pipeline,
+                train=False,
+                split="features",
+                pixels=split.pixels,
+            )
             feats, labels = [], []
             with torch.inference_mode():
                 for images, y, _ in tqdm(batches, desc=f"features {name}", leave=False, disable=None):
@@ -85,5 +106,3 @@ class FeatureCache:
         if split == "test" and "query" in self.features:
             return evaluate_retrieval(*emb("query"), *emb("gallery"), ks=ks)
         return evaluate_retrieval(*emb(split), ks=ks)
-
-

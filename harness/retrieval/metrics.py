@@ -21,6 +21,7 @@ and backend independent.
 Memory stays bounded: the kNN search runs over chunks of ``chunk_size`` queries and keeps only the
 top ``k = max(max(ks), largest R)`` neighbours per query, never an N x N matrix (SOP has 60k images).
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,9 @@ def _sort_ties_by_index(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Te
     return vals.gather(1, order), idx.gather(1, order)
 
 
-def _knn_torch(q: torch.Tensor, ref: torch.Tensor, k: int, self_offset: int | None,
-               buffer: torch.Tensor | None = None) -> torch.Tensor:
+def _knn_torch(
+    q: torch.Tensor, ref: torch.Tensor, k: int, self_offset: int | None, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
     """Indices of the k nearest references for one chunk of queries (torch matmul on q's device).
 
     ``buffer`` (at least len(q) x len(ref)) is reused across chunks: allocating a fresh ~1 GB
@@ -110,8 +112,9 @@ def _knn_faiss(index, q: torch.Tensor, ref: torch.Tensor, k: int, self_offset: i
     return _sort_ties_by_index(vals, idx)[1]
 
 
-def _knn_torch_rows(q: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, k: int,
-                    self_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _knn_torch_rows(
+    q: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, k: int, self_offset: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact stable top-k (values, indices) for selected query rows, to settle faiss's ties."""
     sims = q[rows] @ ref.T
     if self_offset is not None:
@@ -156,7 +159,7 @@ def evaluate_retrieval(
     # R per query: reference items sharing its label (minus itself in self-retrieval).
     uniq, inv = torch.unique(torch.cat([rl, ql]), return_inverse=True)
     ref_counts = torch.bincount(inv[: len(rl)], minlength=len(uniq))
-    r_per_query = ref_counts[inv[len(rl):]] - int(self_retrieval)
+    r_per_query = ref_counts[inv[len(rl) :]] - int(self_retrieval)
     n_avail = len(ref) - int(self_retrieval)
     k = min(max(max(ks), int(r_per_query.max()) if len(q) else 0), n_avail)
     keys = recall_keys(ks) + ["map@r", "r_precision"]
@@ -193,7 +196,7 @@ def evaluate_retrieval(
             nn_idx = _knn_torch(chunk, ref, k, offset, buffer)
         hits = (rl[nn_idx] == ql[start:stop, None])[keep]
         values = _per_query_metrics(hits, r_per_query[start:stop][keep], ks)
-        per_query[filled: filled + len(values)] = values
+        per_query[filled : filled + len(values)] = values
         filled += len(values)
     means = per_query.cpu().mean(0).tolist()  # CPU reduction: identical numbers on every device
     return {key: float(v) for key, v in zip(keys, means)}

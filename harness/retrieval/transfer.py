@@ -14,6 +14,7 @@ the run's ``data.max_per_class`` / ``data.max_classes`` caps (quick runs stay qu
 not test (study tuning trials, ``eval.test=false``) do not transfer either: transfer splits are
 test data.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,9 @@ def parse(entries: list, own: str) -> list[tuple[str, str]]:
         if name not in spec_names():
             raise UserError(f"unknown dataset '{name}' in eval.transfer; valid: {', '.join(spec_names())}")
         if name == own:
-            raise UserError(f"eval.transfer lists '{name}', the dataset the run trains on; "
-                            "transfer is measured on other datasets")
+            raise UserError(
+                f"eval.transfer lists '{name}', the dataset the run trains on; transfer is measured on other datasets"
+            )
         out.append((name, root))
     return out
 
@@ -75,8 +77,16 @@ class UntrainedBackbone(nn.Module):
         return F.normalize(self.backbone(images).float(), dim=-1)
 
 
-def prepare_transfer(entries: list, own: str, d: DataConfig, seed: int, eval_batch_size: int,
-                     backbone_kwargs: dict, backbone: Backbone, device: torch.device) -> list[TransferSet]:
+def prepare_transfer(
+    entries: list,
+    own: str,
+    d: DataConfig,
+    seed: int,
+    eval_batch_size: int,
+    backbone_kwargs: dict,
+    backbone: Backbone,
+    device: torch.device,
+) -> list[TransferSet]:
     """Read and cap every transfer dataset's evaluation split (``eval.transfer`` entries, under the
     run's data config ``d`` and ``seed``) and build its batches; call it before the method is built
     on ``backbone`` (random-init backbones have no other copy). No entries: nothing to do (runs
@@ -91,14 +101,35 @@ def prepare_transfer(entries: list, own: str, d: DataConfig, seed: int, eval_bat
         tables = data.evaluation_tables(raw, d, seed)
         if d.verify_images:
             data.verify_tables(tables)
-        loaders = {split: data.split_batches(table, d, seed, eval_batch_size, backbone.mean, backbone.std, device,
-                                             d.pipeline, train=False, split=split) for split, table in tables.items()}
+        loaders = {
+            split: data.split_batches(
+                table,
+                d,
+                seed,
+                eval_batch_size,
+                backbone.mean,
+                backbone.std,
+                device,
+                d.pipeline,
+                train=False,
+                split=split,
+            )
+            for split, table in tables.items()
+        }
         weights = backbone.weight_source + (f":seed={seed}" if backbone.weight_source == "random-init" else "")
-        facts = {"backbone": backbone.name, "weights": weights, "dataset": name,
-                 "root": str(resolve_root(spec, root)), "sizes": [len(t) for t in tables.values()],
-                 "image_size": d.image_size, "resize_size": d.resize_size,
-                 "test_resize": d.test_resize, "kwargs": backbone_kwargs, "ks": list(spec.ks),
-                 "caps": [d.max_per_class, d.max_classes, seed if d.max_per_class or d.max_classes else 0]}
+        facts = {
+            "backbone": backbone.name,
+            "weights": weights,
+            "dataset": name,
+            "root": str(resolve_root(spec, root)),
+            "sizes": [len(t) for t in tables.values()],
+            "image_size": d.image_size,
+            "resize_size": d.resize_size,
+            "test_resize": d.test_resize,
+            "kwargs": backbone_kwargs,
+            "ks": list(spec.ks),
+            "caps": [d.max_per_class, d.max_classes, seed if d.max_per_class or d.max_classes else 0],
+        }
         key = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
         sets.append(TransferSet(name, loaders, tuple(spec.ks), key, pristine))
     return sets
@@ -119,8 +150,16 @@ def untrained_metrics(ts: TransferSet, amp: Any, device: torch.device, cache_dir
     return metrics
 
 
-def transfer_metrics(model: nn.Module, sets: list[TransferSet], selected: dict | None, *, merged: bool, amp: Any,
-                     device: torch.device, cache_dir: Path) -> dict[str, float]:
+def transfer_metrics(
+    model: nn.Module,
+    sets: list[TransferSet],
+    selected: dict | None,
+    *,
+    merged: bool,
+    amp: Any,
+    device: torch.device,
+    cache_dir: Path,
+) -> dict[str, float]:
     """``transfer/<dataset>/...`` of the selected checkpoint (``selected``: its trainable state,
     loaded unless the model already holds it ``merged``); untrained values cached in ``cache_dir``."""
     if not sets:

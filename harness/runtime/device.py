@@ -1,5 +1,6 @@
 """The device a run uses: choosing it, seeding, moving host values onto it without a sync,
 synchronising, and what it costs (peak memory, a per-epoch system sample)."""
+
 from __future__ import annotations
 
 import random
@@ -26,14 +27,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(values: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def to_device(
+    values: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Host values onto the device without a host-device sync: a copy from pageable memory may
     synchronise with the stream, so on CUDA the values go through pinned memory."""
     tensor = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return tensor.to(device, non_blocking=True)
     return tensor.pin_memory().to(device, non_blocking=True)
-
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -64,8 +66,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-
-
 def system_sample(device: torch.device) -> dict[str, float]:
     """One sample of the machine per epoch, under ``system/`` (MLflow's System metrics tab): the
     CPU use since the last sample, the process's memory and, on CUDA, the epoch's peak allocation.
@@ -73,8 +73,10 @@ def system_sample(device: torch.device) -> dict[str, float]:
     point at all; this gives every trained run one per epoch. Host-side reads only: no sync."""
     import psutil
 
-    out = {"system/epoch_cpu_utilization_percentage": psutil.cpu_percent(interval=None),
-           "system/epoch_process_rss_gb": psutil.Process().memory_info().rss / 1e9}
+    out = {
+        "system/epoch_cpu_utilization_percentage": psutil.cpu_percent(interval=None),
+        "system/epoch_process_rss_gb": psutil.Process().memory_info().rss / 1e9,
+    }
     if device.type == "cuda":
         out["system/epoch_gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return out

@@ -14,6 +14,7 @@ run) interrupts at once.
 :func:`die_with_parent` makes a worker process receive SIGTERM when its parent dies, however the
 parent died (``kill -9`` included), so no worker trains on as an orphan.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ CPU runs compute in fp32 whatever ``optim.amp`` says, so CPU results do not depe
 autocast kernels; on CUDA ``bf16`` or ``fp16`` (with a dynamic GradScaler, as the FRPT and VPTSP-G
 codes train). The scaler always exists: disabled it is a no-op, so the step has one backward path.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -18,6 +18,7 @@ memory). It counts those calls made by this project's code (``harness/``, ``meth
 own same-device ``.to`` calls (gradient clipping, the optimisers) are no transfer. Host data
 in the step is NumPy (the batch's indices and labels), so no tensor method is needed to read it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,9 +34,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _aten = torch.ops.aten
 #: ops whose result the host needs before it can go on
 SYNC_OPS = {
-    _aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.equal.default,
-    _aten.nonzero.default, _aten.masked_select.default, _aten.bincount.default,
-    _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default,
+    _aten._local_scalar_dense.default,
+    _aten.is_nonzero.default,
+    _aten.equal.default,
+    _aten.nonzero.default,
+    _aten.masked_select.default,
+    _aten.bincount.default,
+    _aten._unique2.default,
+    _aten.unique_dim.default,
+    _aten.unique_consecutive.default,
     _aten.repeat_interleave.Tensor,
 }
 #: ops that sync only with a boolean index (they run nonzero first)

@@ -1,5 +1,6 @@
 """The ``dmlbench study`` sub-command: run, launch (Slurm), status, plan and repair a study (imports
 stay light until a command needs them)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--workers-per-device", type=int, default=1, help="run: concurrent trials per device")
     s.add_argument("--img-s", type=float, default=None, help="plan: training images/s to assume")
     s.add_argument("--benchmark", default=None, help="plan: a benchmark.json whose data_img_s (else img_s) to use")
-    s.add_argument("--rebuild-from-mlflow", action="store_true",
-                   help="run: add finished trials that MLflow has and the Optuna storage lost back to Optuna")
+    s.add_argument(
+        "--rebuild-from-mlflow",
+        action="store_true",
+        help="run: add finished trials that MLflow has and the Optuna storage lost back to Optuna",
+    )
     s.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
     s.add_argument("--json", action="store_true", help="status as JSON records")
     s.add_argument("--tracking-uri", default="")
@@ -55,8 +59,14 @@ def run(args: argparse.Namespace) -> int:
 
         return launch(args.spec, args)
     if args.action == "run":
-        run_study(args.spec, workers=args.workers, storage=args.storage, devices=args.devices,
-                  workers_per_device=args.workers_per_device, rebuild_from_mlflow=args.rebuild_from_mlflow)
+        run_study(
+            args.spec,
+            workers=args.workers,
+            storage=args.storage,
+            devices=args.devices,
+            workers_per_device=args.workers_per_device,
+            rebuild_from_mlflow=args.rebuild_from_mlflow,
+        )
     status = study_status(args.spec, storage=args.storage)
     if args.json:
         print(status.to_json(orient="records", indent=2))

@@ -8,6 +8,7 @@ is appended after it. ``dmlbench study repair SPEC`` keeps the complete records 
 bad line and moves the rest, byte for byte, to ``<journal>.damaged-<time>`` (a cut last record
 loses nothing that was ever readable).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,11 @@ def check_journal(path: Path, spec_path: str | Path = "SPEC") -> None:
         break
     if bad is not None:
         number, _, what = bad
-        raise UserError(f"Optuna journal {path} is damaged at line {number}: {what}; nothing was written to it. "
-                        f"Repair it with: dmlbench study repair {spec_path} (keeps the {number - 1} complete "
-                        f"records before that line, moves the rest aside)")
+        raise UserError(
+            f"Optuna journal {path} is damaged at line {number}: {what}; nothing was written to it. "
+            f"Repair it with: dmlbench study repair {spec_path} (keeps the {number - 1} complete "
+            f"records before that line, moves the rest aside)"
+        )
 
 
 def repair_journal(path: Path) -> str:
@@ -66,5 +69,7 @@ def repair_journal(path: Path) -> str:
     tmp = path.with_suffix(path.suffix + ".repairing")
     tmp.write_bytes(data[:offset])
     tmp.replace(path)
-    return (f"{path}: kept the {number - 1} complete records before line {number} ({what}); the rest "
-            f"({len(data) - offset:,} bytes) is in {aside}")
+    return (
+        f"{path}: kept the {number - 1} complete records before line {number} ({what}); the rest "
+        f"({len(data) - offset:,} bytes) is in {aside}"
+    )

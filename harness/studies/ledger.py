@@ -8,6 +8,7 @@ is written and refuses, or with ``rebuild`` adds them back to Optuna from what M
 (parameters, objective value, pruned or complete), keeping their original trial numbers as
 ``dmlbench.source_number`` so their reproductions are recognised too.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,14 @@ def untracked_runs(spec: StudySpec, dataset: str, entry: Entry, known: set[str])
     mlflow.set_tracking_uri(spec.tracking_uri)
     if mlflow.get_experiment_by_name(spec.experiments[dataset]) is None:
         return []
-    runs = mlflow.search_runs(experiment_names=[spec.experiments[dataset]], output_format="list",
-                              filter_string=tag_filter(spec, dataset, entry, role="trial"))
-    return [r for r in runs if r.data.tags.get("dmlbench.status") in ("finished", "pruned")
-            and r.info.run_id not in known]
+    runs = mlflow.search_runs(
+        experiment_names=[spec.experiments[dataset]],
+        output_format="list",
+        filter_string=tag_filter(spec, dataset, entry, role="trial"),
+    )
+    return [
+        r for r in runs if r.data.tags.get("dmlbench.status") in ("finished", "pruned") and r.info.run_id not in known
+    ]
 
 
 def known_run_ids(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> set[str]:
@@ -57,7 +62,8 @@ def check_ledger(spec: StudySpec, storage: Any, storage_url: str, rebuild: bool 
                 f"the Optuna storage {storage_url} has no record of {len(missing)} finished trial(s) of "
                 f"{spec.study_name(dataset, entry)} that MLflow {spec.tracking_uri} holds: the journal was emptied, "
                 f"lost or replaced; nothing was trained. Restore it, or rebuild the trials from MLflow with: "
-                f"dmlbench study run {spec.path} --rebuild-from-mlflow")
+                f"dmlbench study run {spec.path} --rebuild-from-mlflow"
+            )
         rebuilt += add_trials(spec, dataset, entry, storage, missing)
     return rebuilt
 
@@ -73,15 +79,28 @@ def add_trials(spec: StudySpec, dataset: str, entry: Entry, storage: Any, runs: 
     for run in sorted(runs, key=lambda r: int(r.data.tags.get("dmlbench.trial", 0))):
         params = {k: _parse(run.data.params.get(k), d) for k, d in dists.items()}
         if any(v is None for v in params.values()):
-            raise UserError(f"MLflow run {run.info.run_id} does not record every searched parameter "
-                            f"({', '.join(k for k, v in params.items() if v is None)}); it cannot be rebuilt")
+            raise UserError(
+                f"MLflow run {run.info.run_id} does not record every searched parameter "
+                f"({', '.join(k for k, v in params.items() if v is None)}); it cannot be rebuilt"
+            )
         pruned = run.data.tags.get("dmlbench.status") == "pruned"
         value = run.data.metrics.get(spec.metric, float("nan"))
-        state = optuna.trial.TrialState.PRUNED if pruned or not math.isfinite(value) else optuna.trial.TrialState.COMPLETE
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=dists, state=state, value=None if state != optuna.trial.TrialState.COMPLETE else value,
-            user_attrs={"mlflow_run_id": run.info.run_id, "dmlbench.rebuilt_from": "mlflow",
-                        "dmlbench.source_number": run.data.tags.get("dmlbench.trial", "")}))
+        state = (
+            optuna.trial.TrialState.PRUNED if pruned or not math.isfinite(value) else optuna.trial.TrialState.COMPLETE
+        )
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=dists,
+                state=state,
+                value=None if state != optuna.trial.TrialState.COMPLETE else value,
+                user_attrs={
+                    "mlflow_run_id": run.info.run_id,
+                    "dmlbench.rebuilt_from": "mlflow",
+                    "dmlbench.source_number": run.data.tags.get("dmlbench.trial", ""),
+                },
+            )
+        )
     return len(runs)
 
 

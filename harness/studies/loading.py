@@ -1,5 +1,6 @@
 """Reading a study spec file and checking every key, so a typo, an unknown method, dataset or
 backbone, or an empty search space is refused in one line before anything runs."""
+
 from __future__ import annotations
 
 import math
@@ -129,8 +130,11 @@ def load_spec(path: str | Path) -> StudySpec:
         raise unknown("objective", objective, OBJECTIVES)
     budget_raw = _check_keys(raw["budget"], _BUDGET_KEYS, f"'budget' of {where}")
     try:
-        budget = Budget(int(budget_raw["n_trials"]), int(budget_raw["epochs"]),
-                        None if budget_raw.get("timeout_s") is None else float(budget_raw["timeout_s"]))
+        budget = Budget(
+            int(budget_raw["n_trials"]),
+            int(budget_raw["epochs"]),
+            None if budget_raw.get("timeout_s") is None else float(budget_raw["timeout_s"]),
+        )
     except (KeyError, TypeError, ValueError):
         raise UserError(f"'budget' of {where} needs integers n_trials and epochs (and optional timeout_s)") from None
     if budget.n_trials < 1 or budget.epochs < 1:
@@ -166,13 +170,14 @@ def load_spec(path: str | Path) -> StudySpec:
         get_method(m)
     if methods_raw == "all":
         family = _backbone_family(backbone, dict(overrides.get("model.backbone_kwargs") or {}))
-        entries_raw = [{"method": m} for m in method_names()
-                       if get_method(m).applies_to(family) and m not in exclude]
+        entries_raw = [{"method": m} for m in method_names() if get_method(m).applies_to(family) and m not in exclude]
     else:
         if exclude:
             raise UserError(f"'exclude' of {where} only works with 'methods: all'")
-        entries_raw = [_parse_entry(r, f"method entry {i + 1} of {where}")
-                       for i, r in enumerate(_as_list(methods_raw, f"'methods' of {where}"))]
+        entries_raw = [
+            _parse_entry(r, f"method entry {i + 1} of {where}")
+            for i, r in enumerate(_as_list(methods_raw, f"'methods' of {where}"))
+        ]
     references = raw.get("references") or []
     if not isinstance(references, list):
         raise UserError(f"'references' of {where} must be a list of method entries")
@@ -191,7 +196,9 @@ def load_spec(path: str | Path) -> StudySpec:
             raise UserError(f"'overrides' of {ewhere} must be a mapping")
         entry_overrides = dict(raw_entry.get("overrides") or {})
         if any(k.startswith("tracking.") for k in entry_overrides):
-            raise UserError(f"tracking keys in {ewhere}: set them in the study's overrides (one experiment per dataset)")
+            raise UserError(
+                f"tracking keys in {ewhere}: set them in the study's overrides (one experiment per dataset)"
+            )
         if "optim.epochs" in entry_overrides and not fixed:
             raise UserError(f"'optim.epochs' in {ewhere}: budget.epochs sets it for every tuned method")
         space = {k: dict(v) for k, v in spec.search_space.items()}
@@ -204,24 +211,47 @@ def load_spec(path: str | Path) -> StudySpec:
         if not fixed and not space:
             raise UserError(f"empty search space for {ewhere}: give a search_space or set 'fixed: true'")
         space = {} if fixed else space
-        entries.append(Entry(
-            name=entry_name, method=spec.name, label=str(raw_entry.get("label") or (  # as papers write it
-                spec.display if entry_name == spec.name else entry_name)),
-            backbone=str(raw_entry.get("backbone") or backbone), overrides=entry_overrides,
-            search_space=space, fixed=fixed, published_as=str(raw_entry.get("published_as") or spec.name),
-            preset=None if raw_entry.get("preset") is None else str(raw_entry["preset"]),
-        ))
+        entries.append(
+            Entry(
+                name=entry_name,
+                method=spec.name,
+                label=str(
+                    raw_entry.get("label")
+                    or (  # as papers write it
+                        spec.display if entry_name == spec.name else entry_name
+                    )
+                ),
+                backbone=str(raw_entry.get("backbone") or backbone),
+                overrides=entry_overrides,
+                search_space=space,
+                fixed=fixed,
+                published_as=str(raw_entry.get("published_as") or spec.name),
+                preset=None if raw_entry.get("preset") is None else str(raw_entry["preset"]),
+            )
+        )
     if not entries:
         raise UserError(f"{where} selects no method")
     if sampler["name"] in ("bruteforce", "grid"):
         for e in entries:
             if not e.fixed and grid_size(e.search_space) is None:
-                raise UserError(f"{sampler['name']} sampler needs a discrete search space (choices or step) for entry '{e.name}'")
+                raise UserError(
+                    f"{sampler['name']} sampler needs a discrete search space (choices or step) for entry '{e.name}'"
+                )
 
     spec = StudySpec(
-        name=name, path=path, description=str(raw.get("description") or "").strip(), backbone=backbone,
-        datasets=datasets, entries=entries, overrides=overrides, objective=objective, budget=budget,
-        sampler=sampler, pruner=pruner, seeds=seeds, storage=str(raw.get("storage") or ""),
+        name=name,
+        path=path,
+        description=str(raw.get("description") or "").strip(),
+        backbone=backbone,
+        datasets=datasets,
+        entries=entries,
+        overrides=overrides,
+        objective=objective,
+        budget=budget,
+        sampler=sampler,
+        pruner=pruner,
+        seeds=seeds,
+        storage=str(raw.get("storage") or ""),
         protocol=_protocol(raw.get("protocol", "fair"), where),
     )
     # -- every run config must resolve; every search-space key must be a config key

@@ -1,4 +1,5 @@
 """What a study has done so far: trial counts, failed work, and which trials keep their weights."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,8 +13,13 @@ def trial_counts(study: Any) -> dict[str, int]:
     from optuna.trial import TrialState
 
     out = {s: 0 for s in ("complete", "pruned", "failed", "running", "waiting")}
-    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+    names = {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+    }
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("dmlbench.surplus"):
             continue

@@ -1,4 +1,5 @@
 """The study's MLflow parent runs, found again by tags on resume, and the tags of their children."""
+
 from __future__ import annotations
 
 import time
@@ -83,34 +84,47 @@ def find_or_create_parent(spec: StudySpec, dataset: str, entry: Entry) -> str:
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
-        found = mlflow.search_runs(experiment_names=[experiment], output_format="list",
-                                   filter_string=tag_filter(spec, dataset, entry, role="parent"),
-                                   order_by=["attributes.start_time ASC"])
+        found = mlflow.search_runs(
+            experiment_names=[experiment],
+            output_format="list",
+            filter_string=tag_filter(spec, dataset, entry, role="parent"),
+            order_by=["attributes.start_time ASC"],
+        )
         if found:
             return found[0].info.run_id
     exp_id = exp.experiment_id if exp else ensure_experiment(experiment)
     tags = {
         **environment_tags(),
         "mlflow.runName": f"{spec.name}/{entry.name}",
-        "mlflow.source.name": f"dmlbench study run {spec.path.name}", "mlflow.source.type": "LOCAL",
-        "dmlbench.study": spec.name, "dmlbench.dataset": dataset, "dmlbench.entry": entry.name,
-        "dmlbench.method": entry.method, "dmlbench.backbone": entry.backbone, "dmlbench.role": "parent",
-        "dmlbench.label": entry.label, "dmlbench.objective": spec.metric,
+        "mlflow.source.name": f"dmlbench study run {spec.path.name}",
+        "mlflow.source.type": "LOCAL",
+        "dmlbench.study": spec.name,
+        "dmlbench.dataset": dataset,
+        "dmlbench.entry": entry.name,
+        "dmlbench.method": entry.method,
+        "dmlbench.backbone": entry.backbone,
+        "dmlbench.role": "parent",
+        "dmlbench.label": entry.label,
+        "dmlbench.objective": spec.metric,
         "mlflow.note.content": (
             f"Study `{spec.name}`: **{entry.label}** (`{entry.method}`, recipe `{entry.preset or 'none'}`) on "
             f"**{dataset}** with `{entry.backbone}`. {budget_of(spec, entry)} tuning trials x {spec.budget.epochs} "
             f"epochs on validation classes (objective {spec.metric}), then seeds {spec.seeds} on the test split, "
             f"protocol `{spec.protocol}`. The children are the trials and reproductions; this run's metrics "
-            "roll them up."),
+            "roll them up."
+        ),
     }
     run = client.create_run(exp_id, tags=tags)
     client.log_param(run.info.run_id, "n_trials", budget_of(spec, entry))
     client.log_param(run.info.run_id, "epochs", spec.budget.epochs)
     client.set_terminated(run.info.run_id, "FINISHED")
     # two processes starting together may both have created one: all keep the earliest
-    found = mlflow.search_runs(experiment_names=[experiment], output_format="list",
-                               filter_string=tag_filter(spec, dataset, entry, role="parent"),
-                               order_by=["attributes.start_time ASC", "attributes.run_id ASC"])
+    found = mlflow.search_runs(
+        experiment_names=[experiment],
+        output_format="list",
+        filter_string=tag_filter(spec, dataset, entry, role="parent"),
+        order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
+    )
     first = found[0].info.run_id if found else run.info.run_id
     if first != run.info.run_id:
         client.delete_run(run.info.run_id)
@@ -131,7 +145,10 @@ def inside_parent(spec: StudySpec, parent_id: str) -> Iterator[None]:
 
 
 def base_tags(spec: StudySpec, dataset: str, entry: Entry, role: str) -> dict[str, str]:
-    return {"dmlbench.study": spec.name, "dmlbench.dataset": dataset, "dmlbench.entry": entry.name,
-            "dmlbench.label": entry.label, "dmlbench.role": role}
-
-
+    return {
+        "dmlbench.study": spec.name,
+        "dmlbench.dataset": dataset,
+        "dmlbench.entry": entry.name,
+        "dmlbench.label": entry.label,
+        "dmlbench.role": role,
+    }

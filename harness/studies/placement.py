@@ -1,4 +1,5 @@
 """Pinning study worker processes to devices: ``study run --devices 0,1 --workers-per-device K``."""
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,8 @@ def parse_devices(devices: str | None, workers_per_device: int) -> list[str] | N
         visible = torch.cuda.device_count()
         missing = [d for d in gpus if int(d) >= visible]
         if missing:
-            raise UserError(f"bad value {devices!r} for --devices: GPU {missing[0]} does not exist "
-                            f"(this machine has {visible} visible GPU(s)); valid: 0..{visible - 1} or cpu")
+            raise UserError(
+                f"bad value {devices!r} for --devices: GPU {missing[0]} does not exist "
+                f"(this machine has {visible} visible GPU(s)); valid: 0..{visible - 1} or cpu"
+            )
     return [d for d in names for _ in range(workers_per_device)]

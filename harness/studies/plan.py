@@ -11,6 +11,7 @@ Split sizes come from the data when it is on disk (the run's own carving: valida
 ``data.max_per_class`` ...), else from the dataset spec's published sizes with the validation
 fraction of the training images taken out. Pruned trials stop early, so tuning is an upper bound.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,13 +35,18 @@ def split_sizes(cfg: Any) -> tuple[dict[str, int], str]:
     except UserError:
         splits = None
     if splits is not None:
-        sizes = {"train": len(splits.train), "val": len(splits.val) if splits.val is not None else 0,
-                 "test": sum(len(t) for t in (splits.test, splits.query, splits.gallery) if t is not None)}
+        sizes = {
+            "train": len(splits.train),
+            "val": len(splits.val) if splits.val is not None else 0,
+            "test": sum(len(t) for t in (splits.test, splits.query, splits.gallery) if t is not None),
+        }
         return sizes, "data on disk"
     published = spec.published or {}
     if "train" not in published:
-        raise UserError(f"dataset {cfg.dataset} is not on disk and its spec has no published sizes; "
-                        f"set data.root in the study's overrides")
+        raise UserError(
+            f"dataset {cfg.dataset} is not on disk and its spec has no published sizes; "
+            f"set data.root in the study's overrides"
+        )
     train = int(published["train"]["images"])
     val = int(round(train * cfg.data.val_fraction))
     test = sum(int(v["images"]) for k, v in published.items() if k != "train")
@@ -91,10 +97,23 @@ def plan(spec_path: str | Path, img_s: float | None = None, benchmark: str | Non
         rate, rate_source = rate_for(cfg.method, img_s, records)
         trained, evaluated = tuning_train + repro_train, tuning_eval + repro_eval
         hours = (trained + EVAL_COST * evaluated) / rate / 3600 if rate else None
-        rows.append({"dataset": dataset, "entry": entry.name, "method": cfg.method, "trials": trials,
-                     "seeds": seeds, "epochs": epochs, "train_images": sizes["train"], "sizes_from": source,
-                     "trained_images": trained, "evaluated_images": evaluated, "img_s": rate,
-                     "rate_from": rate_source, "gpu_hours": round(hours, 2) if hours is not None else None})
+        rows.append(
+            {
+                "dataset": dataset,
+                "entry": entry.name,
+                "method": cfg.method,
+                "trials": trials,
+                "seeds": seeds,
+                "epochs": epochs,
+                "train_images": sizes["train"],
+                "sizes_from": source,
+                "trained_images": trained,
+                "evaluated_images": evaluated,
+                "img_s": rate,
+                "rate_from": rate_source,
+                "gpu_hours": round(hours, 2) if hours is not None else None,
+            }
+        )
     return rows
 
 

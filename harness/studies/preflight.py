@@ -6,6 +6,7 @@ config is taken further, as far as it goes without training: every dataset is fo
 backbone), every entry's model is built on the meta device (the method on that backbone family,
 its options), and the MLflow store, the checkpoint folder and the Optuna storage are writable.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,14 +38,24 @@ def preflight(spec: StudySpec, storage_url: str) -> None:
         key = (cfg.dataset, cfg.data.root, cfg.seed)
         if key not in splits:
             splits[key] = _with_context(lambda: splits_for(cfg), where)
-        source = (cfg.backbone, cfg.model.pretrained, cfg.model.weights, repr(sorted(cfg.model.backbone_kwargs.items())))
+        source = (
+            cfg.backbone,
+            cfg.model.pretrained,
+            cfg.model.weights,
+            repr(sorted(cfg.model.backbone_kwargs.items())),
+        )
         if source not in weights and cfg.model.pretrained:  # loads once per backbone: weights that fail, fail here
-            _with_context(lambda: create_backbone(cfg.backbone, pretrained=True, weights=cfg.model.weights,
-                                                  kwargs=cfg.model.backbone_kwargs), where)
+            _with_context(
+                lambda: create_backbone(
+                    cfg.backbone, pretrained=True, weights=cfg.model.weights, kwargs=cfg.model.backbone_kwargs
+                ),
+                where,
+            )
             weights.add(source)
         with torch.device("meta"):  # the method on this backbone and its options, without memory
-            backbone = _with_context(lambda: create_backbone(cfg.backbone, pretrained=False,
-                                                             kwargs=cfg.model.backbone_kwargs), where)
+            backbone = _with_context(
+                lambda: create_backbone(cfg.backbone, pretrained=False, kwargs=cfg.model.backbone_kwargs), where
+            )
             _with_context(lambda: build_model(cfg, splits[key].train.num_classes, backbone), where)
         ensure_writable(checkpoint_dir(spec.tracking_uri, cfg.tracking.checkpoint_dir))
 
@@ -65,5 +76,7 @@ def check_storage_writable(url: str) -> None:
     while not target.exists():
         target = target.parent
     if not os.access(target, os.W_OK):
-        raise UserError(f"cannot write the Optuna journal {path}: {target} is not writable "
-                        "(pass --storage PATH or make the folder writable)")
+        raise UserError(
+            f"cannot write the Optuna journal {path}: {target} is not writable "
+            "(pass --storage PATH or make the folder writable)"
+        )

@@ -1,5 +1,6 @@
 """Stale trials: heartbeats of running trials, recovery of those whose worker died, and what a
 retried trial takes over from its predecessor (its checkpoint, or its run finished by hand)."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,6 @@ from harness.studies.spec import Entry, StudySpec
 HEARTBEAT_S = float(os.environ.get("DMLBENCH_HEARTBEAT_S", "30"))
 #: a RUNNING trial whose heartbeat is older than this is considered dead (other hosts)
 STALE_AFTER_S = 10 * HEARTBEAT_S
-
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,7 +89,8 @@ def fail_mlflow_child(spec: StudySpec, dataset: str, entry: Entry, number: int) 
     if mlflow.get_experiment_by_name(spec.experiments[dataset]) is None:
         return
     runs = mlflow.search_runs(
-        experiment_names=[spec.experiments[dataset]], output_format="list",
+        experiment_names=[spec.experiments[dataset]],
+        output_format="list",
         filter_string=tag_filter(spec, dataset, entry, role="trial", **{"dmlbench.trial": str(number)})
         + " and attributes.status = 'RUNNING'",
     )
@@ -133,9 +134,12 @@ def heartbeat(study: Any, trial: Any, interval: float = HEARTBEAT_S) -> Iterator
                 if stop.is_set():
                     return
                 if time.monotonic() - last > STALE_AFTER_S / 2:
-                    interrupts.abort(StoreUnavailable(
-                        f"trial {trial.number} could not record its heartbeat for {time.monotonic() - last:.0f} s "
-                        f"({type(exc).__name__}); it stops so that no other worker trains it twice"))
+                    interrupts.abort(
+                        StoreUnavailable(
+                            f"trial {trial.number} could not record its heartbeat for {time.monotonic() - last:.0f} s "
+                            f"({type(exc).__name__}); it stops so that no other worker trains it twice"
+                        )
+                    )
                     return
 
     thread = threading.Thread(target=beat, daemon=True, name="dmlbench-heartbeat")

@@ -9,6 +9,7 @@ which hands a waiting trial to exactly one caller (the storage serialises it), a
 test R@1. A RUNNING seed whose worker died (dead pid, stale heartbeat) is failed, its MLflow run
 ended FAILED, and the seed enqueued again.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,14 @@ READY_TIMEOUT_S = 120.0
 MAX_SEED_ATTEMPTS = 3
 
 
-def open_reproductions(spec: StudySpec, dataset: str, entry: Entry, storage: Any,
-                       best: Callable[[], tuple[dict, str] | None],
-                       done: Callable[[str], dict[int, str]]) -> Any | None:
+def open_reproductions(
+    spec: StudySpec,
+    dataset: str,
+    entry: Entry,
+    storage: Any,
+    best: Callable[[], tuple[dict, str] | None],
+    done: Callable[[str], dict[int, str]],
+) -> Any | None:
     """The seeds' study, created and filled by the first caller (seeds without a finished run of
     the same config); None without a config to reproduce."""
     import optuna
@@ -52,8 +58,10 @@ def open_reproductions(spec: StudySpec, dataset: str, entry: Entry, storage: Any
         params, source = found
         finished = done(source)
         for seed in (s for s in spec.seeds if s not in finished):
-            study.enqueue_trial({"seed": seed}, user_attrs={
-                "dmlbench.config_source": source, "dmlbench.params": json.dumps(params, sort_keys=True)})
+            study.enqueue_trial(
+                {"seed": seed},
+                user_attrs={"dmlbench.config_source": source, "dmlbench.params": json.dumps(params, sort_keys=True)},
+            )
     study.set_user_attr("dmlbench.ready", found is not None)
     return study if found is not None else None
 
@@ -63,8 +71,10 @@ def recover_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any) -> li
     again = []
     for t in fail_stale(study):
         seed = int(t.params["seed"])
-        study.enqueue_trial({"seed": seed}, user_attrs={k: v for k, v in t.user_attrs.items()
-                                                        if k in ("dmlbench.config_source", "dmlbench.params")})
+        study.enqueue_trial(
+            {"seed": seed},
+            user_attrs={k: v for k, v in t.user_attrs.items() if k in ("dmlbench.config_source", "dmlbench.params")},
+        )
         fail_run(spec, dataset, entry, seed, t.user_attrs.get("mlflow_run_id"))
         again.append(seed)
     return again
@@ -103,9 +113,11 @@ def failed_seeds(study: Any) -> dict[int, str]:
     """Seeds whose latest attempt failed, with its error (what a study that ends must report)."""
     from optuna.trial import TrialState
 
-    return {seed: trials[-1].user_attrs.get("dmlbench.error", "failed")
-            for seed, trials in seed_attempts(study).items()
-            if trials[-1].state == TrialState.FAIL and TrialState.COMPLETE not in [t.state for t in trials]}
+    return {
+        seed: trials[-1].user_attrs.get("dmlbench.error", "failed")
+        for seed, trials in seed_attempts(study).items()
+        if trials[-1].state == TrialState.FAIL and TrialState.COMPLETE not in [t.state for t in trials]
+    }
 
 
 def fail_run(spec: StudySpec, dataset: str, entry: Entry, seed: int, run_id: str | None) -> None:
@@ -115,12 +127,21 @@ def fail_run(spec: StudySpec, dataset: str, entry: Entry, seed: int, run_id: str
 
     mlflow.set_tracking_uri(spec.tracking_uri)
     client = MlflowClient()
-    ids = [run_id] if run_id else [
-        r.info.run_id for r in mlflow.search_runs(
-            experiment_names=[spec.experiments[dataset]], output_format="list",
-            filter_string=tag_filter(spec, dataset, entry, role="reproduction", **{"dmlbench.seed": str(seed)})
-            + " and attributes.status = 'RUNNING'")
-    ] if mlflow.get_experiment_by_name(spec.experiments[dataset]) else []
+    ids = (
+        [run_id]
+        if run_id
+        else [
+            r.info.run_id
+            for r in mlflow.search_runs(
+                experiment_names=[spec.experiments[dataset]],
+                output_format="list",
+                filter_string=tag_filter(spec, dataset, entry, role="reproduction", **{"dmlbench.seed": str(seed)})
+                + " and attributes.status = 'RUNNING'",
+            )
+        ]
+        if mlflow.get_experiment_by_name(spec.experiments[dataset])
+        else []
+    )
     for rid in ids:
         if client.get_run(rid).info.status == "RUNNING":
             client.set_tag(rid, "dmlbench.status", "failed")
@@ -143,8 +164,15 @@ def claim(study: Any) -> Any | None:
     return None
 
 
-def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id: str, train: Callable,
-              progress: Callable[[str], None]) -> None:
+def run_seeds(
+    spec: StudySpec,
+    dataset: str,
+    entry: Entry,
+    study: Any,
+    parent_id: str,
+    train: Callable,
+    progress: Callable[[str], None],
+) -> None:
     """Claim and run seeds until none is left; each result is told to the seeds' study."""
     from optuna.trial import TrialState
 
@@ -160,9 +188,13 @@ def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id
         source = trial.user_attrs["dmlbench.config_source"]
         cfg = spec.resolve(dataset, entry, params, seed=seed)
         cfg.tracking.run_name = f"{entry.name}-seed{seed}"
-        tags = {**base_tags(spec, dataset, entry, "reproduction"), "dmlbench.seed": str(seed),
-                "dmlbench.config_source": source, "dmlbench.optuna_study": study.study_name,
-                "dmlbench.trial": str(trial.number)}
+        tags = {
+            **base_tags(spec, dataset, entry, "reproduction"),
+            "dmlbench.seed": str(seed),
+            "dmlbench.config_source": source,
+            "dmlbench.optuna_study": study.study_name,
+            "dmlbench.trial": str(trial.number),
+        }
         started = time.monotonic()
         try:
             with heartbeat(study, trial), inside_parent(spec, parent_id):
@@ -173,7 +205,9 @@ def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id
         except Exception as exc:  # noqa: BLE001 - one failed seed must not stop the others
             from harness.tracking.store import tracking_server_gone
 
-            if (gone := tracking_server_gone(spec.tracking_uri, exc)) is not None or isinstance(exc, (DiskFull, StoreUnavailable)):
+            if (gone := tracking_server_gone(spec.tracking_uri, exc)) is not None or isinstance(
+                exc, (DiskFull, StoreUnavailable)
+            ):
                 study.tell(trial, state=TrialState.FAIL)  # the machine's fault: retried by the next run
                 raise gone or exc from None
             trial.set_user_attr("dmlbench.error", f"{type(exc).__name__}: {exc}"[:300])
@@ -183,5 +217,6 @@ def run_seeds(spec: StudySpec, dataset: str, entry: Entry, study: Any, parent_id
         trial.set_user_attr("mlflow_run_id", result.run_id)
         value = result.metrics.get("test/recall_at_1", float("nan"))
         study.tell(trial, value if value == value else 0.0)
-        progress(f"{spec.study_name(dataset, entry)} seed {seed}: test R@1 {value:.4f} "
-                 f"({time.monotonic() - started:.0f} s)")
+        progress(
+            f"{spec.study_name(dataset, entry)} seed {seed}: test R@1 {value:.4f} ({time.monotonic() - started:.0f} s)"
+        )

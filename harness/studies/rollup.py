@@ -2,6 +2,7 @@
 and charted: each (study, dataset, entry) parent gets its best trial's objective and parameters
 and its reproductions' test metrics as mean, std and seed count; one study summary run per
 dataset holds every entry's headline numbers as a table (its description and ``summary.json``)."""
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,11 @@ def entry_rollup(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> t
             tags.update({f"best_param.{k}": str(v) for k, v in best.params.items()})
         except (KeyError, ValueError):
             pass
-    runs = mlflow.search_runs(experiment_names=[spec.experiments[dataset]], output_format="list",
-                              filter_string=tag_filter(spec, dataset, entry, role="reproduction",
-                                                       **{"dmlbench.status": "finished"}))
+    runs = mlflow.search_runs(
+        experiment_names=[spec.experiments[dataset]],
+        output_format="list",
+        filter_string=tag_filter(spec, dataset, entry, role="reproduction", **{"dmlbench.status": "finished"}),
+    )
     if runs:
         tags["dmlbench.seeds"] = str(len(runs))  # a count, not a chart
         for key in TEST_METRICS:
@@ -68,16 +71,32 @@ def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
         metrics, tags = entry_rollup(spec, dataset, entry, storage)
         parent = parents[f"{dataset}/{entry.name}"]
         # every `study run` process rolls up at its end, possibly at the same moment: retried
-        retried(lambda: client.log_batch(parent, metrics=[Metric(k, v, now_ms(), 0) for k, v in metrics.items()],
-                                         tags=[RunTag(k, v) for k, v in tags.items()]))
-        summary.setdefault(dataset, []).append({"entry": entry.name, "label": entry.label, **metrics,
-                                                "test/seeds": int(tags.get("dmlbench.seeds", 0))})
+        retried(
+            lambda: client.log_batch(
+                parent,
+                metrics=[Metric(k, v, now_ms(), 0) for k, v in metrics.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
+        )
+        summary.setdefault(dataset, []).append(
+            {"entry": entry.name, "label": entry.label, **metrics, "test/seeds": int(tags.get("dmlbench.seeds", 0))}
+        )
     for dataset, rows in summary.items():
         exp = ensure_experiment(spec.experiments[dataset])
         found = client.search_runs([exp], filter_string=tag_filter(spec, dataset, role="study"))
-        run_id = found[0].info.run_id if found else client.create_run(exp, tags={
-            "mlflow.runName": f"{spec.name} (summary)", "dmlbench.study": spec.name, "dmlbench.dataset": dataset,
-            "dmlbench.role": "study"}).info.run_id
+        run_id = (
+            found[0].info.run_id
+            if found
+            else client.create_run(
+                exp,
+                tags={
+                    "mlflow.runName": f"{spec.name} (summary)",
+                    "dmlbench.study": spec.name,
+                    "dmlbench.dataset": dataset,
+                    "dmlbench.role": "study",
+                },
+            ).info.run_id
+        )
         # a table, not metrics: per-entry metrics on one run are one-bar charts; the parents
         # carry the same numbers as metrics, one bar per method
         client.set_tag(run_id, "mlflow.note.content", summary_note(spec, dataset, rows))
@@ -91,17 +110,24 @@ def now_ms() -> int:
 
 def summary_note(spec: StudySpec, dataset: str, rows: list[dict[str, Any]]) -> str:
     """The study summary run's description: every entry's test results as a Markdown table."""
+
     def cell(row: dict[str, Any], key: str) -> str:
         mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
         if mean is None:
             return "-"
         return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std and row.get("test/seeds", 0) > 1 else "")
 
-    lines = [f"Study `{spec.name}` on **{dataset}**, protocol `{spec.protocol}`: test split of each entry's "
-             f"reproductions (mean ± std over seeds {spec.seeds}); the parent runs carry the same numbers as metrics.",
-             "", "| entry | seeds | R@1 (%) | MAP@R (%) | trainable params |", "|---|---|---|---|---|"]
+    lines = [
+        f"Study `{spec.name}` on **{dataset}**, protocol `{spec.protocol}`: test split of each entry's "
+        f"reproductions (mean ± std over seeds {spec.seeds}); the parent runs carry the same numbers as metrics.",
+        "",
+        "| entry | seeds | R@1 (%) | MAP@R (%) | trainable params |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
         params = row.get("params/trainable")
-        lines.append(f"| {row['label']} | {int(row.get('test/seeds', 0))} | {cell(row, 'test/recall_at_1')} | "
-                     f"{cell(row, 'test/map_at_r')} | {'-' if params is None else f'{params / 1e6:.2f}M'} |")
+        lines.append(
+            f"| {row['label']} | {int(row.get('test/seeds', 0))} | {cell(row, 'test/recall_at_1')} | "
+            f"{cell(row, 'test/map_at_r')} | {'-' if params is None else f'{params / 1e6:.2f}M'} |"
+        )
     return "\n".join(lines)

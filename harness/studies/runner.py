@@ -2,6 +2,7 @@
 
 The spec format and the resume/worker model are described in :mod:`harness.studies`.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,6 @@ from harness.studies.storage import budget_of, open_storage, open_study, storage
 MAX_CONSECUTIVE_FAILURES = 3
 
 
-
 TrainFn = Callable[..., Any]
 
 
@@ -54,8 +54,9 @@ def _train_fn() -> TrainFn:
     return train
 
 
-def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: Any, parent_id: str,
-              train: TrainFn) -> str:
+def run_trial(
+    spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: Any, parent_id: str, train: TrainFn
+) -> str:
     """Train one trial under the parent run; tell Optuna the outcome ('complete'|'pruned'|'failed')."""
     import mlflow
     import optuna
@@ -69,8 +70,12 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
     cfg.tracking.run_name = f"{entry.name}-trial{trial.number}"
     cfg.eval.test = False  # tuning selects on validation classes only; test is for reproductions
     keep_all = cfg.tracking.trial_weights  # else only the best trial keeps its weights (keep_best_weights)
-    tags = {**base_tags(spec, dataset, entry, "trial"), "dmlbench.trial": str(trial.number),
-            "dmlbench.optuna_study": study.study_name, "dmlbench.seed": str(cfg.seed)}
+    tags = {
+        **base_tags(spec, dataset, entry, "trial"),
+        "dmlbench.trial": str(trial.number),
+        "dmlbench.optuna_study": study.study_name,
+        "dmlbench.seed": str(cfg.seed),
+    }
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         active = mlflow.active_run()
@@ -110,7 +115,9 @@ def run_trial(spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: An
         if caused_by_interrupt(exc):
             _fail_interrupted(study, trial)
             raise KeyboardInterrupt(f"trial {trial.number} of {study.study_name} interrupted") from None
-        if (gone := tracking_server_gone(spec.tracking_uri, exc)) is not None:  # not the trial's fault: stop, retry it later
+        if (
+            gone := tracking_server_gone(spec.tracking_uri, exc)
+        ) is not None:  # not the trial's fault: stop, retry it later
             _fail_interrupted(study, trial)
             raise gone from None
         trial.set_user_attr("dmlbench.error", f"{type(exc).__name__}: {exc}"[:300])
@@ -147,8 +154,16 @@ def progress(line: str) -> None:
     print(line, flush=True)
 
 
-def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: str, *, worker: int = 0,
-         train: TrainFn | None = None) -> None:
+def tune(
+    spec: StudySpec,
+    dataset: str,
+    entry: Entry,
+    storage: Any,
+    parent_id: str,
+    *,
+    worker: int = 0,
+    train: TrainFn | None = None,
+) -> None:
     """Run trials of one entry until the shared budget is used (ask/tell; safe with other workers)."""
     from optuna.trial import TrialState
 
@@ -172,9 +187,12 @@ def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: s
         interrupts.check()
         trial = study.ask(dists)
         # several workers may ask at once: only the first `budget` active trials may run
-        active = sorted(t.number for t in study.get_trials(deepcopy=False)
-                        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-                        and not t.user_attrs.get("dmlbench.surplus"))
+        active = sorted(
+            t.number
+            for t in study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            and not t.user_attrs.get("dmlbench.surplus")
+        )
         if trial.number in active[budget:]:
             trial.set_user_attr("dmlbench.surplus", True)
             study.tell(trial, state=TrialState.FAIL)
@@ -190,8 +208,10 @@ def tune(spec: StudySpec, dataset: str, entry: Entry, storage: Any, parent_id: s
         progress(f"{study.study_name}: {done}/{budget} trials, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
         if failures >= MAX_CONSECUTIVE_FAILURES:
             last = study.get_trials(deepcopy=False)[-1].user_attrs.get("dmlbench.error", "")
-            raise StudyAborted(f"{failures} trials in a row failed in study {study.study_name} (last: {last}); "
-                               f"their MLflow runs are tagged dmlbench.study={spec.name}")
+            raise StudyAborted(
+                f"{failures} trials in a row failed in study {study.study_name} (last: {last}); "
+                f"their MLflow runs are tagged dmlbench.study={spec.name}"
+            )
 
 
 def _reproduction_params(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> tuple[dict, str] | None:
@@ -216,9 +236,12 @@ def finished_reproductions(spec: StudySpec, dataset: str, entry: Entry, source: 
     extra = {"dmlbench.status": "finished"}
     if source is not None:
         extra["dmlbench.config_source"] = source
-    runs = mlflow.search_runs(experiment_names=[spec.experiments[dataset]], output_format="list",
-                              filter_string=tag_filter(spec, dataset, entry, role="reproduction", **extra),
-                              order_by=["attributes.start_time ASC"])
+    runs = mlflow.search_runs(
+        experiment_names=[spec.experiments[dataset]],
+        output_format="list",
+        filter_string=tag_filter(spec, dataset, entry, role="reproduction", **extra),
+        order_by=["attributes.start_time ASC"],
+    )
     return {int(r.data.tags["dmlbench.seed"]): r.info.run_id for r in runs}
 
 
@@ -227,22 +250,32 @@ def reproduce_all(spec: StudySpec, storage: Any, parents: dict[str, str], train:
     train = train or _train_fn()
     for dataset, entry in spec.units():
         study = open_reproductions(
-            spec, dataset, entry, storage,
+            spec,
+            dataset,
+            entry,
+            storage,
             best=lambda: _reproduction_params(spec, dataset, entry, storage),
             done=lambda source: finished_reproductions(spec, dataset, entry, source),
         )
         if study is None:
             if not finished_reproductions(spec, dataset, entry):
-                warnings.warn(f"no completed trial for {spec.study_name(dataset, entry)}: no reproduction",
-                              stacklevel=2)
+                warnings.warn(
+                    f"no completed trial for {spec.study_name(dataset, entry)}: no reproduction", stacklevel=2
+                )
             continue
         recover_seeds(spec, dataset, entry, study)
         retry_failed_seeds(study)
         run_seeds(spec, dataset, entry, study, parents[f"{dataset}/{entry.name}"], train, progress)
 
 
-def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[str, str], workers: int,
-                 placement: tuple[str, int] | None = None) -> None:
+def _worker_main(
+    spec_path: str,
+    storage_url_: str,
+    worker: int,
+    parents: dict[str, str],
+    workers: int,
+    placement: tuple[str, int] | None = None,
+) -> None:
     """Entry point of a tuning worker process (spawned): every unit in spec order."""
     with one_line_exit(f"tuning worker {worker}"):
         share_cores(workers)
@@ -253,8 +286,9 @@ def _worker_main(spec_path: str, storage_url_: str, worker: int, parents: dict[s
             tune(spec, dataset, entry, storage, parents[f"{dataset}/{entry.name}"], worker=worker)
 
 
-def _reproduce_main(spec_path: str, storage_url_: str, parents: dict[str, str], workers: int,
-                    placement: tuple[str, int] | None = None) -> None:
+def _reproduce_main(
+    spec_path: str, storage_url_: str, parents: dict[str, str], workers: int, placement: tuple[str, int] | None = None
+) -> None:
     """Entry point of a reproduction worker process (spawned)."""
     with one_line_exit("reproduction worker"):
         share_cores(workers)
@@ -268,9 +302,16 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = None, *,
-              train: TrainFn | None = None, devices: str | None = None, workers_per_device: int = 1,
-              rebuild_from_mlflow: bool = False) -> None:
+def run_study(
+    spec_path: str | Path,
+    workers: int = 1,
+    storage: str | None = None,
+    *,
+    train: TrainFn | None = None,
+    devices: str | None = None,
+    workers_per_device: int = 1,
+    rebuild_from_mlflow: bool = False,
+) -> None:
     """Tune every (dataset, entry) of the spec, then run the reproductions; resumable.
 
     ``workers`` > 1 starts that many spawned processes on the same storage. ``devices`` ("0,1",
@@ -314,5 +355,8 @@ def run_study(spec_path: str | Path, workers: int = 1, storage: str | None = Non
     rollup(spec, store, parents)  # parents and a summary run carry the results in the MLflow UI
     unfinished = failed_work(spec, store)
     if unfinished:
-        raise StudyIncomplete(f"study {spec.name} ended with failed work: " + "; ".join(unfinished) +
-                              f"; the same `study run` retries failed seeds (up to {MAX_SEED_ATTEMPTS} attempts each)")
+        raise StudyIncomplete(
+            f"study {spec.name} ended with failed work: "
+            + "; ".join(unfinished)
+            + f"; the same `study run` retries failed seeds (up to {MAX_SEED_ATTEMPTS} attempts each)"
+        )

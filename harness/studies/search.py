@@ -9,6 +9,7 @@ point with 1 worker or 8, interrupted or not. After the start-up trials TPE mode
 ones, and which are finished when a worker asks is timing: that part of a parallel study is not
 reproducible, as Optuna documents.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -42,8 +43,9 @@ class NumberedStartSampler(optuna.samplers.BaseSampler):
         if not self._numbered(trial.number):
             return self.inner.sample_independent(study, trial, param_name, param_distribution)
         stream = zlib.crc32(f"{self.seed}/{trial.number}/{param_name}".encode())
-        return optuna.samplers.RandomSampler(seed=stream).sample_independent(study, trial, param_name,
-                                                                             param_distribution)
+        return optuna.samplers.RandomSampler(seed=stream).sample_independent(
+            study, trial, param_name, param_distribution
+        )
 
     def before_trial(self, study: Any, trial: Any) -> None:
         self.inner.before_trial(study, trial)
@@ -83,12 +85,17 @@ def make_pruner(spec: StudySpec) -> Any:
 
     p = spec.pruner
     if p["name"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=int(p.get("n_startup_trials", 1)),
-                                           n_warmup_steps=int(p.get("n_warmup_steps", 0)))
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(p.get("n_startup_trials", 1)), n_warmup_steps=int(p.get("n_warmup_steps", 0))
+        )
     if p["name"] == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=int(p.get("min_resource", 1)), max_resource=spec.budget.epochs,
-                                              reduction_factor=int(p.get("reduction_factor", 3)))
+        return optuna.pruners.HyperbandPruner(
+            min_resource=int(p.get("min_resource", 1)),
+            max_resource=spec.budget.epochs,
+            reduction_factor=int(p.get("reduction_factor", 3)),
+        )
     if p["name"] == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=p.get("lower"), upper=p.get("upper"),
-                                              n_warmup_steps=int(p.get("n_warmup_steps", 0)))
+        return optuna.pruners.ThresholdPruner(
+            lower=p.get("lower"), upper=p.get("upper"), n_warmup_steps=int(p.get("n_warmup_steps", 0))
+        )
     return optuna.pruners.NopPruner()

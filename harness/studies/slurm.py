@@ -9,6 +9,7 @@ it again. The storage must therefore be a database server (PostgreSQL, MySQL) an
 reachable from every node (a tracking server, or a database URI); both are checked, with the spec,
 data, weights and stores (``study run``'s preflight), before anything is submitted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,15 @@ def worker(spec_path: str, storage: str, tracking_uri: str) -> str:
 def check_shared(storage: str, tracking_uri: str) -> None:
     """Workers on other nodes share the storage and the store: files on one machine will not do."""
     if not storage.startswith(SHARED_STORAGES):
-        raise UserError(f"bad Optuna storage {storage!r} for --slurm: workers on other nodes share it through a "
-                        "database server; valid: postgresql+psycopg://USER@HOST/DB, mysql://... (--storage)")
+        raise UserError(
+            f"bad Optuna storage {storage!r} for --slurm: workers on other nodes share it through a "
+            "database server; valid: postgresql+psycopg://USER@HOST/DB, mysql://... (--storage)"
+        )
     if not tracking_uri.startswith(SHARED_STORES):
-        raise UserError(f"bad MLflow store {tracking_uri!r} for --slurm: every node must reach it; valid: "
-                        "http(s)://HOST:PORT (mlflow server) or a database URI (--tracking-uri)")
+        raise UserError(
+            f"bad MLflow store {tracking_uri!r} for --slurm: every node must reach it; valid: "
+            "http(s)://HOST:PORT (mlflow server) or a database URI (--tracking-uri)"
+        )
 
 
 def launch(spec_path: str, args: argparse.Namespace) -> int:
@@ -80,8 +85,11 @@ def launch(spec_path: str, args: argparse.Namespace) -> int:
 
     folder = Path(args.logs or Path("slurm") / spec.name).resolve()
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    params: dict[str, Any] = {"name": f"dmlbench-{spec.name}", "timeout_min": args.time,
-                              "slurm_array_parallelism": args.array}
+    params: dict[str, Any] = {
+        "name": f"dmlbench-{spec.name}",
+        "timeout_min": args.time,
+        "slurm_array_parallelism": args.array,
+    }
     if args.partition:
         params["slurm_partition"] = args.partition
     if args.gpus_per_task:
@@ -93,8 +101,10 @@ def launch(spec_path: str, args: argparse.Namespace) -> int:
     executor.update_parameters(**params)
     jobs = executor.map_array(worker, [str(spec.path)] * args.array, [url] * args.array, [tracking] * args.array)
     array_id = jobs[0].job_id.split("_")[0]
-    print(f"submitted study {spec.name} as Slurm array {array_id} ({args.array} workers); logs in {folder}\n"
-          f"follow it: squeue -j {array_id}; dmlbench study status {spec.path} --storage {url}")
+    print(
+        f"submitted study {spec.name} as Slurm array {array_id} ({args.array} workers); logs in {folder}\n"
+        f"follow it: squeue -j {array_id}; dmlbench study status {spec.path} --storage {url}"
+    )
     if not args.wait:
         return 0
     failed = []
@@ -102,9 +112,13 @@ def launch(spec_path: str, args: argparse.Namespace) -> int:
         try:
             job.result()
         except Exception as exc:  # noqa: BLE001 - a task's failure is reported, the others still waited for
-            failed.append(f"{job.job_id}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}")
+            failed.append(
+                f"{job.job_id}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
+            )
     if failed:
-        raise StudyIncomplete(f"{len(failed)} of {args.array} Slurm tasks of study {spec.name} failed ({'; '.join(failed)}); "
-                         f"logs in {folder}; launch again to retry what is left")
+        raise StudyIncomplete(
+            f"{len(failed)} of {args.array} Slurm tasks of study {spec.name} failed ({'; '.join(failed)}); "
+            f"logs in {folder}; launch again to retry what is left"
+        )
     print(f"all {args.array} Slurm tasks of study {spec.name} finished")
     return 0

@@ -2,6 +2,7 @@
 budget), the search-space helpers and writing a spec back out. Reading and checking a file is
 :mod:`harness.studies.loading`; the format is documented in :mod:`harness.studies`.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,16 +16,36 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _TOP_KEYS = (
-    "name", "description", "backbone", "datasets", "methods", "exclude", "references", "overrides", "objective",
-    "budget", "sampler", "pruner", "reproduce", "storage", "protocol",
+    "name",
+    "description",
+    "backbone",
+    "datasets",
+    "methods",
+    "exclude",
+    "references",
+    "overrides",
+    "objective",
+    "budget",
+    "sampler",
+    "pruner",
+    "reproduce",
+    "storage",
+    "protocol",
 )
 _ENTRY_KEYS = ("method", "name", "label", "backbone", "preset", "overrides", "search_space", "fixed", "published_as")
 _BUDGET_KEYS = ("n_trials", "epochs", "timeout_s")
-_SAMPLER_KEYS = {"tpe": ("name", "seed", "n_startup_trials"), "random": ("name", "seed"),
-                 "bruteforce": ("name", "seed"), "grid": ("name", "seed")}
-_PRUNER_KEYS = {"median": ("name", "n_startup_trials", "n_warmup_steps"),
-                "hyperband": ("name", "min_resource", "reduction_factor"),
-                "threshold": ("name", "lower", "upper", "n_warmup_steps"), "none": ("name",)}
+_SAMPLER_KEYS = {
+    "tpe": ("name", "seed", "n_startup_trials"),
+    "random": ("name", "seed"),
+    "bruteforce": ("name", "seed"),
+    "grid": ("name", "seed"),
+}
+_PRUNER_KEYS = {
+    "median": ("name", "n_startup_trials", "n_warmup_steps"),
+    "hyperband": ("name", "min_resource", "reduction_factor"),
+    "threshold": ("name", "lower", "upper", "n_warmup_steps"),
+    "none": ("name",),
+}
 _SPACE_KEYS = ("type", "low", "high", "log", "step", "choices")
 #: objective name -> (final metric of the run, per-epoch metric, eval.select value)
 OBJECTIVES = {
@@ -103,8 +124,9 @@ class StudySpec:
     def study_name(self, dataset: str, entry: Entry) -> str:
         return f"{self.name}/{dataset}/{entry.name}"
 
-    def run_overrides(self, dataset: str, entry: Entry, params: dict[str, Any] | None = None,
-                      seed: int | None = None) -> dict[str, Any]:
+    def run_overrides(
+        self, dataset: str, entry: Entry, params: dict[str, Any] | None = None, seed: int | None = None
+    ) -> dict[str, Any]:
         """Config overrides of one run: spec < entry < budget and objective < trial params < seed."""
         out = {**self.overrides, **entry.overrides}
         if not entry.fixed or "optim.epochs" not in entry.overrides:
@@ -116,12 +138,16 @@ class StudySpec:
             out["protocol"] = self.protocol
         return out
 
-    def resolve(self, dataset: str, entry: Entry, params: dict[str, Any] | None = None,
-                seed: int | None = None) -> Any:
+    def resolve(self, dataset: str, entry: Entry, params: dict[str, Any] | None = None, seed: int | None = None) -> Any:
         from harness.training.resolution import resolve
 
-        return resolve(method=entry.method, dataset=dataset, backbone=entry.backbone, preset=entry.preset,
-                       overrides=self.run_overrides(dataset, entry, params, seed))
+        return resolve(
+            method=entry.method,
+            dataset=dataset,
+            backbone=entry.backbone,
+            preset=entry.preset,
+            overrides=self.run_overrides(dataset, entry, params, seed),
+        )
 
 
 def distributions(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -131,11 +157,16 @@ def distributions(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, d in sorted(space.items()):
         if d["type"] == "float":
-            out[key] = od.FloatDistribution(float(d["low"]), float(d["high"]), log=bool(d.get("log", False)),
-                                            step=None if d.get("step") is None else float(d["step"]))
+            out[key] = od.FloatDistribution(
+                float(d["low"]),
+                float(d["high"]),
+                log=bool(d.get("log", False)),
+                step=None if d.get("step") is None else float(d["step"]),
+            )
         elif d["type"] == "int":
-            out[key] = od.IntDistribution(int(d["low"]), int(d["high"]), log=bool(d.get("log", False)),
-                                          step=int(d.get("step") or 1))
+            out[key] = od.IntDistribution(
+                int(d["low"]), int(d["high"]), log=bool(d.get("log", False)), step=int(d.get("step") or 1)
+            )
         else:
             out[key] = od.CategoricalDistribution(list(d["choices"]))
     return out
@@ -156,14 +187,37 @@ def grid_size(space: dict[str, dict[str, Any]]) -> int | None:
 
 def dump_spec(spec: StudySpec) -> str:
     """The resolved spec as YAML (logged beside reports so a table can be traced to its inputs)."""
-    entries = [{"name": e.name, "method": e.method, "label": e.label, "backbone": e.backbone, "preset": e.preset,
-                "fixed": e.fixed,
-                "overrides": e.overrides, "search_space": e.search_space, "published_as": e.published_as}
-               for e in spec.entries]
-    return yaml.safe_dump({
-        "name": spec.name, "description": spec.description, "backbone": spec.backbone, "datasets": spec.datasets,
-        "objective": spec.objective, "budget": {"n_trials": spec.budget.n_trials, "epochs": spec.budget.epochs,
-                                                "timeout_s": spec.budget.timeout_s},
-        "sampler": spec.sampler, "pruner": spec.pruner, "reproduce": {"seeds": spec.seeds},
-        "overrides": spec.overrides, "methods": entries,
-    }, sort_keys=False)
+    entries = [
+        {
+            "name": e.name,
+            "method": e.method,
+            "label": e.label,
+            "backbone": e.backbone,
+            "preset": e.preset,
+            "fixed": e.fixed,
+            "overrides": e.overrides,
+            "search_space": e.search_space,
+            "published_as": e.published_as,
+        }
+        for e in spec.entries
+    ]
+    return yaml.safe_dump(
+        {
+            "name": spec.name,
+            "description": spec.description,
+            "backbone": spec.backbone,
+            "datasets": spec.datasets,
+            "objective": spec.objective,
+            "budget": {
+                "n_trials": spec.budget.n_trials,
+                "epochs": spec.budget.epochs,
+                "timeout_s": spec.budget.timeout_s,
+            },
+            "sampler": spec.sampler,
+            "pruner": spec.pruner,
+            "reproduce": {"seeds": spec.seeds},
+            "overrides": spec.overrides,
+            "methods": entries,
+        },
+        sort_keys=False,
+    )

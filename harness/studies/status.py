@@ -1,4 +1,5 @@
 """``dmlbench study status``: trials by state against the budget, best value, reproductions done."""
+
 from __future__ import annotations
 
 import math
@@ -22,11 +23,19 @@ def study_status(spec_path: str | Path, storage: str | None = None) -> Any:
     url = storage_url(spec, storage)
     # read-only: a missing journal is not created, existing studies are loaded, never created
     store = open_existing_storage(url, spec.path)
-    existing = set() if store is None else {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
+    existing = (
+        set()
+        if store is None
+        else {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
+    )
     rows = []
     for dataset, entry in spec.units():
-        row: dict[str, Any] = {"dataset": dataset, "entry": entry.name, "method": entry.method,
-                               "budget": "fixed" if entry.fixed else budget_of(spec, entry)}
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "entry": entry.name,
+            "method": entry.method,
+            "budget": "fixed" if entry.fixed else budget_of(spec, entry),
+        }
         counts = {k: 0 for k in ("complete", "pruned", "failed", "running")}
         best, best_trial, source = float("nan"), "", "fixed" if entry.fixed else None
         if not entry.fixed and spec.study_name(dataset, entry) in existing:
@@ -40,7 +49,9 @@ def study_status(spec_path: str | Path, storage: str | None = None) -> Any:
         row.update(counts)
         row[spec.metric] = round(best, 4) if math.isfinite(best) else float("nan")
         row["best_trial"] = best_trial
-        done = finished_reproductions(spec, dataset, entry, source) if source is not None and _store_exists(spec) else {}
+        done = (
+            finished_reproductions(spec, dataset, entry, source) if source is not None and _store_exists(spec) else {}
+        )
         row["reproductions"] = f"{len([s for s in spec.seeds if s in done])}/{len(spec.seeds)}"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -52,5 +63,3 @@ def _store_exists(spec: StudySpec) -> bool:
     if uri.startswith("sqlite:///"):
         return Path(uri.removeprefix("sqlite:///")).is_file()
     return True
-
-

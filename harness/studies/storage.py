@@ -1,4 +1,5 @@
 """Optuna storage, samplers, pruners and the per-(study, dataset, entry) Optuna study."""
+
 from __future__ import annotations
 
 import os
@@ -65,11 +66,16 @@ def retrying_storage(inner: Any, url: str, outage_s: float = STORAGE_OUTAGE_S) -
                     return getattr(self._inner, name)(*args, **kwargs)
                 except transient as exc:
                     if time.monotonic() > deadline:
-                        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
-                        raise StoreUnavailable(f"the Optuna storage {_safe(url)} did not answer for {outage_s:.0f} s "
-                                               f"({reason[:160]}); the study stopped and a rerun continues it") from None
+                        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[
+                            0
+                        ]
+                        raise StoreUnavailable(
+                            f"the Optuna storage {_safe(url)} did not answer for {outage_s:.0f} s "
+                            f"({reason[:160]}); the study stopped and a rerun continues it"
+                        ) from None
                     time.sleep(delay)
                     delay = min(2 * delay, 5.0)
+
         return call
 
     class RetryingStorage(optuna.storages.BaseStorage):
@@ -108,11 +114,15 @@ def open_rdb(url: str, attempts: int = 10) -> Any:
         try:
             return retrying_storage(optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}), url)
         except (ImportError, ModuleNotFoundError) as exc:
-            raise UserError(f"bad --storage {url!r}: its database driver is missing ({exc}); for PostgreSQL "
-                            "install the extra: pip install 'dmlbench[postgres]'") from None
+            raise UserError(
+                f"bad --storage {url!r}: its database driver is missing ({exc}); for PostgreSQL "
+                "install the extra: pip install 'dmlbench[postgres]'"
+            ) from None
         except (sa.ArgumentError, ValueError) as exc:
-            raise UserError(f"bad --storage {url!r}: {exc}; valid: a SQLAlchemy URL "
-                            "(postgresql+psycopg://USER@HOST:PORT/DB, sqlite:///PATH) or a journal file path") from None
+            raise UserError(
+                f"bad --storage {url!r}: {exc}; valid: a SQLAlchemy URL "
+                "(postgresql+psycopg://USER@HOST:PORT/DB, sqlite:///PATH) or a journal file path"
+            ) from None
         except sa.OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
             raise UserError(f"cannot open Optuna storage {url!r}: {reason}") from None
@@ -146,8 +156,12 @@ def open_study(spec: StudySpec, dataset: str, entry: Entry, storage: Any, offset
     from harness.studies.search import make_pruner, make_sampler  # imports optuna: not on the CLI's fast paths
 
     study = optuna.create_study(
-        study_name=spec.study_name(dataset, entry), storage=storage, direction="maximize",
-        sampler=make_sampler(spec, entry, offset), pruner=make_pruner(spec), load_if_exists=True,
+        study_name=spec.study_name(dataset, entry),
+        storage=storage,
+        direction="maximize",
+        sampler=make_sampler(spec, entry, offset),
+        pruner=make_pruner(spec),
+        load_if_exists=True,
     )
     if study.metric_names is None:  # optuna-dashboard then says what is maximised, once per study
         label_study(study, spec, dataset, entry, spec.metric)
@@ -162,9 +176,16 @@ def label_study(study: Any, spec: StudySpec, dataset: str, entry: Entry, metric:
     with warnings.catch_warnings():  # experimental in Optuna 4-5, and stable enough for a label
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([metric])
-    labels = {"dataset": dataset, "method": entry.method, "entry": entry.name, "backbone": entry.backbone,
-              "recipe": entry.preset or "default (harness defaults)", "protocol": spec.protocol, "objective": metric,
-              "budget": f"{budget_of(spec, entry)} trials x {spec.budget.epochs} epochs",
-              "mlflow_experiment": spec.experiments.get(dataset, dataset)}
+    labels = {
+        "dataset": dataset,
+        "method": entry.method,
+        "entry": entry.name,
+        "backbone": entry.backbone,
+        "recipe": entry.preset or "default (harness defaults)",
+        "protocol": spec.protocol,
+        "objective": metric,
+        "budget": f"{budget_of(spec, entry)} trials x {spec.budget.epochs} epochs",
+        "mlflow_experiment": spec.experiments.get(dataset, dataset),
+    }
     for key, value in labels.items():
         study.set_user_attr(key, value)

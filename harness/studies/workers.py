@@ -1,5 +1,6 @@
 """Study worker processes: started by spawn, each pinned to its share of cores, each ending in one
 line and an exit code whatever stops it, and stopped together on Ctrl-C or SIGTERM."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -32,8 +33,11 @@ def one_line_exit(who: str) -> Iterator[None]:
         sys.exit(exc.exit_code if isinstance(exc, RunFailure) else 2)
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if interrupts.exit_code(exc) == 143 else "interrupted"
-        print(f"dmlbench: {who} (pid {os.getpid()}): {str(exc) or what + ' before a run started'}",
-              file=sys.stderr, flush=True)
+        print(
+            f"dmlbench: {who} (pid {os.getpid()}): {str(exc) or what + ' before a run started'}",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(interrupts.exit_code(exc))
 
 
@@ -74,15 +78,19 @@ def spawn(target: Callable, args_of: Callable[[int], tuple], workers: int, role:
             p.join(timeout=10)
         terminated = stopping == "SIGTERM"
         raise RunInterrupted(
-            ("terminated (SIGTERM)" if terminated else "interrupted") +
-            f": {len(procs)} {role} process(es) stopped" + (f", {len(stuck)} of them killed" if stuck else "") +
-            "; their runs are KILLED in MLflow and their trials FAIL in Optuna; the same `study run` "
+            ("terminated (SIGTERM)" if terminated else "interrupted")
+            + f": {len(procs)} {role} process(es) stopped"
+            + (f", {len(stuck)} of them killed" if stuck else "")
+            + "; their runs are KILLED in MLflow and their trials FAIL in Optuna; the same `study run` "
             "continues the study (interrupted trials are retried from their checkpoints)",
-            terminated=terminated) from None
+            terminated=terminated,
+        ) from None
     bad = [f"{p.name} exit code {p.exitcode}" for p in procs if p.exitcode != 0]
     for failure in (DiskFull, StoreUnavailable):  # a worker's own one-line error says what
         if any(p.exitcode == failure.exit_code for p in procs):
-            raise failure(f"study worker processes stopped: {'; '.join(bad)} (their lines are above); the same "
-                          "`study run` continues the study once that is fixed")
+            raise failure(
+                f"study worker processes stopped: {'; '.join(bad)} (their lines are above); the same "
+                "`study run` continues the study once that is fixed"
+            )
     if bad:
         raise StudyAborted("study worker processes failed: " + "; ".join(bad) + " (their output is above)")

@@ -1,4 +1,5 @@
 """Run artifacts: the trainable weights (safetensors) and the per-run curves figure."""
+
 from __future__ import annotations
 
 import tempfile
@@ -7,8 +8,9 @@ from pathlib import Path
 import torch
 
 
-def log_artifacts(state: dict[str, torch.Tensor], history: list[dict[str, float]], weights: bool = True,
-                  title: str = "") -> None:
+def log_artifacts(
+    state: dict[str, torch.Tensor], history: list[dict[str, float]], weights: bool = True, title: str = ""
+) -> None:
     """Trainable weights only (safetensors, unless ``weights`` is false) and a curves figure."""
     from safetensors.torch import save_file
 

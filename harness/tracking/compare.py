@@ -1,4 +1,5 @@
 """``dmlbench compare``: runs side by side, for any runs of a store."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,6 +26,7 @@ def compare_rows(run_ids: list[str], tracking_uri: str = "") -> tuple[list[str],
         except mlflow.exceptions.MlflowException:
             raise UserError(f"no run {run_id!r} in the MLflow store {mlflow.get_tracking_uri()}") from None
     names = [f"{r.info.run_name} ({r.info.run_id[:8]})" for r in runs]
+
     def row(label: str, values: list[Any]) -> None:
         rows.append({"": label, **dict(zip(names, values))})
 

@@ -1,5 +1,6 @@
 """The run's data as MLflow dataset inputs: one per split, with its size and a digest of exactly
 which images (files and labels) it holds, so two runs can be checked to have seen the same data."""
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,9 @@ def log_dataset_inputs(splits: Splits, dataset: str, root: str) -> None:
     for split, table in parts.items():
         with warnings.catch_warnings():  # MLflow's hint about integer columns is for model schemas
             warnings.simplefilter("ignore", UserWarning)
-            data = mlflow.data.from_pandas(split_frame(table), source=source, name=f"{dataset}/{split}",
-                                           digest=digest(table))
+            data = mlflow.data.from_pandas(
+                split_frame(table), source=source, name=f"{dataset}/{split}", digest=digest(table)
+            )
             tags = {"images": str(len(table)), "classes": str(table.num_classes)}
             # MLflow looks a dataset up, then inserts it: two runs logging one split at once collide
             retried(lambda: mlflow.log_input(data, context=split, tags=tags))

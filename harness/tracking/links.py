@@ -1,4 +1,5 @@
 """Where to look: URLs of the MLflow UI's runs view and run pages, and waiting for a server."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -42,14 +43,32 @@ CURVE_SECTIONS = ("val", "epoch_test", "train")
 
 def chart(key: str, section_id: str, curve: bool, hidden: bool, runs_shown: int) -> dict:
     """One chart card of the UI's chart view, in the shape its browser code builds them."""
-    card = {"uuid": f"dmlbench-{key}", "type": "LINE" if curve else "BAR", "metricKey": key,
-            "displayName": key.rsplit("/", 1)[-1], "metricSectionId": section_id, "deleted": hidden,
-            "isGenerated": True, "runsCountToCompare": runs_shown}
+    card = {
+        "uuid": f"dmlbench-{key}",
+        "type": "LINE" if curve else "BAR",
+        "metricKey": key,
+        "displayName": key.rsplit("/", 1)[-1],
+        "metricSectionId": section_id,
+        "deleted": hidden,
+        "isGenerated": True,
+        "runsCountToCompare": runs_shown,
+    }
     if curve:
-        card.update({"lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {},
-                     "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric",
-                     "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True,
-                     "useGlobalLineSmoothing": True})
+        card.update(
+            {
+                "lineSmoothness": 0,
+                "xAxisScaleType": "linear",
+                "scaleType": "linear",
+                "range": {},
+                "xAxisKey": "step",
+                "selectedXAxisMetricKey": "",
+                "yAxisKey": "metric",
+                "yAxisExpressions": [],
+                "ignoreOutliers": False,
+                "useGlobalXaxisKey": True,
+                "useGlobalLineSmoothing": True,
+            }
+        )
     return card
 
 
@@ -63,10 +82,24 @@ def view_state(runs: list[dict[str, float]]) -> dict:
     parents = any(m.startswith("tuning/") for m in metrics)
     objective = next((m for m in sorted(metrics) if m.startswith("tuning/best_")), None)
     wanted = ([objective] if objective else []) + (
-        ["test/recall_at_1_mean", "test/map_at_r_mean", "test/recall_at_1_std", "params/trainable",
-         "params/trainable_inference", "cost/throughput_img_s"] if parents else
-        ["test/recall_at_1", "test/map_at_r", "best/val_recall_at_1", "best/val_map_at_r", "params/trainable",
-         "cost/throughput_img_s"])
+        [
+            "test/recall_at_1_mean",
+            "test/map_at_r_mean",
+            "test/recall_at_1_std",
+            "params/trainable",
+            "params/trainable_inference",
+            "cost/throughput_img_s",
+        ]
+        if parents
+        else [
+            "test/recall_at_1",
+            "test/map_at_r",
+            "best/val_recall_at_1",
+            "best/val_map_at_r",
+            "params/trainable",
+            "cost/throughput_img_s",
+        ]
+    )
     order = objective or ("test/recall_at_1_mean" if parents else "test/recall_at_1")
     columns = [column("metrics", m) for m in wanted if m in metrics] + [column("tags", "dmlbench.method")]
     runs_shown = max(10, min(len(runs), 100))
@@ -76,17 +109,30 @@ def view_state(runs: list[dict[str, float]]) -> dict:
         if not keys:
             continue
         section_id = f"dmlbench-section-{name}"
-        sections.append({"uuid": section_id, "name": name, "display": True, "isReordered": True,
-                         "deleted": False, "isGenerated": True})
+        sections.append(
+            {
+                "uuid": section_id,
+                "name": name,
+                "display": True,
+                "isReordered": True,
+                "deleted": False,
+                "isGenerated": True,
+            }
+        )
         for key in keys:
             values = [run[key] for run in runs if key in run]  # latest values: curves never count as constant
             constant = name not in CURVE_SECTIONS and len(values) > 1 and len(set(values)) == 1
             charts.append(chart(key, section_id, name in CURVE_SECTIONS, constant, runs_shown))
     return {
-        "selectedColumns": columns, "columnOrder": columns,
-        "orderByKey": column("metrics", order), "orderByAsc": False,
-        "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
-        "compareRunSections": sections, "compareRunCharts": charts, "isAccordionReordered": True,
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "orderByKey": column("metrics", order),
+        "orderByAsc": False,
+        "runsHiddenMode": "SHOW_ALL",
+        "hideEmptyCharts": True,
+        "compareRunSections": sections,
+        "compareRunCharts": charts,
+        "isAccordionReordered": True,
     }
 
 

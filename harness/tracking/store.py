@@ -1,4 +1,5 @@
 """MLflow plumbing: where the store lives, what every run records about its environment."""
+
 from __future__ import annotations
 
 import contextlib
@@ -78,8 +79,10 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
         raise UserError(f"MLflow server {uri} answered {exc.code} on /health; is it an MLflow server?") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"MLflow server {uri} does not answer within {timeout_s:.0f} s ({reason}); "
-                        "start it ('mlflow server --host 127.0.0.1 --port 5000') or pick another --tracking-uri") from None
+        raise UserError(
+            f"MLflow server {uri} does not answer within {timeout_s:.0f} s ({reason}); "
+            "start it ('mlflow server --host 127.0.0.1 --port 5000') or pick another --tracking-uri"
+        ) from None
 
 
 def configure(uri: str, experiment: str) -> str:
@@ -128,7 +131,10 @@ def git_commit() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -138,8 +144,12 @@ def git_commit() -> str:
 def environment_tags() -> dict[str, str]:
     """Versions of everything that changes numbers, plus the code revision."""
     commit = git_commit()
-    tags = {"git_commit": commit, "python": sys.version.split()[0], "platform": platform.platform(),
-            "mlflow.source.git.commit": commit.removesuffix("-dirty")}  # shown by the MLflow UI
+    tags = {
+        "git_commit": commit,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+    }  # shown by the MLflow UI
     for pkg in ("dmlbench", "torch", "torchvision", "timm", "mlflow", "optuna", "numpy", "faiss-cpu"):
         try:
             tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
@@ -163,6 +173,7 @@ def end_failed_run(exc: BaseException) -> None:
     tags = {"dmlbench.status": "pruned" if pruned else ("interrupted" if interrupted else "failed")}
     if not pruned:
         tags["dmlbench.error"] = f"{type(exc).__name__}: {exc}"[:500]
+
     def end() -> None:
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
@@ -187,7 +198,7 @@ def retried(write: Callable[[], None], attempts: int = 6) -> None:
         except MlflowException:
             if attempt == attempts - 1:
                 raise
-            time.sleep(0.2 * 2 ** attempt)
+            time.sleep(0.2 * 2**attempt)
 
 
 def abandon_active_run() -> None:
@@ -215,5 +226,7 @@ def tracking_server_gone(uri: str, exc: BaseException) -> Exception | None:
     if not uri.startswith("http") or (reason := server_unreachable(exc)) is None:
         return None
     abandon_active_run()  # the parent run, entered around the trial
-    return StoreUnavailable(f"the MLflow server {uri} stopped answering ({reason}); the study stopped: once it is "
-                            "back, the same `study run` continues it (interrupted runs resume from their checkpoints)")
+    return StoreUnavailable(
+        f"the MLflow server {uri} stopped answering ({reason}); the study stopped: once it is "
+        "back, the same `study run` continues it (interrupted runs resume from their checkpoints)"
+    )

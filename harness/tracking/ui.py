@@ -4,6 +4,7 @@ MLflow's UI is several processes (the server, uvicorn, a job runner, job consume
 its own process group, and Ctrl-C or ``kill`` of dmlbench stops the whole group, so nothing is
 left serving (or holding the port) afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,13 @@ def serve_ui(uri: str, host: str, port: int, timeout: float, verbose: bool = Fal
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     log = None if verbose else tempfile.NamedTemporaryFile("w+", prefix="dmlbench-ui-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT if log else None,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"} if log else None)
+    proc = subprocess.Popen(
+        cmd,
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"} if log else None,
+    )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
     try:
         if not wait_for(base + "/health", proc, timeout_s=timeout):
@@ -36,10 +42,13 @@ def serve_ui(uri: str, host: str, port: int, timeout: float, verbose: bool = Fal
                 log.flush()
                 lines = [ln for ln in Path(log.name).read_text().splitlines() if ln.strip()]
                 tail = f"; its last line: {lines[-1][:200]}" if lines else ""
-            raise UserError(f"the MLflow UI did not answer on {base} within {timeout:.0f} s "
-                            f"(port {port} in use? try --port){tail}")
-        print(f"MLflow UI for {uri}: {base}/{runs_view(uri)}" + ("" if verbose else f"  (server log: {log.name})"),
-              flush=True)
+            raise UserError(
+                f"the MLflow UI did not answer on {base} within {timeout:.0f} s (port {port} in use? try --port){tail}"
+            )
+        print(
+            f"MLflow UI for {uri}: {base}/{runs_view(uri)}" + ("" if verbose else f"  (server log: {log.name})"),
+            flush=True,
+        )
         return proc.wait()
     except KeyboardInterrupt:
         return 0

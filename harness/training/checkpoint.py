@@ -9,6 +9,7 @@ for bit. The file lives beside the store (``<dir of mlflow.db>/checkpoints/<run 
 path is the run's ``dmlbench.checkpoint`` tag, and it is deleted when the run finishes unless
 ``tracking.keep_checkpoints`` is set.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,14 +97,18 @@ def load(path: Path, run_id: str) -> dict[str, Any]:
     """The checkpoint's state; a missing, empty or cut file is a one-line UserError (the run is
     left as it was)."""
     if not path.is_file():
-        raise UserError(f"run {run_id} has no checkpoint at {path}; it finished, or it was started "
-                        "before checkpoints existed, or the file was removed")
+        raise UserError(
+            f"run {run_id} has no checkpoint at {path}; it finished, or it was started "
+            "before checkpoints existed, or the file was removed"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UserError(f"checkpoint {path} of run {run_id} is damaged ({path.stat().st_size:,} bytes: {reason}); "
-                        "it cannot be resumed: the run is left as it was") from None
+        raise UserError(
+            f"checkpoint {path} of run {run_id} is damaged ({path.stat().st_size:,} bytes: {reason}); "
+            "it cannot be resumed: the run is left as it was"
+        ) from None
     if not isinstance(state, dict) or "epoch" not in state:
         raise UserError(f"checkpoint {path} of run {run_id} is not a dmlbench checkpoint; it cannot be resumed")
     return state
@@ -146,8 +151,10 @@ def ensure_writable(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise UserError(f"cannot write checkpoints to {folder} ({exc.strerror or type(exc).__name__}); "
-                        "set tracking.checkpoint_dir to a writable folder") from None
+        raise UserError(
+            f"cannot write checkpoints to {folder} ({exc.strerror or type(exc).__name__}); "
+            "set tracking.checkpoint_dir to a writable folder"
+        ) from None
 
 
 def claim_new(folder: Path, run_id: str) -> tuple[Path, "Claim"]:
@@ -186,8 +193,10 @@ class Claim:
         except BlockingIOError:
             holder = os.read(self.fd, 200).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
-            raise RunClaimed(f"run {run_id} is being trained by {holder}; it is not trained twice: wait "
-                             "for it, or stop that process first") from None
+            raise RunClaimed(
+                f"run {run_id} is being trained by {holder}; it is not trained twice: wait "
+                "for it, or stop that process first"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
 

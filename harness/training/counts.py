@@ -1,4 +1,5 @@
 """Parameter counts of every registered method on a given backbone (``dmlbench methods``)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,9 +24,12 @@ def describe_methods(
     random init unless ``pretrained``), so they are exactly what a run logs. ``embed_dim`` None
     keeps each method's default; ``image_size`` matters for VPT's padding prompts on CNNs. Methods that do not apply to the backbone family get no counts.
     """
-    overrides: dict[str, Any] = {"model.pretrained": pretrained, "data.image_size": image_size,
-                                 "data.resize_size": image_size,
-                                 "model.backbone_kwargs": dict(backbone_kwargs or {})}
+    overrides: dict[str, Any] = {
+        "model.pretrained": pretrained,
+        "data.image_size": image_size,
+        "data.resize_size": image_size,
+        "model.backbone_kwargs": dict(backbone_kwargs or {}),
+    }
     if embed_dim is not None:
         overrides["model.embed_dim"] = embed_dim
     rows = []

@@ -11,6 +11,7 @@ and the MLflow run left in the state the line says.
 
 Every line ends with the exact command that continues the run from its last checkpoint.
 """
+
 from __future__ import annotations
 
 from typing import NoReturn
@@ -57,18 +58,25 @@ def raise_one_line(exc: BaseException, run_id: str, cfg: RunConfig, completed: i
     except Exception as end_exc:  # noqa: BLE001 - a full disk can hold the store too
         if full is None and disk_full(end_exc) is None:
             raise
-        raise DiskFull(f"no space left on device ({full or disk_full(end_exc)}) in {where}; the store could not "
-                       f"record it, so the run shows RUNNING: free space, then continue it with: {again}") from None
+        raise DiskFull(
+            f"no space left on device ({full or disk_full(end_exc)}) in {where}; the store could not "
+            f"record it, so the run shows RUNNING: free space, then continue it with: {again}"
+        ) from None
     if full is not None:
-        raise DiskFull(f"no space left on device ({full}) in {where}; nothing partial was kept and the run is "
-                       f"FAILED: free space, then continue it with: {again}") from None
+        raise DiskFull(
+            f"no space left on device ({full}) in {where}; nothing partial was kept and the run is "
+            f"FAILED: free space, then continue it with: {again}"
+        ) from None
     if isinstance(exc, FloatingPointError):
-        raise TrainingDiverged(f"training diverged: {exc} in {where}; the run is FAILED in MLflow "
-                               "(tag dmlbench.error); lower optim.lr or set optim.grad_clip") from exc
+        raise TrainingDiverged(
+            f"training diverged: {exc} in {where}; the run is FAILED in MLflow "
+            "(tag dmlbench.error); lower optim.lr or set optim.grad_clip"
+        ) from exc
     if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
         terminated = interrupts.exit_code(exc) == 143
         raise RunInterrupted(
             f"{'terminated (SIGTERM)' if terminated else 'interrupted'} {where} after {completed} completed "
             f"epoch(s); the run is KILLED in MLflow with the metrics of those epochs; continue it with: {again}",
-            terminated=terminated) from None
+            terminated=terminated,
+        ) from None
     raise exc

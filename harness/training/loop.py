@@ -7,6 +7,7 @@ write the epoch's metrics with its checkpoint; at the end test the selected chec
 costs and end the run. Set-up is :mod:`harness.training.setup`, one optimiser step
 :mod:`harness.training.step`, what a failure becomes :mod:`harness.training.failures`.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,9 @@ def train(
             runlog.forget_failed_attempt(resume)
         reset_peak_memory(run.device)
         if run.model.wants_feature_cache and run.model.features_are_frozen:  # the frozen features, once
-            run.cache = FeatureCache(run.model, run.loaders, cfg.data, cfg.seed, cfg.eval.batch_size, run.device,
-                                     run.amp(), run.backbone)
+            run.cache = FeatureCache(
+                run.model, run.loaders, cfg.data, cfg.seed, cfg.eval.batch_size, run.device, run.amp(), run.backbone
+            )
         first = run.restore(resumed) if resumed is not None else (0 if run.epochs == 0 else 1)
         for epoch in range(first, run.epochs + 1):  # epochs=0: evaluate only
             row = train_epoch(run, epoch) if epoch > 0 else {}
@@ -76,8 +78,7 @@ def train(
         if run.claim is not None:
             run.claim.release()
         failures.raise_one_line(exc, run.run_id, cfg, run.completed)
-    return RunResult(run.run_id, {**{k: float(v) for k, v in run.counts.items()}, **final}, run.history, cfg,
-                     run.facts)
+    return RunResult(run.run_id, {**{k: float(v) for k, v in run.counts.items()}, **final}, run.history, cfg, run.facts)
 
 
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -100,9 +101,18 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     shown = EpochProgress(batches, epoch, run.epochs, len(run.loaders["train"]), cfg.data.batch_size, run.progress)
     labels_on_host = run.splits.train.labels
     for images, labels, index in shown:
-        loss, extras = train_step(model, optimizer, images, labels, labels_on_host[index], amp=run.amp,
-                                  scaler=run.scaler, grad_clip=cfg.optim.grad_clip, trainable=trainable,
-                                  from_features=run.cache is not None)
+        loss, extras = train_step(
+            model,
+            optimizer,
+            images,
+            labels,
+            labels_on_host[index],
+            amp=run.amp,
+            scaler=run.scaler,
+            grad_clip=cfg.optim.grad_clip,
+            trainable=trainable,
+            from_features=run.cache is not None,
+        )
         run.scheduler.step()
         interrupts.check()
         loss_sum += loss.detach().float()
@@ -150,19 +160,30 @@ def finish(run: Run, started: float) -> dict[str, float]:
     """Test the selected checkpoint (and transfer), log the costs and end the run FINISHED."""
     selected = select_and_test(run)
     final = selected.metrics
-    final.update(transfer_metrics(run.model, run.transfer, selected.state, merged=selected.merged, amp=run.amp(),
-                                  device=run.device, cache_dir=run.checkpoints / "transfer"))
+    final.update(
+        transfer_metrics(
+            run.model,
+            run.transfer,
+            selected.state,
+            merged=selected.merged,
+            amp=run.amp(),
+            device=run.device,
+            cache_dir=run.checkpoints / "transfer",
+        )
+    )
     synchronize(run.device)
     wall = time.perf_counter() - started
-    final.update({
-        "cost/peak_memory_gb": peak_memory_gb(run.device),
-        "cost/throughput_img_s": run.images / run.seconds if run.seconds else 0.0,
-        "cost/train_images": float(run.images),
-        "cost/wall_time_s": wall,
-        "cost/eval_time_s": run.eval_seconds,
-        "cost/log_time_s": run.log_seconds,
-        "cost/eval_share": run.eval_seconds / wall if wall > 0 else 0.0,
-    })
+    final.update(
+        {
+            "cost/peak_memory_gb": peak_memory_gb(run.device),
+            "cost/throughput_img_s": run.images / run.seconds if run.seconds else 0.0,
+            "cost/train_images": float(run.images),
+            "cost/wall_time_s": wall,
+            "cost/eval_time_s": run.eval_seconds,
+            "cost/log_time_s": run.log_seconds,
+            "cost/eval_share": run.eval_seconds / wall if wall > 0 else 0.0,
+        }
+    )
     # what actually decoded each split (nvjpeg, cpu, cpu-fallback, in-memory): never silent
     run.facts.update({f"data/decoder/{name}": batches.decoders() for name, batches in run.loaders.items()})
     if run.model.merges_on_test and has_test(run.cfg, run.splits):  # a constant: a param, not a chart

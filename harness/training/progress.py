@@ -7,6 +7,7 @@ terminal shows a bar (step k/N, img/s, ETA); elsewhere (a log file, Slurm's outp
 printed every ``every_s`` seconds (``DMLBENCH_PROGRESS_EVERY_S``, 30). Only host counters are read:
 no host-device sync.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,20 +65,32 @@ def plan_line(run: Any) -> str:
     per_image = forward / cfg.data.batch_size
     total = run.epochs * (steps * 3 * forward + per_epoch_eval * per_image) + tested * per_image
     device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else str(run.device)
-    line = (f"training {cfg.method} on {cfg.dataset} with {cfg.backbone} on {device}: {images:,} images x "
-            f"{run.epochs} epoch(s), {evaluated:,} validation images per epoch, {tested:,} test images; "
-            f"about {duration(total)} (estimated from a forward pass)")
+    line = (
+        f"training {cfg.method} on {cfg.dataset} with {cfg.backbone} on {device}: {images:,} images x "
+        f"{run.epochs} epoch(s), {evaluated:,} validation images per epoch, {tested:,} test images; "
+        f"about {duration(total)} (estimated from a forward pass)"
+    )
     if run.device.type == "cpu" and total > LONG_ON_CPU_S:  # the defaults are the GPU recipe's: say so
-        line += ("\n  long for a CPU; a first result in minutes: --set data.max_per_class=100 --set optim.epochs=3 "
-                 "(Ctrl-C stops cleanly and prints the command that resumes)")
+        line += (
+            "\n  long for a CPU; a first result in minutes: --set data.max_per_class=100 --set optim.epochs=3 "
+            "(Ctrl-C stops cleanly and prints the command that resumes)"
+        )
     return line
 
 
 class EpochProgress:
     """Wrap an epoch's batches: a bar on a terminal, else (with ``lines``) a line every ``every_s`` s."""
 
-    def __init__(self, batches: Iterable, epoch: int, epochs: int, steps: int, batch_size: int, lines: bool,
-                 every_s: float | None = None) -> None:
+    def __init__(
+        self,
+        batches: Iterable,
+        epoch: int,
+        epochs: int,
+        steps: int,
+        batch_size: int,
+        lines: bool,
+        every_s: float | None = None,
+    ) -> None:
         self.batches, self.epoch, self.epochs, self.steps = batches, epoch, epochs, steps
         self.batch_size, self.lines = batch_size, lines
         self.every_s = float(os.environ.get("DMLBENCH_PROGRESS_EVERY_S", "30")) if every_s is None else every_s
@@ -87,8 +100,13 @@ class EpochProgress:
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            with tqdm(total=steps * self.batch_size, unit="img", unit_scale=True, leave=False,
-                      desc=f"epoch {self.epoch}/{self.epochs}") as bar:
+            with tqdm(
+                total=steps * self.batch_size,
+                unit="img",
+                unit_scale=True,
+                leave=False,
+                desc=f"epoch {self.epoch}/{self.epochs}",
+            ) as bar:
                 for batch in self.batches:
                     yield batch
                     bar.update(self.batch_size)
@@ -102,13 +120,17 @@ class EpochProgress:
             now = time.monotonic()
             if now - last >= self.every_s and step < steps:
                 rate = step * self.batch_size / (now - start)
-                print(f"epoch {self.epoch}/{self.epochs}: step {step}/{steps}, {rate:,.0f} img/s, "
-                      f"ETA {duration((steps - step) * self.batch_size / rate)}", flush=True)
+                print(
+                    f"epoch {self.epoch}/{self.epochs}: step {step}/{steps}, {rate:,.0f} img/s, "
+                    f"ETA {duration((steps - step) * self.batch_size / rate)}",
+                    flush=True,
+                )
                 last = now
 
 
 def epoch_line(epochs: int) -> Callable[[int, dict[str, float]], None]:
     """One summary line per epoch: loss, validation (or test) R@1 and MAP@R, seconds."""
+
     def show(epoch: int, row: dict[str, float]) -> None:
         split = "val" if "val/recall_at_1" in row else "epoch_test"
         parts = [f"epoch {epoch}/{epochs}"]
@@ -116,7 +138,9 @@ def epoch_line(epochs: int) -> Callable[[int, dict[str, float]], None]:
             parts.append(f"loss {row['train/loss']:.4f}")
         if f"{split}/recall_at_1" in row:
             name = "val" if split == "val" else "test"
-            parts.append(f"{name} R@1 {100 * row[f'{split}/recall_at_1']:.1f}  MAP@R {100 * row[f'{split}/map_at_r']:.1f}")
+            parts.append(
+                f"{name} R@1 {100 * row[f'{split}/recall_at_1']:.1f}  MAP@R {100 * row[f'{split}/map_at_r']:.1f}"
+            )
         if "train/epoch_time_s" in row:
             parts.append(f"{row['train/epoch_time_s']:.1f} s")
         print("  ".join(parts), flush=True)

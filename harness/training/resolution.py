@@ -3,6 +3,7 @@
 Then :func:`validate` applies the range checks that types cannot express. Unknown keys and bad
 values raise a :class:`UserError` before anything is created.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,6 +22,7 @@ from harness.errors import UserError
 
 #: devices besides "cuda:N"
 DEVICES = ("", "cpu", "cuda", "mps")
+
 
 def resolve(
     *,
@@ -51,8 +53,10 @@ def resolve(
     recipe = check_preset(method, preset)
     dataset = get_spec(pick("dataset", recipe.get("dataset", RunConfig.dataset)))
     if "dataset" in recipe and dataset.name != recipe["dataset"]:
-        raise UserError(f"preset '{preset}' of method '{method.name}' is the recipe for dataset "
-                        f"'{recipe['dataset']}', not '{dataset.name}'; drop --dataset or pick its preset")
+        raise UserError(
+            f"preset '{preset}' of method '{method.name}' is the recipe for dataset "
+            f"'{recipe['dataset']}', not '{dataset.name}'; drop --dataset or pick its preset"
+        )
     cfg = RunConfig(method=method.name, dataset=dataset.name)
     cfg.method_args = method.config_cls()
 
@@ -78,8 +82,10 @@ def resolve(
     size = (cfg.data.image_size, cfg.data.image_size)
     if family == "vit" and fixed_size and fixed_size != size:
         if "img_size" in cfg.model.backbone_kwargs:
-            raise UserError(f"model.backbone_kwargs.img_size={cfg.model.backbone_kwargs['img_size']} does not match "
-                            f"data.image_size={cfg.data.image_size}; set one of them to the other")
+            raise UserError(
+                f"model.backbone_kwargs.img_size={cfg.model.backbone_kwargs['img_size']} does not match "
+                f"data.image_size={cfg.data.image_size}; set one of them to the other"
+            )
         # a ViT is built for one input size: build it for the run's (timm resamples the
         # pretrained position embedding) instead of failing inside the first forward pass
         cfg.model.backbone_kwargs = {**cfg.model.backbone_kwargs, "img_size": cfg.data.image_size}
@@ -94,8 +100,10 @@ def check_preset(method: Any, preset: str | None) -> dict[str, Any]:
     if preset not in method.presets:
         covered = sorted(m for m in method_names() if preset in get_method(m).presets)
         hint = f" (preset '{preset}' exists for: {', '.join(covered)})" if covered else ""
-        raise UserError(f"unknown preset '{preset}' of method '{method.name}'; valid: "
-                        f"{', '.join(sorted(method.presets)) or 'none'}{hint}")
+        raise UserError(
+            f"unknown preset '{preset}' of method '{method.name}'; valid: "
+            f"{', '.join(sorted(method.presets)) or 'none'}{hint}"
+        )
     return dict(method.presets[preset])
 
 
@@ -107,5 +115,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
         raise UserError(f"bad value {cfg.device!r} for 'device'; valid: '' (auto), cpu, cuda, cuda:N, mps")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"bad value {cfg.device!r} for 'device': this machine has no CUDA device; valid: '' (auto), cpu")
+        raise UserError(
+            f"bad value {cfg.device!r} for 'device': this machine has no CUDA device; valid: '' (auto), cpu"
+        )
     transfer.parse(list(cfg.eval.transfer), cfg.dataset)  # names checked before anything loads

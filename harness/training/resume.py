@@ -1,6 +1,7 @@
 """The config of a run to resume, read back from the run's own ``config.yaml`` artifact, and the
 options given with ``--resume``: those that contradict the recorded run are refused, the few that
 a continued run can take (more epochs, loader workers, what is logged) are applied and said."""
+
 from __future__ import annotations
 
 import copy
@@ -9,12 +10,20 @@ from typing import Any
 from harness.errors import UserError
 
 #: keys a resumed run may change: they do not change what the finished epochs computed
-CHANGEABLE = ("optim.epochs", "data.num_workers", "eval.batch_size", "tracking.keep_checkpoints",
-              "tracking.system_metrics", "tracking.system_metrics_interval_s", "tracking.log_artifacts")
+CHANGEABLE = (
+    "optim.epochs",
+    "data.num_workers",
+    "eval.batch_size",
+    "tracking.keep_checkpoints",
+    "tracking.system_metrics",
+    "tracking.system_metrics_interval_s",
+    "tracking.log_artifacts",
+)
 
 
-def reconcile(cfg: Any, run_id: str, choices: dict[str, str | None], overrides: dict[str, Any],
-              completed: int | None = None) -> list[str]:
+def reconcile(
+    cfg: Any, run_id: str, choices: dict[str, str | None], overrides: dict[str, Any], completed: int | None = None
+) -> list[str]:
     """Apply the changeable ``overrides`` to the recorded ``cfg``; refuse every option that differs
     from it. Returns what was changed, as ``key old -> new`` lines."""
     from harness.config import flat_get, flatten, to_dict
@@ -24,8 +33,10 @@ def reconcile(cfg: Any, run_id: str, choices: dict[str, str | None], overrides: 
     recorded["recipe"] = cfg.recipe
     for flag, value in choices.items():
         if value is not None and str(value) != str(recorded.get(flag)):
-            raise UserError(f"--{flag} {value} contradicts run {run_id} (recorded {flag}: {recorded.get(flag)}): "
-                            "a resumed run keeps its config; drop the option")
+            raise UserError(
+                f"--{flag} {value} contradicts run {run_id} (recorded {flag}: {recorded.get(flag)}): "
+                "a resumed run keeps its config; drop the option"
+            )
     changed = []
     for key, value in overrides.items():
         if key == "tracking.uri":
@@ -36,11 +47,15 @@ def reconcile(cfg: Any, run_id: str, choices: dict[str, str | None], overrides: 
         if new == before:
             continue
         if key not in CHANGEABLE:
-            raise UserError(f"--set {key}={value} contradicts run {run_id} (recorded {key}: {before}): a resumed run "
-                            f"keeps its config; it may change only {', '.join(CHANGEABLE)}")
+            raise UserError(
+                f"--set {key}={value} contradicts run {run_id} (recorded {key}: {before}): a resumed run "
+                f"keeps its config; it may change only {', '.join(CHANGEABLE)}"
+            )
         if key == "optim.epochs" and completed is not None and new <= completed:
-            raise UserError(f"--set optim.epochs={value}: run {run_id} has completed {completed} epochs already; "
-                            "give more epochs than that")
+            raise UserError(
+                f"--set optim.epochs={value}: run {run_id} has completed {completed} epochs already; "
+                "give more epochs than that"
+            )
         set_key(cfg, key, value)
         changed.append(f"{key} {before} -> {new}")
     return changed

@@ -1,5 +1,6 @@
 """What a run records in MLflow: starting (parameters, tags, description, config, dataset inputs,
 counts) and finishing (constants, final metrics, artifacts, the FINISHED state)."""
+
 from __future__ import annotations
 
 import logging
@@ -18,11 +19,17 @@ def describe_run(cfg: RunConfig, weights: str, tags: dict[str, str]) -> str:
     role = tags.get("dmlbench.role", "single run")
     study = f" of study `{tags['dmlbench.study']}`" if "dmlbench.study" in tags else ""
     recipe = f"`{cfg.recipe}` ({cfg.recipe_source})" if cfg.recipe else "none (harness defaults and overrides)"
-    return (f"**{cfg.method}** on **{cfg.dataset}** with `{cfg.backbone}` ({weights}): {role}{study}, seed "
-            f"{cfg.seed}.\n\n- recipe: {recipe}\n- protocol: `{cfg.protocol}` (" + (
-                "all training classes, the best test epoch reported" if cfg.protocol == "paper"
-                else "validation classes held out, checkpoint selected on validation") + ")\n"
-            f"- optimiser: {cfg.optim.name}, lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}")
+    return (
+        f"**{cfg.method}** on **{cfg.dataset}** with `{cfg.backbone}` ({weights}): {role}{study}, seed "
+        f"{cfg.seed}.\n\n- recipe: {recipe}\n- protocol: `{cfg.protocol}` ("
+        + (
+            "all training classes, the best test epoch reported"
+            if cfg.protocol == "paper"
+            else "validation classes held out, checkpoint selected on validation"
+        )
+        + ")\n"
+        f"- optimiser: {cfg.optim.name}, lr {cfg.optim.lr:g}, {cfg.optim.epochs} epochs, batch {cfg.data.batch_size}"
+    )
 
 
 def log_start(run: Run, tags: dict[str, str] | None) -> None:
@@ -34,21 +41,24 @@ def log_start(run: Run, tags: dict[str, str] | None) -> None:
 
     cfg, device = run.cfg, run.device
     mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()})
-    mlflow.set_tags({
-        **tracking.environment_tags(),
-        "dmlbench.method": cfg.method,
-        "dmlbench.dataset": cfg.dataset,
-        "dmlbench.backbone": cfg.backbone,
-        "dmlbench.weight_source": run.backbone.weight_source,
-        "dmlbench.device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "dmlbench.status": "running",
-        "dmlbench.protocol": cfg.protocol,
-        "dmlbench.selection": "best test R@1 epoch (paper protocol)" if cfg.protocol == "paper"
-        else f"best validation {cfg.eval.select} epoch",
-        **({"dmlbench.recipe": cfg.recipe, "dmlbench.recipe_source": cfg.recipe_source} if cfg.recipe else {}),
-        "mlflow.note.content": describe_run(cfg, run.backbone.weight_source, tags or {}),
-        **(tags or {}),
-    })
+    mlflow.set_tags(
+        {
+            **tracking.environment_tags(),
+            "dmlbench.method": cfg.method,
+            "dmlbench.dataset": cfg.dataset,
+            "dmlbench.backbone": cfg.backbone,
+            "dmlbench.weight_source": run.backbone.weight_source,
+            "dmlbench.device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "dmlbench.status": "running",
+            "dmlbench.protocol": cfg.protocol,
+            "dmlbench.selection": "best test R@1 epoch (paper protocol)"
+            if cfg.protocol == "paper"
+            else f"best validation {cfg.eval.select} epoch",
+            **({"dmlbench.recipe": cfg.recipe, "dmlbench.recipe_source": cfg.recipe_source} if cfg.recipe else {}),
+            "mlflow.note.content": describe_run(cfg, run.backbone.weight_source, tags or {}),
+            **(tags or {}),
+        }
+    )
     mlflow.log_text(to_yaml(cfg), "config.yaml")
     log_dataset_inputs(run.splits, cfg.dataset, cfg.data.root or "default")
     mlflow.log_metrics({k: float(v) for k, v in run.counts.items()})
@@ -71,16 +81,22 @@ def start(cfg: RunConfig, tags: dict[str, str] | None, nested: bool, resume: str
     if resume:
         return mlflow.start_run(run_id=resume, nested=nested, **system).info.run_id
     name = cfg.tracking.run_name or f"{cfg.method}-{cfg.backbone}-s{cfg.seed}"
-    return mlflow.start_run(run_name=name, nested=nested, tags={**(tags or {}), "dmlbench.status": "running"},
-                            **system).info.run_id
+    return mlflow.start_run(
+        run_name=name, nested=nested, tags={**(tags or {}), "dmlbench.status": "running"}, **system
+    ).info.run_id
 
 
 def forget_failed_attempt(run_id: str) -> None:
     """A resumed run: the error of the attempt that failed belongs to that attempt, not to this run."""
     import mlflow
 
-    tracking.retried(lambda: mlflow.MlflowClient().delete_tag(run_id, "dmlbench.error")
-                     if "dmlbench.error" in mlflow.get_run(run_id).data.tags else None)
+    tracking.retried(
+        lambda: (
+            mlflow.MlflowClient().delete_tag(run_id, "dmlbench.error")
+            if "dmlbench.error" in mlflow.get_run(run_id).data.tags
+            else None
+        )
+    )
     mlflow.set_tag("dmlbench.status", "running")
 
 

@@ -5,6 +5,7 @@ papers' protocol). :func:`select_and_test` loads the selected state into the mod
 method that merges at test time, LoRA and SSF) before testing it: it changes the model, and says
 so in what it returns.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ schedule (:func:`make_optimizer`, :func:`make_scheduler`), and checks what would
 half-way (the images decode, the checkpoint folder is writable, the store answers). Nothing is
 created in MLflow here: bad input is one line and exit 2 with nothing half-written.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,11 +45,15 @@ def make_optimizer(model: DMLModel, cfg: RunConfig) -> torch.optim.Optimizer | N
         return None
     for g in groups:
         g.setdefault("schedule", cfg.optim.schedule)
-    fused = {"fused": True} if cfg.optim.fused and all(
-        p.is_cuda and p.is_floating_point() for g in groups for p in g["params"]) else {}
+    fused = (
+        {"fused": True}
+        if cfg.optim.fused and all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
+        else {}
+    )
     if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                               weight_decay=cfg.optim.weight_decay, **fused)
+        return torch.optim.SGD(
+            groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, **fused
+        )
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
 
 
@@ -61,12 +66,15 @@ def prepare_for_device(model: DMLModel, cfg: RunConfig, device: torch.device) ->
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.optim.compile != "off":
-        model.training_loss = torch.compile(model.training_loss, mode=cfg.optim.compile,
-                                            backend=cfg.optim.compile_backend)
+        model.training_loss = torch.compile(
+            model.training_loss, mode=cfg.optim.compile, backend=cfg.optim.compile_backend
+        )
     return model
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-group multipliers of each group's own lr: linear warmup (from ``warmup_factor``), then the
     group's schedule (cosine, step or constant) with the floor ``min_lr`` (CosineAnnealingLR's
     ``eta_min``: cosine anneals to it, step never goes below it). ``schedule_unit="epoch"`` moves
@@ -115,8 +123,16 @@ def prepare(cfg: RunConfig) -> Run:
         data.verify_splits(splits)
     backbone = backbone_from(cfg)
     # a copy of the backbone is taken before the method changes it (random-init backbones have no other)
-    transfers = prepare_transfer(cfg.eval.transfer if cfg.eval.test else [], cfg.dataset, cfg.data, cfg.seed,
-                                 cfg.eval.batch_size, cfg.model.backbone_kwargs, backbone, device)
+    transfers = prepare_transfer(
+        cfg.eval.transfer if cfg.eval.test else [],
+        cfg.dataset,
+        cfg.data,
+        cfg.seed,
+        cfg.eval.batch_size,
+        cfg.model.backbone_kwargs,
+        backbone,
+        device,
+    )
     model = prepare_for_device(build_model(cfg, splits.train.num_classes, backbone).to(device), cfg, device)
     tracking.configure(cfg.tracking.uri, cfg.tracking.experiment or cfg.dataset)
     checkpoints = checkpoint.checkpoint_dir(mlflow.get_tracking_uri(), cfg.tracking.checkpoint_dir)
@@ -134,12 +150,22 @@ def prepare(cfg: RunConfig) -> Run:
         counts[f"{key}_share"] = counts[key] / backbone_params
     optimizer = make_optimizer(model, cfg)
     return Run(
-        cfg=cfg, device=device, splits=splits, backbone=backbone, model=model, loaders=loaders,
-        ks=tuple(cfg.eval.ks) or tuple(splits.ks), amp=autocast_for(device, cfg.optim.amp), counts=counts,
-        facts=data_facts(cfg, splits, loaders), optimizer=optimizer,
+        cfg=cfg,
+        device=device,
+        splits=splits,
+        backbone=backbone,
+        model=model,
+        loaders=loaders,
+        ks=tuple(cfg.eval.ks) or tuple(splits.ks),
+        amp=autocast_for(device, cfg.optim.amp),
+        counts=counts,
+        facts=data_facts(cfg, splits, loaders),
+        optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg, len(loaders["train"])) if optimizer else None,
-        epochs=cfg.optim.epochs if optimizer is not None else 0, checkpoints=checkpoints,
-        scaler=grad_scaler_for(device, cfg.optim.amp if optimizer else "off"), transfer=transfers,
+        epochs=cfg.optim.epochs if optimizer is not None else 0,
+        checkpoints=checkpoints,
+        scaler=grad_scaler_for(device, cfg.optim.amp if optimizer else "off"),
+        transfer=transfers,
     )
 
 
@@ -149,8 +175,10 @@ def data_facts(cfg: RunConfig, splits: data.Splits, loaders: dict[str, data.Batc
     m = cfg.data.samples_per_class  # classes smaller than m are sampled with replacement: say so
     small = int((np.bincount(splits.train.labels) < m).sum()) if m else 0
     if small:
-        warnings.warn(f"{small} training classes have fewer than data.samples_per_class={m} images; "
-                      "their images are drawn with replacement (logged as data/classes_below_samples_per_class)")
+        warnings.warn(
+            f"{small} training classes have fewer than data.samples_per_class={m} images; "
+            "their images are drawn with replacement (logged as data/classes_below_samples_per_class)"
+        )
     return {
         "data/classes_below_samples_per_class": small,
         "data/cache_gb": round(sum(getattr(ld.dataset, "cache_bytes", 0) for ld in loaders.values()) / 1e9, 3),

@@ -7,6 +7,7 @@ the best-so-far epoch and state, the history and the throughput counters); :meth
 loads one into a freshly prepared run, so on the CPU a resumed run equals an uninterrupted one bit
 for bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,13 +102,18 @@ class Run:
     def snapshot(self, epoch: int) -> dict[str, Any]:
         """Everything the next epoch depends on (the module docstring)."""
         return {
-            "epoch": epoch, "history": self.history, "images": self.images, "seconds": self.seconds,
+            "epoch": epoch,
+            "history": self.history,
+            "images": self.images,
+            "seconds": self.seconds,
             "model": {k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
             "model_extra": self.model.resume_state(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_state(self.loaders["train"].generator),
-            "best_score": self.best.score, "best_epoch": self.best.epoch,
+            "best_score": self.best.score,
+            "best_epoch": self.best.epoch,
             "best_state": {k: v.cpu() for k, v in (self.best.state or {}).items()},
         }
 

@@ -6,6 +6,7 @@ scaled by the run's GradScaler (disabled, a no-op, unless ``optim.amp=fp16`` on 
 gradients clipped (``optim.grad_clip`` > 0), the step (skipped by fp16's scaler where gradients hold
 inf/NaN, its scale adapted), and the model's ``after_step``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,10 +18,19 @@ import torch
 from harness.models import DMLModel
 
 
-def train_step(model: DMLModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               host_labels: np.ndarray, *, amp: Callable[[], Any], scaler: torch.amp.GradScaler,
-               grad_clip: float, trainable: list[torch.nn.Parameter],
-               from_features: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def train_step(
+    model: DMLModel,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    host_labels: np.ndarray,
+    *,
+    amp: Callable[[], Any],
+    scaler: torch.amp.GradScaler,
+    grad_clip: float,
+    trainable: list[torch.nn.Parameter],
+    from_features: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns the loss and the method's extra loss terms, still on the device. ``from_features``:
     ``images`` are cached frozen features (the linear probe's feature cache)."""
     model.before_step(optimizer, host_labels)
