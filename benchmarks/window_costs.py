@@ -44,8 +44,9 @@ def main() -> dict[str, float]:
         2,
     )
 
-    from harness.bench.folders import _image
     import numpy as np
+
+    from harness.bench.folders import _image
 
     rng = np.random.default_rng(0)
     out["jpeg_500x375_ms_per_core"] = 1000 * seconds(lambda: [_image(rng, c, 500, 375) for c in range(40)]) / 40

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from harness.errors import RunFailure, UserError, message_line
@@ -41,10 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.set)
     precheck(overrides)  # before the heavy imports below
+    from harness.tracking.links import run_url
     from harness.training.loop import train
     from harness.training.progress import epoch_line
     from harness.training.resolution import resolve
-    from harness.tracking.links import run_url
 
     if args.tracking_uri:
         overrides["tracking.uri"] = args.tracking_uri
@@ -283,10 +282,12 @@ EXAMPLES = {
     "datasets": "dmlbench datasets check cub200 --root ~/data/CUB_200_2011",
     "ui": "dmlbench ui --port 5001",
     "demo": "dmlbench demo",
-    "study": "dmlbench study run studies/peft_vit_s.yaml --workers 2 && dmlbench study status studies/peft_vit_s.yaml --json",
+    "study": "dmlbench study run studies/peft_vit_s.yaml --workers 2 && "
+    "dmlbench study status studies/peft_vit_s.yaml --json",
     "report": "dmlbench report studies/demo.yaml --out /tmp/demo-report",
     "visualize": "dmlbench visualize cam --run RUN_ID --n 4",
-    "benchmark": "dmlbench benchmark --methods full_finetune,bitfit --backbone vit_small_patch16_224 --baseline --end-to-end",
+    "benchmark": "dmlbench benchmark --methods full_finetune,bitfit --backbone vit_small_patch16_224 "
+    "--baseline --end-to-end",
 }
 OPTION_HELP = {
     "method": "registered method (dmlbench methods)",

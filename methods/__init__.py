@@ -3,6 +3,7 @@
 Files starting with ``_`` hold parts several methods share. ``get_method`` and ``method_names``
 here see every registered method."""
 
+from harness.models import MethodSpec, get_method, method_names
 from methods import (  # noqa: F401 - each module registers its methods
     adapter,
     bitfit,
@@ -15,6 +16,5 @@ from methods import (  # noqa: F401 - each module registers its methods
     vpt,
     vptsp_g,
 )
-from harness.models import MethodSpec, get_method, method_names
 
 __all__ = ["MethodSpec", "get_method", "method_names"]

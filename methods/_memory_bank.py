@@ -151,7 +151,7 @@ class HostBank:
             box.write()
         del self.pending[: last + 1]
 
-    def synced(self) -> "HostBank":
+    def synced(self) -> HostBank:
         """The bank with every pending row written (before reading it whole)."""
         self._flush()
         return self

@@ -28,10 +28,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from harness.models import Injection, select_indices
-from harness.models import BuildContext, DMLModel, freeze
-from harness.models import ranged, register_method
-from harness.models import UserError
+from harness.models import BuildContext, DMLModel, Injection, UserError, freeze, ranged, register_method, select_indices
 from methods import _vptspg_recipes as vptspg_recipes
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from harness.models import BuildContext, DMLModel, freeze
-from harness.models import register_method
+from harness.models import BuildContext, DMLModel, freeze, register_method
 from methods import _vptspg_recipes as vptspg_recipes
 
 

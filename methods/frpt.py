@@ -69,10 +69,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from harness.models import Backbone
-from harness.models import BuildContext, DMLModel, freeze
-from harness.models import ranged, register_method
-from harness.models import UserError
+from harness.models import Backbone, BuildContext, DMLModel, UserError, freeze, ranged, register_method
 from methods._frpt_parts import (
     CategoryAwareHead,
     ContentParser,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from harness.models import BuildContext, DMLModel
-from harness.models import register_method
+from harness.models import BuildContext, DMLModel, register_method
 from methods import _vptspg_recipes as vptspg_recipes
 
 

@@ -26,10 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models import Injection, MergeableModel, block_targets
-from harness.models import BuildContext, DMLModel, freeze
-from harness.models import ranged, register_method
-from harness.models import UserError
+from harness.models import (
+    BuildContext,
+    DMLModel,
+    Injection,
+    MergeableModel,
+    UserError,
+    block_targets,
+    freeze,
+    ranged,
+    register_method,
+)
 
 
 @dataclass

@@ -31,10 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.models import block_targets
-from harness.models import BuildContext, DMLModel, freeze
-from harness.models import register_method
-from harness.models import UserError
+from harness.models import BuildContext, DMLModel, UserError, block_targets, freeze, register_method
 from methods.lora import pointwise_convs
 
 VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -160,7 +157,7 @@ def options_class(name: str, tuner: Tuner | None) -> type:
 class PeftTunedModel(DMLModel):
     """A frozen backbone with peft tuner layers inside it."""
 
-    def train(self, mode: bool = True) -> "PeftTunedModel":
+    def train(self, mode: bool = True) -> PeftTunedModel:
         super().train(mode)
         if mode:  # a tuner layer (the wrapper around a frozen layer) applies LyCORIS's module and
             # rank dropouts itself; only then does it train (its draw is a CPU op, not a device sync)

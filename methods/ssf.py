@@ -24,10 +24,17 @@ from typing import Literal
 import torch
 from torch import nn
 
-from harness.models import Injection, MergeableModel, block_targets
-from harness.models import BuildContext, DMLModel, freeze
-from harness.models import ranged, register_method
-from harness.models import UserError
+from harness.models import (
+    BuildContext,
+    DMLModel,
+    Injection,
+    MergeableModel,
+    UserError,
+    block_targets,
+    freeze,
+    ranged,
+    register_method,
+)
 
 #: the paper's operations inside a timm ViT block
 VIT_BLOCK_TARGETS = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]

@@ -22,9 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from harness.models import BuildContext, DMLModel, freeze
-from harness.models import ranged, register_method
-from harness.models import UserError
+from harness.models import BuildContext, DMLModel, UserError, freeze, ranged, register_method
 from methods import _vptspg_recipes as vptspg_recipes
 from methods._vit import (
     check_plain_vit,

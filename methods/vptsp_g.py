@@ -43,11 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models import ProxyAnchorLoss
-from harness.models import BuildContext, DMLModel, EmbeddingHead, freeze
-from harness.models import ranged, register_method
-from harness.models import to_device
-from harness.models import UserError
+from harness.models import (
+    BuildContext,
+    DMLModel,
+    EmbeddingHead,
+    ProxyAnchorLoss,
+    UserError,
+    freeze,
+    ranged,
+    register_method,
+    to_device,
+)
 from methods import _vptspg_recipes as vptspg_recipes
 from methods._memory_bank import HostBank
 from methods._vit import (

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness.models.backbones import create_backbone
 from harness.errors import UserError
+from harness.models.backbones import create_backbone
 
 
 def test_embedded_weights_load_strictly_and_differ_from_random():

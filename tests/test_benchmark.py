@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.studies.plan import EVAL_COST, plan
 from harness.studies.placement import parse_devices
+from harness.studies.plan import EVAL_COST, plan
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {

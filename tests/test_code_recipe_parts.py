@@ -12,12 +12,12 @@ import torch
 import torchvision
 from torch import nn
 
-from harness.runtime import precision
+from harness.errors import UserError
 from harness.models.backbones import create_backbone
+from harness.runtime import precision
 from harness.training.resolution import resolve
 from harness.training.setup import build_model, make_optimizer
 from harness.training.step import train_step
-from harness.errors import UserError
 
 
 class ReferenceIBN(nn.Module):

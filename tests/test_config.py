@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import RunConfig
-from harness.config import parse_overrides, set_key
-from harness.training.resolution import resolve
+from harness.config import RunConfig, parse_overrides, set_key
 from harness.errors import UserError
+from harness.training.resolution import resolve
 
 
 def test_defaults_layering(tmp_path):

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from harness import data
-from harness.training.setup import splits_for
 from harness.config import RunConfig
 from harness.data import fashion, readers
 from harness.data import splits as splits_module
 from harness.errors import UserError
+from harness.training.setup import splits_for
 
 SMALL = {"train_classes": [1, 3], "test_classes": [4, 6]}
 

@@ -190,8 +190,8 @@ def test_pixel_cache_fits_a_budget_and_is_reused_across_runs(jpeg_folder):
     data.pixel_cache_gb; the next run of the process on the same files reuses it; budget 0
     decodes every batch, with the same pixels."""
     from harness import data
-    from harness.training.resolution import resolve
     from harness.data import loaders
+    from harness.training.resolution import resolve
 
     dataset, root, _ = jpeg_folder
     cfg = resolve(
@@ -228,9 +228,9 @@ def test_channels_last_and_compile_are_wired(tiny_overrides):
     """model.channels_last=on puts a CNN and its batches in NHWC; optim.compile compiles the
     training forward (aot_eager here: the graph capture without code generation) and trains to
     the same numbers; fused kernels are for CUDA only, so a CPU run keeps torch's default AdamW."""
-    from harness.training.setup import prepare
     from harness.training.loop import train
     from harness.training.resolution import resolve
+    from harness.training.setup import prepare
 
     base = {**tiny_overrides, "optim.epochs": 1}
     run = prepare(resolve(method="bitfit", backbone="resnet18", overrides={**base, "model.channels_last": "on"}))

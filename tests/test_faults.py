@@ -299,8 +299,8 @@ def test_a_spec_that_cannot_run_creates_nothing(change, text, tmp_path, tracking
     from test_studies import base_overrides
 
     weights = tmp_path / "other.safetensors"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"not.a.key": torch.zeros(2)}, str(weights))
     overrides = {
@@ -320,8 +320,8 @@ def test_stray_folders_are_not_classes_and_a_changed_split_is_refused(tmp_path, 
     A real extra class folder shifts the ids past the published split: refused, as is a split
     whose class count is not the published one."""
     from harness import data
-    from harness.training.setup import splits_for
     from harness.training.resolution import resolve
+    from harness.training.setup import splits_for
 
     base = make_cub(tmp_path / "six", n_classes=6, per_class=2)
     for name in ("images.txt", "image_class_labels.txt", "bounding_boxes.txt", "classes.txt"):
@@ -419,8 +419,8 @@ def test_a_lost_journal_never_retrains_finished_trials(tmp_path, tracking_uri, c
 def test_failed_seeds_are_reported_and_retried_until_the_bound(tmp_path, tracking_uri, capsys):
     """Every reproduction seed fails: the study exits 7 naming them; each rerun retries them, at
     most MAX_SEED_ATTEMPTS times in all; once they succeed the study exits 0."""
-    from harness.training.loop import train as real_train
     from harness.studies.reproductions import MAX_SEED_ATTEMPTS
+    from harness.training.loop import train as real_train
 
     path = _tiny(tmp_path, tracking_uri, "seeds", reproduce={"seeds": [0, 1]})
 

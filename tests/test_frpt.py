@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.models.backbones import create_backbone
 from harness.config import RunConfig, to_yaml
-from harness.models.model import BuildContext
-from methods import get_method, method_names
-from harness.training.resolution import resolve
 from harness.errors import UserError
+from harness.models.backbones import create_backbone
+from harness.models.model import BuildContext
+from harness.training.resolution import resolve
+from methods import get_method, method_names
 from methods._frpt_parts import (
     CategoryAwareHead,
     SaliencySampler,
@@ -453,8 +453,8 @@ def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_o
 def test_visualize_dpp_draws_and_logs_the_figure(tmp_path, tiny_overrides, tracking_uri):
     from mlflow import MlflowClient
 
-    from harness.training.loop import train
     from harness.reports.visualize import visualize_dpp
+    from harness.training.loop import train
 
     run = train(resolve(method="frpt", backbone=SMALL, overrides=_e2e(tiny_overrides)))
     assert np.isfinite(run.history[-1]["train/loss"]) and 0.0 <= run.metrics["test/recall_at_1"] <= 1.0
@@ -508,9 +508,9 @@ def test_visualize_cam_draws_pretrained_without_cah_and_frpt_maps(
     from mlflow import MlflowClient
 
     from harness.cli import main
-    from harness.training.loop import train
     from harness.reports.cam import cam_maps
     from harness.reports.visualize import load_run_model
+    from harness.training.loop import train
 
     run = train(resolve(method="frpt", backbone=SMALL, overrides=_e2e(tiny_overrides)))
     monkeypatch.chdir(tmp_path)  # the figure is written to the working directory

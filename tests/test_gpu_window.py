@@ -6,7 +6,6 @@ killed and the next one runs, and a decode that falls back to the CPU is recorde
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from harness.errors import UserError
 from harness.models.backbones import create_backbone
 from harness.training.resolution import resolve
 from harness.training.setup import build_model
-from harness.errors import UserError
 from methods.lora import LowRankUpdate
 from methods.ssf import ScaleShift
 

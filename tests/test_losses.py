@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from harness.config import LossConfig
+from harness.errors import UserError
 from harness.models.losses import (
     CrossEntropyLoss,
     NormSoftmaxLoss,
     ProxyAnchorLoss,
     build_loss,
 )
-from harness.errors import UserError
 
 
 def proxy_anchor_reference(x, y, proxies, alpha, margin, positive_average):

@@ -15,13 +15,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from harness.models.backbones import create_backbone
 from harness.config import RunConfig
+from harness.errors import UserError
+from harness.models.backbones import create_backbone
 from harness.models.losses import ProxyAnchorLoss
 from harness.models.model import BuildContext
-from methods import get_method
 from harness.training.resolution import resolve
-from harness.errors import UserError
+from methods import get_method
 from methods.vptsp_g import device_grouping, group_by_class, host_grouping
 
 VIT = "vit_small_patch16_224"
@@ -233,7 +233,7 @@ def test_vpt_parameter_counts_vit_s():
     stepped = build(
         "vpt_deep", backbone(VIT, VIT_S12), embed_dim=384, variant="vptspg", num_prompts=80, depth=11, block_step=2
     )
-    assert n_params(stepped, "prompt_") == sum(80 - 2 * l for l in range(11)) * D  # 770 tokens
+    assert n_params(stepped, "prompt_") == sum(80 - 2 * layer for layer in range(11)) * D  # 770 tokens
     bound = math.sqrt(6 / (3 * 16 * 16 + D))
     values = deep.prompt_embeddings[0]
     assert values.abs().max() <= bound and values.abs().max() > 0.95 * bound

@@ -11,12 +11,12 @@ import warnings
 import pytest
 import torch
 
+from harness.errors import UserError
 from harness.models.backbones import create_backbone
 from harness.models.inject import module_key
-from methods import get_method
 from harness.training.resolution import resolve
 from harness.training.setup import build_model
-from harness.errors import UserError
+from methods import get_method
 from methods.peft_tuners import ALL_PREFIXES, TUNERS
 
 peft = pytest.importorskip("peft")

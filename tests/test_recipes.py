@@ -14,13 +14,13 @@ import yaml
 from torch import nn
 
 from harness.cli import main
-from harness.models.backbones import create_backbone
 from harness.config import RunConfig
+from harness.data.pipeline import BatchTransform
+from harness.data.transforms import make_transform
+from harness.models.backbones import create_backbone
 from harness.models.losses import CrossEntropyLoss, ProxyAnchorLoss
 from harness.training.resolution import resolve
 from harness.training.setup import build_model, make_optimizer, make_scheduler
-from harness.data.pipeline import BatchTransform
-from harness.data.transforms import make_transform
 
 TINY_VIT = {"model.pretrained": False, "model.backbone_kwargs": {"img_size": 32, "depth": 2}, "data.image_size": 32}
 

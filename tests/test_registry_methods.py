@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from harness.models.backbones import create_backbone
-from methods import get_method, method_names
 from harness.training.resolution import resolve
 from harness.training.setup import build_model, make_optimizer
+from methods import get_method, method_names
 
 BACKBONES = {
     "cnn": ("tf_efficientnet_lite0", {}),

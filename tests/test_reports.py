@@ -13,19 +13,19 @@ import pytest
 import yaml
 from conftest import TINY, TINY_VIT
 
-from methods import method_names
 from harness.reports.build import build_report
 from harness.reports.figures import pareto_front
 from harness.reports.formatting import fmt_count, fmt_pm
-from harness.reports.runs import fetch_runs
 from harness.reports.published import (
     load_published,
     matches,
     paper_tables,
     published_tables,
 )
-from harness.studies.runner import run_study
+from harness.reports.runs import fetch_runs
 from harness.studies.loading import load_spec
+from harness.studies.runner import run_study
+from methods import method_names
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,11 +16,11 @@ import mlflow
 import pytest
 
 from harness.cli import main
+from harness.errors import RunInterrupted, UserError
 from harness.training import checkpoint
 from harness.training.loop import train
-from harness.training.setup import splits_for
 from harness.training.resolution import resolve
-from harness.errors import RunInterrupted, UserError
+from harness.training.setup import splits_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,8 +209,6 @@ def test_vit_is_built_for_the_run_image_size(tiny_vit_overrides):
 def test_malformed_cub_metadata_names_file_and_line(tmp_path, file, line, text):
     from test_data import cfg_for, make_cub
 
-    from harness import data
-
     base = make_cub(tmp_path, n_classes=4, per_class=2, images=False)
     rows = (base / file).read_text().splitlines()
     (base / file).write_text("\n".join([line] + rows[1:]) + "\n")
@@ -220,8 +218,6 @@ def test_malformed_cub_metadata_names_file_and_line(tmp_path, file, line, text):
 
 def test_missing_box_names_the_image(tmp_path):
     from test_data import cfg_for, make_cub
-
-    from harness import data
 
     base = make_cub(tmp_path, n_classes=4, per_class=2, images=False)
     rows = (base / "bounding_boxes.txt").read_text().splitlines()

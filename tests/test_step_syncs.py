@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import pytest
 
-from harness.training.setup import prepare
-from harness.training.loop import train_epoch
-from methods import get_method, method_names
-from harness.training.resolution import resolve
 from harness.runtime import SyncCounter, host_scalars
+from harness.training.loop import train_epoch
+from harness.training.resolution import resolve
+from harness.training.setup import prepare
+from methods import get_method, method_names
 
 CASES = [
     (m, f, {}) for m in method_names() for f in ("cnn", "vit") if get_method(m).applies_to(f) and m != "frpt_bbox"

@@ -17,13 +17,13 @@ import yaml
 from conftest import TINY, TINY_VIT
 from optuna.trial import TrialState
 
-from methods import get_method, method_names
 from harness.errors import UserError
+from harness.studies.loading import load_spec
 from harness.studies.recovery import STALE_AFTER_S, is_stale
 from harness.studies.runner import run_study
-from harness.studies.loading import load_spec
 from harness.studies.status import study_status
 from harness.studies.storage import budget_of, open_storage, storage_url
+from methods import get_method, method_names
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "studies").glob("*.yaml"))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from harness.training import loop, prepare
-from harness.retrieval import transfer
-from harness.training.resolution import resolve
 from harness.errors import UserError
+from harness.retrieval import transfer
+from harness.training import loop, prepare
+from harness.training.resolution import resolve
 
 TRANSFER = {"eval.transfer": ["fashion_styles"], "data.max_per_class": 16}
 

@@ -61,8 +61,8 @@ def concurrent_trial(k: int, device: str, workdir: Path, **spec_args: Any) -> di
     """One K: wall seconds, trained images/s over all trials, trials done (of the budget)."""
     import optuna
 
-    from harness.studies.runner import run_study
     from harness.studies.loading import load_spec
+    from harness.studies.runner import run_study
     from harness.studies.storage import open_storage, open_study, storage_url
 
     path = study_spec(workdir / f"k{k}" / "study.yaml", k, **spec_args)

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from harness.runtime import synchronize
 from harness.data import augment as A
 from harness.data.decode import Decoder, as_encoded
 from harness.data.images import read_file
 from harness.data.pipeline import BatchTransform
 from harness.data.transforms import make_transform
+from harness.runtime import synchronize
 
 PIPELINES = ("legacy", "cpu", "device")
 
@@ -146,7 +146,8 @@ def plain_pipeline_throughput(
     image_root: str, cfg: Any, mean: Any, std: Any, device: torch.device, workers: int, max_batches: int
 ) -> float:
     """torchvision ``ImageFolder`` + PIL + RandomResizedCrop/flip/ToTensor/Normalize + DataLoader."""
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     tf = T.Compose(
         [T.RandomResizedCrop(int(cfg.data.image_size)), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]

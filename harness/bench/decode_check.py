@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from harness.runtime import synchronize
 from harness.data.decode import Decoder, as_encoded
 from harness.data.pipeline import BatchTransform
+from harness.runtime import synchronize
 
 
 def compare(files: list[str], device: torch.device, make_decoder=Decoder) -> dict:

@@ -145,9 +145,9 @@ def cuda_syncs_per_step(
     its side stream is drained before each nvJPEG call) counts here when batches are decoded."""
     import warnings
 
-    from harness.training.setup import prepare
     from harness.training.loop import train_epoch
     from harness.training.resolution import resolve
+    from harness.training.setup import prepare
 
     cfg = resolve(
         method=method,

@@ -4,7 +4,6 @@ its own deadline, one record per measurement, and the generated folders later st
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -20,10 +20,9 @@ def smoke(rec: Recorder, sizes: Sizes, o: dict) -> None:
     import torch
     import torchvision
 
-    from methods import method_names
-    from harness.runtime import pick_device
-
     from harness.bench.window import missing
+    from harness.runtime import pick_device
+    from methods import method_names
 
     device = pick_device("")
     versions = {}
@@ -49,14 +48,12 @@ def smoke(rec: Recorder, sizes: Sizes, o: dict) -> None:
 
 
 def smoke_method(method: str, device: Any) -> dict[str, Any]:
-    import torch
 
     from harness.bench.step import step_config, synthetic_batch
-    from methods import get_method
-    from harness.runtime import count_syncs
+    from harness.runtime import autocast_for, count_syncs, grad_scaler_for
     from harness.training.setup import build_model, make_optimizer, prepare_for_device
     from harness.training.step import train_step
-    from harness.runtime import autocast_for, grad_scaler_for
+    from methods import get_method
 
     vit = get_method(method).applies_to("vit")
     backbone = VIT if vit else SMOKE_CNN

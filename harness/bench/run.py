@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from harness.bench.concurrency import concurrent_trials
+from harness.bench.datapath import pipeline_throughput, plain_pipeline_throughput, stage_breakdown
 from harness.bench.endtoend import cuda_syncs_per_step, end_to_end, evaluation_speed
 from harness.bench.folders import SHAPES, make_folder
-from harness.bench.datapath import pipeline_throughput, plain_pipeline_throughput, stage_breakdown
 from harness.bench.step import measure_step
-from methods import get_method
-from harness.runtime import pick_device
 from harness.errors import UserError
+from harness.runtime import pick_device
+from methods import get_method
 
 #: normalisation for the data-path timings (the values do not change the cost)
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

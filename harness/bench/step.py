@@ -17,17 +17,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-import numpy as np
-
-from harness.runtime import autocast_for, grad_scaler_for, peak_memory_gb, reset_peak_memory, synchronize
-from methods import get_method
+from harness.runtime import autocast_for, grad_scaler_for, peak_memory_gb, pick_device, reset_peak_memory, synchronize
 from harness.training.resolution import resolve
 from harness.training.setup import build_model, make_optimizer, prepare_for_device
 from harness.training.step import train_step
-from harness.runtime import pick_device
+from methods import get_method
 
 #: methods whose trainable set a plain loop reproduces with requires_grad alone
 PLAIN_EQUIVALENT = {"full_finetune": "all", "linear_probe": "head", "bitfit": "biases"}

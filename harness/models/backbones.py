@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from harness.config import RunConfig
-from harness.models.resnet_ibn import register as _register_ibn
 from harness.errors import UserError, closest
+from harness.models.resnet_ibn import register as _register_ibn
 
 _register_ibn()  # resnet50_ibn_a and resnet101_ibn_a become timm names
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from harness.models.model import DMLModel
 from harness.errors import UserError
+from harness.models.model import DMLModel
 
 
 def select_indices(n: int, chosen: Sequence[int], key: str, what: str = "block") -> list[int]:

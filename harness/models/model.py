@@ -66,7 +66,7 @@ class DMLModel(nn.Module):
         self.family = backbone.family
         self.feature_dim = backbone.feature_dim
 
-    def declare(self, prefixes: tuple[str, ...], training_only: tuple[str, ...] = ()) -> "DMLModel":
+    def declare(self, prefixes: tuple[str, ...], training_only: tuple[str, ...] = ()) -> DMLModel:
         """Record the method's registered prefixes (done by the harness after building)."""
         self.method_prefixes, self.training_only_prefixes = tuple(prefixes), tuple(training_only)
         return self
@@ -136,7 +136,7 @@ class DMLModel(nn.Module):
         """Inverse of :meth:`resume_state`."""
 
     # ------------------------------------------------------------------ modes
-    def train(self, mode: bool = True) -> "DMLModel":
+    def train(self, mode: bool = True) -> DMLModel:
         super().train(mode)
         if mode and self.frozen_backbone:
             # a frozen backbone keeps its BatchNorm statistics and has no dropout; the method's

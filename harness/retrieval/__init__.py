@@ -5,7 +5,8 @@ transfer to other datasets beside the untrained backbone. It stands on data and 
 
 from harness.retrieval.evaluation import FeatureCache, embed, evaluate, metric_name
 from harness.retrieval.metrics import evaluate_retrieval, recall_keys
-from harness.retrieval.transfer import TransferSet, parse as parse_transfer, prepare_transfer, transfer_metrics
+from harness.retrieval.transfer import TransferSet, prepare_transfer, transfer_metrics
+from harness.retrieval.transfer import parse as parse_transfer
 
 __all__ = [
     "FeatureCache",

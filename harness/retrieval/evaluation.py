@@ -9,12 +9,11 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import data
-from harness.runtime import to_device
-from harness.runtime import interrupts
-from harness.models.backbones import Backbone
 from harness.config import DataConfig
-from harness.retrieval.metrics import evaluate_retrieval
+from harness.models.backbones import Backbone
 from harness.models.model import DMLModel
+from harness.retrieval.metrics import evaluate_retrieval
+from harness.runtime import interrupts, to_device
 
 
 @torch.inference_mode()

@@ -31,10 +31,10 @@ from torch import nn
 
 from harness import data
 from harness.config import DataConfig
-from harness.models.backbones import Backbone
-from harness.retrieval.evaluation import evaluate, metric_name
 from harness.data.specs import get_spec, read_raw, resolve_root, spec_names
 from harness.errors import UserError
+from harness.models.backbones import Backbone
+from harness.retrieval.evaluation import evaluate, metric_name
 
 METRICS = ("recall_at_1", "map_at_r")
 

@@ -76,7 +76,7 @@ class SyncCounter(TorchDispatchMode):
         self._paused = False
         self._originals: dict[str, Callable] = {}
 
-    def __enter__(self) -> "SyncCounter":
+    def __enter__(self) -> SyncCounter:
         for name in TRANSFERS:
             self._originals[name] = original = getattr(torch.Tensor, name)
             setattr(torch.Tensor, name, self._counting(name, original))

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-
 from harness.errors import UserError, closest
 from harness.studies.spec import (
     _BUDGET_KEYS,
@@ -99,8 +98,8 @@ def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study spec; every mistake is a one-line :class:`UserError`."""
     from harness import data
     from harness.config import load_yaml, set_key
-    from methods import get_method, method_names
     from harness.tracking.store import resolve_uri
+    from methods import get_method, method_names
 
     path = _find_spec(path)
     raw = load_yaml(path)

@@ -21,12 +21,10 @@ def preflight(spec: StudySpec, storage_url: str) -> None:
     """Raise a one-line UserError for the first thing that would stop the study later."""
     import torch
 
-    from harness import data
-    from harness.training.setup import splits_for
     from harness.models.backbones import create_backbone
-    from harness.training.checkpoint import checkpoint_dir, ensure_writable
-    from harness.training.setup import build_model
     from harness.tracking.store import check_writable
+    from harness.training.checkpoint import checkpoint_dir, ensure_writable
+    from harness.training.setup import build_model, splits_for
 
     check_writable(spec.tracking_uri)
     check_storage_writable(storage_url)

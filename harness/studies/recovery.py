@@ -116,8 +116,8 @@ def heartbeat(study: Any, trial: Any, interval: float = HEARTBEAT_S) -> Iterator
     reconnects. A trial that cannot beat for half of :data:`STALE_AFTER_S` stops at its next safe
     point (``interrupts.check``): by then another process may take it for dead and retry it, and
     it must not train twice."""
-    from harness.runtime import interrupts
     from harness.errors import StoreUnavailable
+    from harness.runtime import interrupts
 
     trial.set_user_attr("dmlbench.host", socket.gethostname())
     trial.set_user_attr("dmlbench.pid", os.getpid())

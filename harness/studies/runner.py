@@ -6,16 +6,12 @@ The spec format and the resume/worker model are described in :mod:`harness.studi
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.runtime import interrupts
-from harness.training.checkpoint import RunClaimed
-from harness.tracking.store import tracking_server_gone
 from harness.errors import (
     DiskFull,
     StoreUnavailable,
@@ -24,10 +20,11 @@ from harness.errors import (
     UserError,
     caused_by_interrupt,
 )
+from harness.runtime import interrupts
+from harness.studies.loading import load_spec
+from harness.studies.outcomes import failed_work, keep_best_weights, trial_counts
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
 from harness.studies.placement import parse_devices, place
-from harness.studies.outcomes import failed_work, keep_best_weights, trial_counts
-from harness.studies.workers import one_line_exit, share_cores, spawn
 from harness.studies.recovery import adopted, enqueue_retry, heartbeat, recover_stale, resumable
 from harness.studies.reproductions import (
     MAX_SEED_ATTEMPTS,
@@ -38,8 +35,10 @@ from harness.studies.reproductions import (
 )
 from harness.studies.rollup import rollup
 from harness.studies.spec import Entry, StudySpec, distributions
-from harness.studies.loading import load_spec
 from harness.studies.storage import budget_of, open_storage, open_study, storage_url
+from harness.studies.workers import one_line_exit, share_cores, spawn
+from harness.tracking.store import tracking_server_gone
+from harness.training.checkpoint import RunClaimed
 
 #: a worker gives up on an entry after this many failed trials in a row (a bug, not bad luck)
 MAX_CONSECUTIVE_FAILURES = 3

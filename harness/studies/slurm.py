@@ -69,8 +69,8 @@ def launch(spec_path: str, args: argparse.Namespace) -> int:
         raise UserError(f"bad value {args.array!r} for --array: must be >= 1")
     if shutil.which("sbatch") is None:
         raise UserError("sbatch not found: --slurm submits from a machine with the Slurm client (slurm-client)")
-    from harness.studies.preflight import preflight
     from harness.studies.loading import load_spec
+    from harness.studies.preflight import preflight
     from harness.studies.storage import storage_url
 
     spec = load_spec(spec_path)

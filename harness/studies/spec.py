@@ -12,7 +12,6 @@ from typing import Any
 
 import yaml
 
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _TOP_KEYS = (

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from harness.studies.loading import load_spec
 from harness.studies.outcomes import trial_counts
 from harness.studies.runner import finished_reproductions, quiet_optuna
 from harness.studies.spec import StudySpec
-from harness.studies.loading import load_spec
 from harness.studies.storage import budget_of, open_existing_storage, storage_url
 
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from harness.runtime import interrupts
 from harness.errors import DiskFull, RunFailure, RunInterrupted, StoreUnavailable, StudyAborted, UserError
+from harness.runtime import interrupts
 
 
 @contextmanager

@@ -157,13 +157,13 @@ def ensure_writable(folder: Path) -> None:
         ) from None
 
 
-def claim_new(folder: Path, run_id: str) -> tuple[Path, "Claim"]:
+def claim_new(folder: Path, run_id: str) -> tuple[Path, Claim]:
     """The checkpoint file of a new run, claimed by this process."""
     path = folder / f"{run_id}.pt"
     return path, Claim(path, run_id)
 
 
-def claim_and_load(run_id: str) -> tuple[Path, "Claim", dict[str, Any]]:
+def claim_and_load(run_id: str) -> tuple[Path, Claim, dict[str, Any]]:
     """A killed or failed run's checkpoint (found by its ``dmlbench.checkpoint`` tag), claimed
     before it is read: two resumes of one run never both train it."""
     import mlflow

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from harness.models.backbones import create_backbone
-from methods import get_method, method_names
 from harness.training.resolution import resolve
 from harness.training.setup import build_model
+from methods import get_method, method_names
 
 
 def describe_methods(
@@ -22,7 +22,8 @@ def describe_methods(
 
     Counts come from building the real model through the run path (``resolve`` + ``build_model``,
     random init unless ``pretrained``), so they are exactly what a run logs. ``embed_dim`` None
-    keeps each method's default; ``image_size`` matters for VPT's padding prompts on CNNs. Methods that do not apply to the backbone family get no counts.
+    keeps each method's default; ``image_size`` matters for VPT's padding prompts on CNNs. Methods
+    that do not apply to the backbone family get no counts.
     """
     overrides: dict[str, Any] = {
         "model.pretrained": pretrained,

@@ -1,13 +1,13 @@
 """What a run that stops for a reason other than bad input becomes: one line, a distinct exit code,
 and the MLflow run left in the state the line says.
 
-| cause | raised | the MLflow run |
-|---|---|---|
-| the MLflow server stops answering | :class:`StoreUnavailable` (5) | RUNNING on the server, checkpoint kept |
-| no space left (checkpoint, artifact, store) | :class:`DiskFull` (6) | FAILED, or RUNNING when the store itself is full |
-| the training loss is NaN or infinite | :class:`TrainingDiverged` (3) | FAILED, tag ``dmlbench.error`` |
-| Ctrl-C / SIGTERM | :class:`RunInterrupted` (130 / 143) | KILLED with the finished epochs' metrics |
-| anything else (a bug) | itself, with its traceback | FAILED |
+- the MLflow server stops answering: :class:`StoreUnavailable` (exit 5); the run shows RUNNING on
+  the server and its checkpoint is kept;
+- no space left (checkpoint, artifact, store): :class:`DiskFull` (6); the run is FAILED, or
+  RUNNING when the store itself is full;
+- the training loss is NaN or infinite: :class:`TrainingDiverged` (3); FAILED, tag ``dmlbench.error``;
+- Ctrl-C / SIGTERM: :class:`RunInterrupted` (130 / 143); KILLED with the finished epochs' metrics;
+- anything else (a bug): itself, with its traceback; FAILED.
 
 Every line ends with the exact command that continues the run from its last checkpoint.
 """
@@ -38,7 +38,7 @@ def resume_command(run_id: str, cfg: RunConfig) -> str:
 
 
 def raise_one_line(exc: BaseException, run_id: str, cfg: RunConfig, completed: int) -> NoReturn:
-    """End the active MLflow run as ``exc`` calls for and raise its one-line failure (the table
+    """End the active MLflow run as ``exc`` calls for and raise its one-line failure (the list
     above); ``completed``: the epochs whose metrics and checkpoint were written."""
     import mlflow
 

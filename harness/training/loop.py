@@ -21,9 +21,9 @@ from harness.config import RunConfig
 from harness.retrieval import FeatureCache, metric_name, transfer_metrics
 from harness.runtime import interrupts, peak_memory_gb, reset_peak_memory, synchronize, system_sample
 from harness.training import checkpoint, failures, runlog
-from harness.training.setup import prepare
 from harness.training.progress import EpochProgress, plan_line
 from harness.training.selection import has_test, select_and_test, selection_key
+from harness.training.setup import prepare
 from harness.training.state import Run, RunResult
 from harness.training.step import train_step
 

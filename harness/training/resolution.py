@@ -11,14 +11,13 @@ from typing import Any
 
 import torch
 
-from harness.retrieval import transfer
-from harness.models.backbones import auto_embed_dim, describe
-from harness.config import RunConfig, flatten
+from harness.config import RunConfig, flatten, load_yaml, set_key
 from harness.config.rules import check_ranges
-from harness.config import load_yaml, set_key
-from methods import get_method, method_names
 from harness.data.specs import get_spec
 from harness.errors import UserError
+from harness.models.backbones import auto_embed_dim, describe
+from harness.retrieval import transfer
+from methods import get_method, method_names
 
 #: devices besides "cuda:N"
 DEVICES = ("", "cpu", "cuda", "mps")

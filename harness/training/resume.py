@@ -26,8 +26,7 @@ def reconcile(
 ) -> list[str]:
     """Apply the changeable ``overrides`` to the recorded ``cfg``; refuse every option that differs
     from it. Returns what was changed, as ``key old -> new`` lines."""
-    from harness.config import flat_get, flatten, to_dict
-    from harness.config import set_key
+    from harness.config import flat_get, flatten, set_key, to_dict
 
     recorded = flatten(to_dict(cfg))
     recorded["recipe"] = cfg.recipe
@@ -67,8 +66,8 @@ def resumable_config(run_id: str, tracking_uri: str) -> Any:
 
     import mlflow
 
-    from harness.training.resolution import resolve
     from harness.tracking.store import check_writable, resolve_uri
+    from harness.training.resolution import resolve
 
     uri = resolve_uri(tracking_uri)
     check_writable(uri)

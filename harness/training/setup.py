@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -177,7 +176,8 @@ def data_facts(cfg: RunConfig, splits: data.Splits, loaders: dict[str, data.Batc
     if small:
         warnings.warn(
             f"{small} training classes have fewer than data.samples_per_class={m} images; "
-            "their images are drawn with replacement (logged as data/classes_below_samples_per_class)"
+            "their images are drawn with replacement (logged as data/classes_below_samples_per_class)",
+            stacklevel=2,
         )
     return {
         "data/classes_below_samples_per_class": small,
