@@ -94,7 +94,9 @@ def test_interrupt_before_a_run_is_one_readable_line(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_report", interrupted)
+    import harness.reports.command
+
+    monkeypatch.setattr(harness.reports.command, "report", interrupted)
     assert cli.main(["report", "studies/demo.yaml"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "dmlbench: interrupted (Ctrl-C) before a run started; nothing was written"

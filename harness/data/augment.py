@@ -13,6 +13,7 @@ Geometric operations run torchvision's own functional kernels on each uint8 imag
 gives the CPU pipeline's pixels); the batch stays uint8 until colour jitter (float, in [0, 1] as
 torchvision's float kernels) or :func:`normalize`.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,13 @@ _LUMA = (0.2989, 0.587, 0.114)
 # ----------------------------------------------------------------------------- parameters
 
 
-def sample_resized_crops(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarray,
-                         scale: Sequence[float] = (0.08, 1.0),
-                         ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
+def sample_resized_crops(
+    rng: np.random.Generator,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
     """``(B, 4)`` int boxes ``(top, left, h, w)``: RandomResizedCrop.get_params for each image.
 
     Ten attempts of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the first
@@ -61,8 +66,15 @@ def sample_resized_crops(rng: np.random.Generator, heights: np.ndarray, widths: 
     return np.stack([top, left, h, w], axis=1)
 
 
-def sample_erasing(rng: np.random.Generator, batch: int, height: int, width: int, p: float,
-                   scale: Sequence[float] = (0.02, 0.33), ratio: Sequence[float] = (0.3, 3.3)) -> np.ndarray:
+def sample_erasing(
+    rng: np.random.Generator,
+    batch: int,
+    height: int,
+    width: int,
+    p: float,
+    scale: Sequence[float] = (0.02, 0.33),
+    ratio: Sequence[float] = (0.3, 3.3),
+) -> np.ndarray:
     """``(B, 4)`` boxes ``(top, left, h, w)`` of RandomErasing (value 0 after normalisation);
     ``h = w = 0`` where a sample is not erased (probability ``1 - p``, or no attempt fitted)."""
     area = float(height * width)
@@ -93,10 +105,18 @@ class JitterParams:
     applied: np.ndarray  # (B,) bool
 
 
-def sample_jitter(rng: np.random.Generator, batch: int, brightness: float, contrast: float,
-                  saturation: float, hue: float, p: float = 1.0) -> JitterParams:
+def sample_jitter(
+    rng: np.random.Generator,
+    batch: int,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    p: float = 1.0,
+) -> JitterParams:
     """ColorJitter(brightness, contrast, saturation, hue).get_params per sample, each applied with
     probability ``p`` (RandomApply); factors of a disabled operation are exactly neutral."""
+
     def factor(x: float) -> np.ndarray:
         return rng.uniform(max(0.0, 1 - x), 1 + x, batch) if x > 0 else np.ones(batch)
 
@@ -123,8 +143,8 @@ def crop_resize(images: Sequence[torch.Tensor], boxes: np.ndarray, size: int, in
 
     mode = _interpolation(interpolation)
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
-    for i, (img, (t, l, h, w)) in enumerate(zip(images, boxes.tolist())):
-        out[i] = to_rgb(TF.resized_crop(img, t, l, h, w, [size, size], interpolation=mode, antialias=True))
+    for i, (img, (t, left, h, w)) in enumerate(zip(images, boxes.tolist())):
+        out[i] = to_rgb(TF.resized_crop(img, t, left, h, w, [size, size], interpolation=mode, antialias=True))
     return out
 
 
@@ -150,7 +170,7 @@ def random_crops(rng: np.random.Generator, images: Sequence[torch.Tensor], size:
     widths = np.array([img.shape[-1] for img in images])
     top = (rng.random(len(images)) * (heights - size + 1)).astype(np.int64)
     left = (rng.random(len(images)) * (widths - size + 1)).astype(np.int64)
-    return torch.stack([to_rgb(img[:, t:t + size, l:l + size]) for img, t, l in zip(images, top, left)])
+    return torch.stack([to_rgb(img[:, t : t + size, x : x + size]) for img, t, x in zip(images, top, left)])
 
 
 def _interpolation(name: str):
@@ -214,8 +234,10 @@ def color_jitter(batch: torch.Tensor, params: JitterParams) -> torch.Tensor:
     x = batch.float() / 255.0
     neutral = ~params.applied
     factors = {
-        0: np.where(neutral, 1.0, params.brightness), 1: np.where(neutral, 1.0, params.contrast),
-        2: np.where(neutral, 1.0, params.saturation), 3: np.where(neutral, 0.0, params.hue),
+        0: np.where(neutral, 1.0, params.brightness),
+        1: np.where(neutral, 1.0, params.contrast),
+        2: np.where(neutral, 1.0, params.saturation),
+        3: np.where(neutral, 0.0, params.hue),
     }
     for position in range(4):
         for op in range(4):
@@ -248,8 +270,8 @@ def erase(batch: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
     if not (boxes[:, 2] > 0).any():
         return batch
     size_h, size_w = batch.shape[-2:]
-    t, l, h, w = to_device(boxes, batch.device).T.reshape(4, -1, 1, 1)
+    t, left, h, w = to_device(boxes, batch.device).T.reshape(4, -1, 1, 1)
     rows = torch.arange(size_h, device=batch.device).view(1, -1, 1)
     cols = torch.arange(size_w, device=batch.device).view(1, 1, -1)
-    inside = (rows >= t) & (rows < t + h) & (cols >= l) & (cols < l + w)
+    inside = (rows >= t) & (rows < t + h) & (cols >= left) & (cols < left + w)
     return batch.masked_fill(inside[:, None], 0.0)

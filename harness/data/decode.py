@@ -18,6 +18,7 @@ where the CPU was asked for), the first fallback prints one warning line with it
 log the result per split (``data/decoder/<split>``), benchmark records too. A file that no decoder
 reads is a :class:`UserError` naming it.
 """
+
 from __future__ import annotations
 
 import io
@@ -74,8 +75,12 @@ class Decoder:
         if not self.warned:  # once per decoder: the count says how often
             self.warned = True
             where = f" ({self.name})" if self.name else ""
-            print(f"dmlbench: warning: nvJPEG did not decode a batch{where}: {reason}; decoding it on the CPU "
-                  f"(recorded as cpu-fallback)", file=sys.stderr, flush=True)
+            print(
+                f"dmlbench: warning: nvJPEG did not decode a batch{where}: {reason}; decoding it on the CPU "
+                f"(recorded as cpu-fallback)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _decode_on_device(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
         """nvJPEG on the pipeline's own stream, drained first (pytorch/vision#9606)."""
@@ -145,7 +150,7 @@ class PixelCache:
         return [self.images[i] for i in index]
 
     @classmethod
-    def build(cls, read: callable, names: Sequence[str], decoder: Decoder, chunk: int = 256) -> "PixelCache":
+    def build(cls, read: callable, names: Sequence[str], decoder: Decoder, chunk: int = 256) -> PixelCache:
         """Decode ``read(i)`` (encoded tensors) for every index, ``chunk`` files per call."""
         images: list[torch.Tensor] = []
         with decoder.stream_context():

@@ -1,5 +1,6 @@
 """Fashion-MNIST, the embedded dataset: the four idx files (Debian's package or torchvision's
 download), all 70,000 images pooled and split by class."""
+
 from __future__ import annotations
 
 import gzip
@@ -11,14 +12,23 @@ from harness.data.readers import _split_by_ranges, register
 from harness.data.table import ImageTable
 from harness.errors import UserError
 
-
 FASHION_NAMES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 FASHION_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
 )
 
 
@@ -114,6 +124,8 @@ def read_fashion_styles(root: Path, split_spec: dict) -> dict[str, ImageTable]:
     garment, quartile, tall = styles // 8, styles % 8 // 2, styles % 2
     # ids 1-40: quartiles 0 and 2 of each garment (train); 41-80: quartiles 1 and 3 (test)
     ids = 1 + (quartile % 2) * 40 + garment * 4 + (quartile // 2) * 2 + tall
-    names = {int(i): f"{FASHION_NAMES[g]} ({AREA_BINS[q]} area, {ASPECT_BINS[t]})"
-             for i, g, q, t in zip(*np.unique(np.stack([ids, garment, quartile, tall]), axis=1))}
+    names = {
+        int(i): f"{FASHION_NAMES[g]} ({AREA_BINS[q]} area, {ASPECT_BINS[t]})"
+        for i, g, q, t in zip(*np.unique(np.stack([ids, garment, quartile, tall]), axis=1))
+    }
     return _split_by_ranges(ids, split_spec, names, array=images)

@@ -1,4 +1,5 @@
 """Decoding images (optionally cropped to a box) and the dataset of one split, with its cache."""
+
 from __future__ import annotations
 
 import io
@@ -67,8 +68,14 @@ class ImageDataset(Dataset):
     a UserError naming it; nothing is skipped.
     """
 
-    def __init__(self, table: ImageTable, transform: Any = None, cache: bool = False,
-                 crop_to_box: bool = False, read_workers: int = 8) -> None:
+    def __init__(
+        self,
+        table: ImageTable,
+        transform: Any = None,
+        cache: bool = False,
+        crop_to_box: bool = False,
+        read_workers: int = 8,
+    ) -> None:
         if table.paths is None and table.array is None:
             raise ValueError("ImageTable needs paths or array")
         if crop_to_box and table.boxes is None:

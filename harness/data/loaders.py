@@ -1,5 +1,6 @@
 """The batches of a run: the train split (class-balanced or shuffled) and one per evaluation split,
 through the CPU or the device pipeline (:mod:`harness.data.pipeline`)."""
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,15 @@ def loader_workers(requested: int) -> int:
     return min(8, os.cpu_count() or 1) if requested < 0 else int(requested)
 
 
-def make_loaders(splits: Splits, d: DataConfig, seed: int, eval_batch_size: int, mean: Sequence[float],
-                 std: Sequence[float], device: torch.device | str) -> dict[str, Batches]:
+def make_loaders(
+    splits: Splits,
+    d: DataConfig,
+    seed: int,
+    eval_batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str,
+) -> dict[str, Batches]:
     """``train`` plus one entry per evaluation split present (test transform, no shuffle)."""
     device = torch.device(device)
     pipeline = resolve_pipeline(d.pipeline, device)
@@ -58,14 +66,38 @@ def make_loaders(splits: Splits, d: DataConfig, seed: int, eval_batch_size: int,
     gen = torch.Generator().manual_seed(int(seed))
     out = {}
     for name, table in tables.items():
-        out[name] = split_batches(table, d, seed, eval_batch_size, mean, std, device, pipeline, train=name == "train",
-                                  split=name, generator=gen, pixels=pixels.get(name))
+        out[name] = split_batches(
+            table,
+            d,
+            seed,
+            eval_batch_size,
+            mean,
+            std,
+            device,
+            pipeline,
+            train=name == "train",
+            split=name,
+            generator=gen,
+            pixels=pixels.get(name),
+        )
     return out
 
 
-def split_batches(table: ImageTable, d: DataConfig, seed: int, eval_batch_size: int, mean: Sequence[float],
-                  std: Sequence[float], device: torch.device, pipeline: str, *, train: bool, split: str,
-                  generator: torch.Generator | None = None, pixels: decode.PixelCache | None = None) -> Batches:
+def split_batches(
+    table: ImageTable,
+    d: DataConfig,
+    seed: int,
+    eval_batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    pipeline: str,
+    *,
+    train: bool,
+    split: str,
+    generator: torch.Generator | None = None,
+    pixels: decode.PixelCache | None = None,
+) -> Batches:
     """One split's :class:`Batches`: the train sampler and augmentation, or the test transform."""
     workers = loader_workers(d.num_workers)
     crop = bool(getattr(d, "crop_to_box", False))
@@ -83,15 +115,21 @@ def split_batches(table: ImageTable, d: DataConfig, seed: int, eval_batch_size: 
         dataset: Any = SourceDataset(table, encoded, with_files=files)
         workers = workers if (files and encoded is None) else 0  # only reading from disk needs workers
         collate = collate_sources
-        extra = dict(decoder=decode.Decoder(device, on_device=d.decode == "device", name=split), pixels=pixels,
-                     array=array,
-                     crop_to_box=crop)
+        extra = dict(
+            decoder=decode.Decoder(device, on_device=d.decode == "device", name=split),
+            pixels=pixels,
+            array=array,
+            crop_to_box=crop,
+        )
     else:
         dataset = ImageDataset(table, make_transform(d, train=train), bool(d.cache_images), crop, workers)
         collate = None
     common: dict[str, Any] = dict(
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        worker_init_fn=_worker_init if workers > 0 else None, generator=generator,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        generator=generator,
         multiprocessing_context=worker_context() if workers > 0 else None,
         **({"collate_fn": collate} if collate is not None else {}),
     )
@@ -99,8 +137,9 @@ def split_batches(table: ImageTable, d: DataConfig, seed: int, eval_batch_size: 
         sampler = ClassBalancedBatchSampler(table.labels, d.batch_size, d.samples_per_class, seed)
         loader = DataLoader(dataset, batch_sampler=sampler, **common)
     elif train:
-        loader = DataLoader(dataset, batch_size=d.batch_size, shuffle=True,
-                            drop_last=len(table) >= d.batch_size, **common)
+        loader = DataLoader(
+            dataset, batch_size=d.batch_size, shuffle=True, drop_last=len(table) >= d.batch_size, **common
+        )
     else:
         loader = DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, **common)
     return Batches(loader, transform, device, seed, _SPLIT_IDS[split], table, **extra)
@@ -126,8 +165,11 @@ def pixel_caches(tables: dict[str, ImageTable], d: DataConfig, device: torch.dev
     """Decoded-pixel caches of the file-backed splits that fit the budget, train first; kept for
     the next run of this process on the same files (a study's trials decode once)."""
     budget = pixel_budget_bytes(d, device)
-    keys = {name: (str(device), len(t.paths), t.paths[0], t.paths[-1], hash(tuple(t.paths)))
-            for name, t in tables.items() if t.paths}
+    keys = {
+        name: (str(device), len(t.paths), t.paths[0], t.paths[-1], hash(tuple(t.paths)))
+        for name, t in tables.items()
+        if t.paths
+    }
     for key in set(_PIXEL_CACHES) - set(keys.values()):  # other data now: free those pixels first
         del _PIXEL_CACHES[key]
     out: dict[str, decode.PixelCache] = {}
@@ -141,8 +183,9 @@ def pixel_caches(tables: dict[str, ImageTable], d: DataConfig, device: torch.dev
             continue
         if key not in _PIXEL_CACHES:
             decoder = decode.Decoder(device, on_device=d.decode == "device", name=f"{name} pixel cache")
-            _PIXEL_CACHES[key] = decode.PixelCache.build(lambda i, e=encoded: decode.as_encoded(e[i]),
-                                                         tables[name].paths, decoder)
+            _PIXEL_CACHES[key] = decode.PixelCache.build(
+                lambda i, e=encoded: decode.as_encoded(e[i]), tables[name].paths, decoder
+            )
         out[name] = _PIXEL_CACHES[key]
         budget -= need
     return out

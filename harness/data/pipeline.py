@@ -16,6 +16,7 @@ event, so the training step never waits on the host. Augmentation parameters com
 generator seeded by (seed, split, epoch, batch): the same seed gives the same crops whatever the
 number of workers, and a resumed run the same as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -63,13 +64,26 @@ class BatchTransform:
     geometry: bool = True
 
     @classmethod
-    def from_config(cls, d: DataConfig, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                    train: bool, geometry: bool) -> "BatchTransform":
-        return cls(train=train, augment=d.augment if train else "none", size=int(d.image_size),
-                   resize=int(d.resize_size), test_resize=d.test_resize,
-                   erasing=float(d.random_erasing) if train else 0.0,
-                   mean=torch.tensor(mean, dtype=torch.float32, device=device),
-                   std=torch.tensor(std, dtype=torch.float32, device=device), geometry=geometry)
+    def from_config(
+        cls,
+        d: DataConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        train: bool,
+        geometry: bool,
+    ) -> BatchTransform:
+        return cls(
+            train=train,
+            augment=d.augment if train else "none",
+            size=int(d.image_size),
+            resize=int(d.resize_size),
+            test_resize=d.test_resize,
+            erasing=float(d.random_erasing) if train else 0.0,
+            mean=torch.tensor(mean, dtype=torch.float32, device=device),
+            std=torch.tensor(std, dtype=torch.float32, device=device),
+            geometry=geometry,
+        )
 
     def __call__(self, images: list[torch.Tensor] | torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         batch = self._geometry(images, rng) if self.geometry else images
@@ -103,8 +117,9 @@ class BatchTransform:
         return batch
 
     @staticmethod
-    def _resize_all(images: list[torch.Tensor] | torch.Tensor, size: int | tuple[int, int],
-                    interpolation: str) -> list[torch.Tensor] | torch.Tensor:
+    def _resize_all(
+        images: list[torch.Tensor] | torch.Tensor, size: int | tuple[int, int], interpolation: str
+    ) -> list[torch.Tensor] | torch.Tensor:
         if isinstance(images, torch.Tensor):  # one size for all: a single batched resize
             return A.resize_each([images], size, interpolation)[0]
         return A.resize_each(images, size, interpolation)
@@ -135,8 +150,11 @@ class SourceDataset(Dataset):
 
 def collate_sources(items: list[tuple[torch.Tensor | None, int, int]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
     files = [f for f, _, _ in items]
-    return (None if files[0] is None else files, torch.tensor([y for _, y, _ in items]),
-            torch.tensor([i for _, _, i in items]))
+    return (
+        None if files[0] is None else files,
+        torch.tensor([y for _, y, _ in items]),
+        torch.tensor([i for _, _, i in items]),
+    )
 
 
 class Batches:
@@ -145,16 +163,28 @@ class Batches:
     NumPy array on the host (the training step reads the batch's labels there, with no sync); the
     next batch is prepared on a side stream."""
 
-    def __init__(self, loader: DataLoader, transform: BatchTransform, device: torch.device, seed: int, split: int,
-                 table: ImageTable, *, decoder: Decoder | None = None, pixels: PixelCache | None = None,
-                 array: torch.Tensor | None = None, crop_to_box: bool = False) -> None:
+    def __init__(
+        self,
+        loader: DataLoader,
+        transform: BatchTransform,
+        device: torch.device,
+        seed: int,
+        split: int,
+        table: ImageTable,
+        *,
+        decoder: Decoder | None = None,
+        pixels: PixelCache | None = None,
+        array: torch.Tensor | None = None,
+        crop_to_box: bool = False,
+    ) -> None:
         self.loader, self.transform, self.device = loader, transform, device
         self.seed, self.split, self.epoch = int(seed), int(split), 0
         self.table, self.decoder, self.pixels, self.array = table, decoder, pixels, array
         self.crop_to_box = crop_to_box
         self.channels_last = False  # hand batches over in NHWC (set for channels_last models)
-        self.stream = decoder.stream if decoder is not None else (
-            torch.cuda.Stream(device) if device.type == "cuda" else None)
+        self.stream = (
+            decoder.stream if decoder is not None else (torch.cuda.Stream(device) if device.type == "cuda" else None)
+        )
 
     # what the loop and the checkpoints read off a loader
     def __len__(self) -> int:

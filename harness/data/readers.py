@@ -9,6 +9,7 @@ Class ranges in ``split_spec`` (``train_classes: [lo, hi]``, inclusive) are over
 native class ids: CUB ids 1-200, 1-based position of a sorted class folder, 1-based position in
 Aircraft's ``variants.txt``, Fashion-MNIST labels 0-9. Tests pass scaled-down ranges.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -118,9 +119,11 @@ def _split_by_ranges(
             inside |= _range_mask(ids, split_spec[f"{split}_classes"], f"{split}_classes")
     if not inside.all():
         extra = sorted({str(names[i]) if names else str(i) for i in np.unique(ids[~inside]).tolist()})
-        raise UserError(f"{len(extra)} class(es) fall outside the split's classes {split_spec.get('train_classes')} + "
-                        f"{split_spec.get('test_classes')}: {', '.join(extra[:5])}; an extra or misnamed class "
-                        "folder shifts every class id (remove it)")
+        raise UserError(
+            f"{len(extra)} class(es) fall outside the split's classes {split_spec.get('train_classes')} + "
+            f"{split_spec.get('test_classes')}: {', '.join(extra[:5])}; an extra or misnamed class "
+            "folder shifts every class id (remove it)"
+        )
     for split in ("train", "test"):
         key = f"{split}_classes"
         if key not in split_spec:
@@ -148,12 +151,16 @@ def class_folders(images: Path) -> list[Path]:
     folders, skipped = [], []
     for p in sorted(p for p in images.iterdir() if p.is_dir()):
         has_images = not p.name.startswith((".", "__")) and any(
-            f.suffix.lower() in IMAGE_EXTS and not f.name.startswith(".") for f in p.iterdir())
+            f.suffix.lower() in IMAGE_EXTS and not f.name.startswith(".") for f in p.iterdir()
+        )
         (folders if has_images else skipped).append(p)
     if skipped:
         names = ", ".join(p.name for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        warnings.warn(f"{images}: {len(skipped)} folder(s) are not classes and were skipped ({names}): "
-                      "hidden, system or without images", stacklevel=2)
+        warnings.warn(
+            f"{images}: {len(skipped)} folder(s) are not classes and were skipped ({names}): "
+            "hidden, system or without images",
+            stacklevel=2,
+        )
     return folders
 
 
@@ -309,9 +316,7 @@ def _ebay(path: Path, base: Path) -> ImageTable:
 @register("sop")
 def read_sop(root: Path, split_spec: dict) -> dict[str, ImageTable]:
     """Stanford Online Products: ``Info_Files/Ebay_{train,test}.txt``, paths relative to root."""
-    base = next(
-        (b for b in (root, root / "Stanford_Online_Products") if (b / "Info_Files").is_dir()), root
-    )
+    base = next((b for b in (root, root / "Stanford_Online_Products") if (b / "Info_Files").is_dir()), root)
     hint = "SOP needs Info_Files/Ebay_train.txt, Info_Files/Ebay_test.txt and the class folders"
     return {
         split: _ebay(_need(base / split_spec.get(f"{split}_file", f"Info_Files/Ebay_{split}.txt"), hint), base)

@@ -1,4 +1,5 @@
 """The class-balanced batch sampler: ``m`` consecutive images per class (VPTSP-G's contract)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -20,8 +21,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     Deterministic given ``seed`` and the epoch set with :meth:`set_epoch`.
     """
 
-    def __init__(self, labels: Sequence[int] | np.ndarray, batch_size: int, samples_per_class: int,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, labels: Sequence[int] | np.ndarray, batch_size: int, samples_per_class: int, seed: int = 0
+    ) -> None:
         if samples_per_class <= 0 or batch_size % samples_per_class:
             raise ValueError(f"samples_per_class={samples_per_class} must divide batch_size={batch_size}")
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -58,5 +60,3 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 batch.extend(pools[c][: self.m])
                 del pools[c][: self.m]
             yield batch
-
-

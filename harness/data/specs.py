@@ -1,4 +1,5 @@
 """Dataset specs (``datasets/<name>.yaml``) and where each dataset's folder is on disk."""
+
 from __future__ import annotations
 
 import functools
@@ -19,6 +20,7 @@ from harness.errors import UserError, unknown
 REPO = Path(__file__).resolve().parents[2]
 DATASETS_DIR = REPO / "datasets"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
 
 @dataclass
 class DatasetSpec:
@@ -45,7 +47,7 @@ def spec_names() -> list[str]:
     return sorted(p.stem for p in DATASETS_DIR.glob("*.yaml"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_spec(name: str) -> DatasetSpec:
     path = DATASETS_DIR / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text()) or {}
@@ -179,9 +181,9 @@ def check_published(spec: DatasetSpec, raw: dict[str, ImageTable], root: Path) -
     for split, table in raw.items():
         want = spec.published.get(split, {}).get("classes")
         if want is not None and table.num_classes != int(want):
-            raise UserError(f"{spec.name} in {root}: the {split} split has {table.num_classes:,} classes, the "
-                            f"published split {int(want):,}; a missing, extra or misnamed class folder changes the "
-                            "protocol (check the folder, or `dmlbench datasets check`; data.check_published=false "
-                            "for a subset made on purpose)")
-
-
+            raise UserError(
+                f"{spec.name} in {root}: the {split} split has {table.num_classes:,} classes, the "
+                f"published split {int(want):,}; a missing, extra or misnamed class folder changes the "
+                "protocol (check the folder, or `dmlbench datasets check`; data.check_published=false "
+                "for a subset made on purpose)"
+            )

@@ -3,10 +3,10 @@
 A seeded validation split of held-out *training* classes serves model selection; few-shot and
 quick-run subsets are drawn from independent seeded streams, so changing one leaves the others.
 """
+
 from __future__ import annotations
 
 import copy
-
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +36,7 @@ def class_groups(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     """Indices of each class 0..num_classes-1 (ascending), in O(N log N) not O(N*C)."""
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
-    return [order[bounds[c]:bounds[c + 1]] for c in range(num_classes)]
+    return [order[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
 
 
 def _per_class(table: ImageTable, k: int, rng: np.random.Generator) -> ImageTable:
@@ -71,7 +71,8 @@ def _carve(raw: dict[str, ImageTable], data: Any, seed: int, ks: Sequence[int]) 
             remap = np.full(t.num_classes, -1, np.int64)
             remap[keep] = np.arange(len(keep))
             raw[name] = ImageTable(
-                labels=remap[t.labels[idx]], class_names=[t.class_names[k] for k in keep],
+                labels=remap[t.labels[idx]],
+                class_names=[t.class_names[k] for k in keep],
                 paths=[t.paths[i] for i in idx] if t.paths is not None else None,
                 array=t.array[idx] if t.array is not None else None,
             )
@@ -106,7 +107,8 @@ def _carve(raw: dict[str, ImageTable], data: Any, seed: int, ks: Sequence[int]) 
                 ]
                 idx = np.sort(np.concatenate(keep))
                 t = ImageTable(
-                    labels=t.labels[idx], class_names=t.class_names,
+                    labels=t.labels[idx],
+                    class_names=t.class_names,
                     paths=[t.paths[j] for j in idx] if t.paths is not None else None,
                     array=t.array[idx] if t.array is not None else None,
                 )
@@ -184,5 +186,3 @@ def check_dataset(name: str, root: str = "", verify_images: bool = True) -> dict
     if verify_images:
         verify_tables(tables)
     return {k: {"images": len(t), "classes": t.num_classes} for k, t in tables.items()}
-
-

@@ -1,4 +1,5 @@
 """The two containers every data module passes around: one split's images, and a run's splits."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ class ImageTable:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def subset(self, idx: Sequence[int] | np.ndarray) -> "ImageTable":
+    def subset(self, idx: Sequence[int] | np.ndarray) -> ImageTable:
         """Rows ``idx`` (in that order), relabelled contiguously in old-label order."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         old = self.labels[idx]
@@ -53,4 +54,3 @@ class Splits:
         """The evaluation splits present, in a fixed order."""
         names = ("val", "test", "query", "gallery")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-

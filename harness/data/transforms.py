@@ -1,6 +1,7 @@
 """The CPU pipeline's per-image transforms (SPECS 1 and the released codes' variants), from
 torchvision's v2, up to the uint8 crop: conversion to float, normalisation and random erasing
 happen on the device, batched (:class:`harness.data.pipeline.BatchTransform`)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,9 @@ def make_transform(d: DataConfig, train: bool) -> Any:
         body = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
     elif train and d.augment == "frpt":
         body = [
-            v2.Resize((resize, resize)), v2.RandomCrop(size), v2.RandomHorizontalFlip(),
+            v2.Resize((resize, resize)),
+            v2.RandomCrop(size),
+            v2.RandomHorizontalFlip(),
             v2.ColorJitter(0.25, 0.25, 0.25),
         ]
     elif train and d.augment == "frpt_code":  # fast-reid build_transforms with FRPT's cub.yml

@@ -9,19 +9,20 @@ no date, so deleting the folder and rebuilding gives the same bytes.
 Files: ``report.md`` (everything, with figures linked), ``results.{csv,md,tex}`` (mean +- std over
 the reproduction seeds, test split, checkpoint selected on validation), ``published.{csv,md,tex}``
 (ours beside the papers, with the difference), ``table_<id>.{md,tex}`` (paper-shaped tables such as
-FRPT Tables 1-5), ``retention.{md,tex}`` (runs with ``eval.transfer``), ``tuning.{csv,md}``, ``spec.yaml`` and ``figures/``.
+FRPT Tables 1-5), ``retention.{md,tex}`` (runs with ``eval.transfer``), ``tuning.{csv,md}``,
+``spec.yaml`` and ``figures/``.
 """
+
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from harness.errors import UserError
 from harness.config import home
+from harness.errors import UserError
 from harness.reports.figures import bars_figure, curves_figure, identical_groups, tradeoff_figure
 from harness.reports.formatting import md_table
 from harness.reports.published import matches, paper_tables, published_tables
@@ -29,8 +30,8 @@ from harness.reports.retention import gain_retention_figure, retention_summary, 
 from harness.reports.runs import fetch_runs
 from harness.reports.tables import results_tables, summarize, summary_csv, tuning_table
 from harness.reports.tuning_figures import history_figure, importance_figures
-from harness.studies.spec import StudySpec, dump_spec
 from harness.studies.loading import load_spec
+from harness.studies.spec import StudySpec, dump_spec
 
 MANIFEST = "MANIFEST.txt"
 
@@ -44,8 +45,12 @@ def _write(out: Path, name: str, text: str, written: list[Path]) -> None:
     written.append(path)
 
 
-def build_report(spec_path: str | Path, out_dir: str | Path | None = None, tracking_uri: str | None = None,
-                 storage: str | None = None) -> Path:
+def build_report(
+    spec_path: str | Path,
+    out_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+) -> Path:
     """Write ``reports/<study>/`` (or ``out_dir``) from the study's MLflow runs; returns the folder."""
     import mlflow
 
@@ -54,15 +59,20 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
     mlflow.set_tracking_uri(uri)
     runs = fetch_runs(spec)
     if runs.empty:  # checked before anything is written
-        raise UserError(f"no runs of study '{spec.name}' in the MLflow store {uri}; run "
-                        f"'dmlbench study run {spec.path}' first, or pass the store with --tracking-uri")
+        raise UserError(
+            f"no runs of study '{spec.name}' in the MLflow store {uri}; run "
+            f"'dmlbench study run {spec.path}' first, or pass the store with --tracking-uri"
+        )
+
     def logged(prefixes: tuple[str, ...]) -> bool:
         return any(c.startswith(prefixes) and runs[c].notna().any() for c in runs.columns)
 
     if logged(("metrics.train_loss", "metrics.best_val_")) and not logged(("metrics.train/", "metrics.best/")):
-        raise UserError(f"the runs of study '{spec.name}' in {uri} use metric names from before dmlbench "
-                        "namespaced them ('test_recall_at_1', now 'test/recall_at_1'); rerun the study into a "
-                        "fresh store (or under a new study name) to report on it")
+        raise UserError(
+            f"the runs of study '{spec.name}' in {uri} use metric names from before dmlbench "
+            "namespaced them ('test_recall_at_1', now 'test/recall_at_1'); rerun the study into a "
+            "fresh store (or under a new study name) to report on it"
+        )
     from harness.tracking.store import check_writable
 
     check_writable(uri)  # the report is logged to MLflow too: refuse before writing any file
@@ -120,11 +130,15 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
         path = out / "figures" / f"tradeoff_{dataset}.png"
         on_gpu = "tags.dmlbench.device" in runs and not runs["tags.dmlbench.device"].isin(["cpu", "mps"]).all()
         if tradeoff_figure(spec, summary, dataset, path, gpu_memory=on_gpu, untrained=untrained):
-            figures.append((f"{dataset}: R@1 vs trainable parameters" + (" and peak GPU memory" if on_gpu else ""), path))
+            figures.append(
+                (f"{dataset}: R@1 vs trainable parameters" + (" and peak GPU memory" if on_gpu else ""), path)
+            )
             written.append(path)
             if not on_gpu:
-                notes.append(f"{dataset}: no R@1 vs memory plot: these runs ran on the CPU, where peak memory is "
-                             "the process's RSS (mostly the libraries), not the method's own cost")
+                notes.append(
+                    f"{dataset}: no R@1 vs memory plot: these runs ran on the CPU, where peak memory is "
+                    "the process's RSS (mostly the libraries), not the method's own cost"
+                )
         path = out / "figures" / f"retention_{dataset}.png"
         if retention is not None and gain_retention_figure(spec, summary, retention, dataset, path, untrained):
             figures.append((f"{dataset}: gain on {dataset} vs R@1 kept on the other datasets", path))
@@ -143,17 +157,29 @@ def build_report(spec_path: str | Path, out_dir: str | Path | None = None, track
     for dataset in spec.datasets:
         labels = {e.name: e.label for e in spec.entries}
         for group in identical_groups(summary[summary["dataset"] == dataset]):
-            notes.append(f"{dataset}: {' and '.join(labels[n] for n in group)} give identical results (the same "
-                         "computation on this backbone, e.g. VPT's two variants on a CNN): one point in the trade-off "
-                         "figure, dashed lines in the curves")
+            notes.append(
+                f"{dataset}: {' and '.join(labels[n] for n in group)} give identical results (the same "
+                "computation on this backbone, e.g. VPT's two variants on a CNN): one point in the trade-off "
+                "figure, dashed lines in the curves"
+            )
     for dataset, entry in spec.units():
         n = int(summary[(summary["dataset"] == dataset) & (summary["entry"] == entry.name)]["seeds"].iloc[0])
         if n < len(spec.seeds):
             notes.append(f"{dataset}/{entry.label}: {n} of {len(spec.seeds)} reproduction seeds finished")
 
     written += [p.with_suffix(".pdf") for p in list(written) if p.suffix == ".png" and p.with_suffix(".pdf").exists()]
-    report = _report_md(spec, results_md, published_md if paired else "", shaped, tuning, figures, notes, out,
-                        untrained_verdicts(spec, summary), retention_md)
+    report = _report_md(
+        spec,
+        results_md,
+        published_md if paired else "",
+        shaped,
+        tuning,
+        figures,
+        notes,
+        out,
+        untrained_verdicts(spec, summary),
+        retention_md,
+    )
     _write(out, "report.md", report, written)
     _prune_stale(out, written)
     _log_to_mlflow(spec, out)
@@ -164,8 +190,11 @@ def untrained_verdicts(spec: StudySpec, summary: pd.DataFrame) -> list[str]:
     """Per dataset, plainly: does the best trained method beat the untrained pretrained backbone
     on the test metric of the study's objective, by more than the seeds' spread?"""
     out = []
-    references = [e for e in spec.entries if e.fixed and e.overrides.get("optim.epochs") == 0
-                  and e.overrides.get("model.pretrained", True) is not False]  # the backbone as it comes
+    references = [
+        e
+        for e in spec.entries
+        if e.fixed and e.overrides.get("optim.epochs") == 0 and e.overrides.get("model.pretrained", True) is not False
+    ]  # the backbone as it comes
     key = "test/map_at_r" if spec.objective == "val_map_at_r" else "test/recall_at_1"
     name = "MAP@R" if key == "test/map_at_r" else "R@1"
     for dataset in spec.datasets:
@@ -178,19 +207,32 @@ def untrained_verdicts(spec: StudySpec, summary: pd.DataFrame) -> list[str]:
         a, b = best[f"{key}_mean"] * 100, ref[f"{key}_mean"] * 100
         spread = max(np.nan_to_num(best[f"{key}_std"]), np.nan_to_num(ref[f"{key}_std"])) * 100
         if a - b > spread:
-            verdict = f"beats it by {a - b:.1f} points, more than the seeds' spread ({spread:.1f}): tuning buys something"
+            verdict = (
+                f"beats it by {a - b:.1f} points, more than the seeds' spread ({spread:.1f}): tuning buys something"
+            )
         elif a > b:
             verdict = f"is {a - b:.1f} points above it, within the seeds' spread ({spread:.1f}): no clear gain"
         else:
             verdict = "does not beat it: training does not improve on the backbone here"
-        out.append(f"{dataset}: the best trained method, {best['label']} (test {name} {a:.1f}), against the untrained "
-                   f"backbone ({ref['label']}, {b:.1f}) {verdict}.")
+        out.append(
+            f"{dataset}: the best trained method, {best['label']} (test {name} {a:.1f}), against the untrained "
+            f"backbone ({ref['label']}, {b:.1f}) {verdict}."
+        )
     return out
 
 
-def _report_md(spec: StudySpec, results_md: str, published_md: str, shaped: list, tuning: pd.DataFrame,
-               figures: list[tuple[str, Path]], notes: list[str], out: Path, verdicts: list[str],
-               retention_md: str = "") -> str:
+def _report_md(
+    spec: StudySpec,
+    results_md: str,
+    published_md: str,
+    shaped: list,
+    tuning: pd.DataFrame,
+    figures: list[tuple[str, Path]],
+    notes: list[str],
+    out: Path,
+    verdicts: list[str],
+    retention_md: str = "",
+) -> str:
     b = spec.budget
     lines = [f"# Study `{spec.name}`", ""]
     if spec.description:
@@ -210,9 +252,14 @@ def _report_md(spec: StudySpec, results_md: str, published_md: str, shaped: list
         results_md,
     ]
     if published_md:
-        lines += ["## Published numbers beside ours", "",
-                  "Both papers select the checkpoint on the test set: compare their R@1 with the test-selected "
-                  "column; the validation-selected figure is the fair one.", "", published_md]
+        lines += [
+            "## Published numbers beside ours",
+            "",
+            "Both papers select the checkpoint on the test set: compare their R@1 with the test-selected "
+            "column; the validation-selected figure is the fair one.",
+            "",
+            published_md,
+        ]
     for _, title, md, _ in shaped:
         lines += [f"## {title}", "", "Each cell: ours (mean ± std over seeds, validation-selected) | paper.", "", md]
     if retention_md:
@@ -248,14 +295,22 @@ def _log_to_mlflow(spec: StudySpec, out: Path) -> None:
     client = MlflowClient()
     experiment = spec.experiments[spec.datasets[0]]
     exp = client.get_experiment_by_name(experiment)
-    found = [] if exp is None else mlflow.search_runs(
-        experiment_names=[experiment], output_format="list",
-        filter_string=f"tags.`dmlbench.study` = '{spec.name}' and tags.`dmlbench.role` = 'report'")
+    found = (
+        []
+        if exp is None
+        else mlflow.search_runs(
+            experiment_names=[experiment],
+            output_format="list",
+            filter_string=f"tags.`dmlbench.study` = '{spec.name}' and tags.`dmlbench.role` = 'report'",
+        )
+    )
     if found:
         run_id = found[0].info.run_id
     else:
         exp_id = exp.experiment_id if exp else ensure_experiment(experiment)
-        run_id = client.create_run(exp_id, tags={"mlflow.runName": f"{spec.name} report", "dmlbench.study": spec.name,
-                                                 "dmlbench.role": "report"}).info.run_id
+        run_id = client.create_run(
+            exp_id,
+            tags={"mlflow.runName": f"{spec.name} report", "dmlbench.study": spec.name, "dmlbench.role": "report"},
+        ).info.run_id
     client.log_artifacts(run_id, str(out), artifact_path="report")
     client.set_terminated(run_id, "FINISHED")

@@ -13,6 +13,7 @@ Grad-CAM (Selvaraju et al.) weights each channel by the mean gradient of the cla
 works whatever sits between the feature map and the classifier (CAH mixing, GeM, a BN neck). Test
 classes are disjoint from training classes in retrieval, hence the top-scoring training class.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -47,6 +48,7 @@ def grad_cam(fmap: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]) 
 
 def cam_maps(model: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The three maps of :mod:`this module <harness.reports.cam>` for ``images``, ``(B, H, W)`` each."""
+
     def classify(x: torch.Tensor) -> torch.Tensor:
         return F.linear(model.head(model.pool_map(x)), model.criterion.classifier.weight)
 
@@ -93,23 +95,31 @@ def visualize_cam(run_id: str, n: int = 4, out_dir: Path | None = None, tracking
 
     def need(cfg: Any) -> None:
         if not cfg.method.startswith("frpt") or cfg.loss.name != "cross_entropy":
-            raise UserError(f"run {run_id} is a '{cfg.method}' run with loss '{cfg.loss.name}'; visualize cam "
-                            "needs an FRPT run with its classifier (frpt, frpt_dpp, frpt_cah, frpt_no_in, ...)")
+            raise UserError(
+                f"run {run_id} is a '{cfg.method}' run with loss '{cfg.loss.name}'; visualize cam "
+                "needs an FRPT run with its classifier (frpt, frpt_dpp, frpt_cah, frpt_no_in, ...)"
+            )
 
     client, cfg, splits, backbone, model = load_run_model(run_id, tracking_uri, need)
     images = _test_images(cfg, splits, backbone, n)
     with torch.no_grad():
         warped = model.prompt(images)["images"] if model.dpp_prompt is not None else None
+
     def to_np(x: torch.Tensor) -> np.ndarray:
         return displayable(x, backbone)
 
     variants = [("original", images)] + ([("DPP-warped", warped)] if warped is not None else [])
     drawn = {label: (to_np(x), {k: v.numpy() for k, v in cam_maps(model, x).items()}) for label, x in variants}
-    rows = [(f"{i + 1}: {label}", drawn[label][0][i], {k: v[i] for k, v in drawn[label][1].items()})
-            for i in range(len(images)) for label, _ in variants]
+    rows = [
+        (f"{i + 1}: {label}", drawn[label][0][i], {k: v[i] for k, v in drawn[label][1].items()})
+        for i in range(len(images))
+        for label, _ in variants
+    ]
     out_dir = Path(out_dir) if out_dir is not None else Path.cwd()
     path = out_dir / f"cam_{run_id}.png"
-    draw_cam_figure(rows, path, f"Class activation maps, run {run_id[:12]} ({cfg.method}, {cfg.backbone}, {cfg.dataset})")
+    draw_cam_figure(
+        rows, path, f"Class activation maps, run {run_id[:12]} ({cfg.method}, {cfg.backbone}, {cfg.dataset})"
+    )
     client.log_artifact(run_id, str(path))
     client.log_artifact(run_id, str(path.with_suffix(".pdf")))
     return path

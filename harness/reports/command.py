@@ -1,5 +1,6 @@
 """The ``dmlbench report`` and ``dmlbench visualize`` sub-commands (imports stay light until a
 command needs them)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("spec")
     r.add_argument("--out", default=None)
     r.add_argument("--tracking-uri", default="")
-    r.add_argument("--storage", default=None, help="Optuna storage URL of the study, for its history and "
-                   "importance figures (default: the spec's, else the journal file)")
+    r.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL of the study, for its history and "
+        "importance figures (default: the spec's, else the journal file)",
+    )
     r.set_defaults(func=report)
 
     v = sub.add_parser("visualize", help="figures of a trained run")

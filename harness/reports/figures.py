@@ -1,5 +1,6 @@
 """Report figures: curves per epoch, accuracy vs cost trade-offs, comparison bars (Optuna's figures
 are in :mod:`harness.reports.tuning_figures`)."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,11 @@ def _save(fig: Any, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=200, metadata={"Software": None}, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), metadata={"Creator": None, "Producer": None, "CreationDate": None},
-                bbox_inches="tight")
+    fig.savefig(
+        path.with_suffix(".pdf"),
+        metadata={"Creator": None, "Producer": None, "CreationDate": None},
+        bbox_inches="tight",
+    )
     plt.close(fig)
 
 
@@ -71,8 +75,14 @@ def identical_groups(summary: pd.DataFrame) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def curves_figure(spec: StudySpec, runs: pd.DataFrame, dataset: str, path: Path, untrained: frozenset = frozenset(),
-                  summary: pd.DataFrame | None = None) -> bool:
+def curves_figure(
+    spec: StudySpec,
+    runs: pd.DataFrame,
+    dataset: str,
+    path: Path,
+    untrained: frozenset = frozenset(),
+    summary: pd.DataFrame | None = None,
+) -> bool:
     """FRPT Figure 2 style, mean over seeds: validation R@1 per epoch, and the training loss with
     one panel per loss (Proxy Anchor near 15 and cross-entropy near 1 share no scale). Untrained
     reference rows are horizontal lines at their R@1."""
@@ -82,11 +92,16 @@ def curves_figure(spec: StudySpec, runs: pd.DataFrame, dataset: str, path: Path,
     client = MlflowClient()
     colours = method_colours([e.name for e in spec.entries], sorted(untrained))
     reps = {e.name: reproductions(runs, spec, dataset, e) for e in spec.entries}
-    family = {name: str(rep["params.loss.name"].iloc[0]) if len(rep) and "params.loss.name" in rep else "?"
-              for name, rep in reps.items()}
+    family = {
+        name: str(rep["params.loss.name"].iloc[0]) if len(rep) and "params.loss.name" in rep else "?"
+        for name, rep in reps.items()
+    }
     losses = sorted({family[e.name] for e in spec.entries if e.name not in untrained and len(reps[e.name])})
-    twin = {name for group in identical_groups(summary[summary["dataset"] == dataset]) for name in group[1:]} \
-        if summary is not None else set()
+    twin = (
+        {name for group in identical_groups(summary[summary["dataset"] == dataset]) for name in group[1:]}
+        if summary is not None
+        else set()
+    )
     with report_style() as plt:
         fig, axes = plt.subplots(1, 1 + len(losses), figsize=(PAGE_IN, 2.6), squeeze=False)
         axes = list(axes[0])
@@ -97,8 +112,13 @@ def curves_figure(spec: StudySpec, runs: pd.DataFrame, dataset: str, path: Path,
             steps, ys = _mean_curve(client, ids, "val/recall_at_1", 100.0)
             if entry.name in untrained:
                 if ys:
-                    axes[0].axhline(ys[0], color=colours[entry.name], lw=1.2, label=entry.label,
-                                    ls=REFERENCE_STYLES[refs % len(REFERENCE_STYLES)])
+                    axes[0].axhline(
+                        ys[0],
+                        color=colours[entry.name],
+                        lw=1.2,
+                        label=entry.label,
+                        ls=REFERENCE_STYLES[refs % len(REFERENCE_STYLES)],
+                    )
                     refs += 1
                 continue
             style = {"ls": "--", "marker": "x", "ms": 5} if entry.name in twin else {"marker": "o"}  # both visible
@@ -130,8 +150,14 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
     return front
 
 
-def tradeoff_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: Path,
-                    gpu_memory: bool = True, untrained: frozenset = frozenset()) -> bool:
+def tradeoff_figure(
+    spec: StudySpec,
+    summary: pd.DataFrame,
+    dataset: str,
+    path: Path,
+    gpu_memory: bool = True,
+    untrained: frozenset = frozenset(),
+) -> bool:
     """Test R@1 against trainable parameters, log scale spanning the trained methods (and against
     peak memory when that is GPU memory: on CPU it is the process's RSS, dominated by the
     libraries). The Pareto front is over trained methods; untrained rows have no trainable
@@ -152,34 +178,56 @@ def tradeoff_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: 
     if gpu_memory:
         panels.append(("cost/peak_memory_gb_mean", "peak GPU memory (GB)"))
     with report_style() as plt:
-        fig, axes = plt.subplots(1, len(panels), figsize=(COLUMN_IN if len(panels) == 1 else PAGE_IN, 3.0),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(COLUMN_IN if len(panels) == 1 else PAGE_IN, 3.0), squeeze=False
+        )
         y = (shown["test/recall_at_1_mean"] * 100).tolist()
         for ax, (key, label) in zip(axes[0], panels):
             x = shown[key].astype(float).tolist()
-            ax.scatter(x, y, s=24, c=[colours[n] for n in shown["entry"]], zorder=3, edgecolors="white",
-                       linewidths=0.5)
+            ax.scatter(x, y, s=24, c=[colours[n] for n in shown["entry"]], zorder=3, edgecolors="white", linewidths=0.5)
             front = pareto_front(x, y)
-            ax.plot([x[i] for i in front], [y[i] for i in front], "--", color="0.2", lw=1, drawstyle="steps-post",
-                    label="Pareto front")
+            ax.plot(
+                [x[i] for i in front],
+                [y[i] for i in front],
+                "--",
+                color="0.2",
+                lw=1,
+                drawstyle="steps-post",
+                label="Pareto front",
+            )
             for k, (_, r) in enumerate(part[part["entry"].isin(untrained)].iterrows()):
-                ax.axhline(r["test/recall_at_1_mean"] * 100, color=REFERENCE_COLOUR, lw=1,
-                           ls=REFERENCE_STYLES[k % len(REFERENCE_STYLES)], label=r["label"])
+                ax.axhline(
+                    r["test/recall_at_1_mean"] * 100,
+                    color=REFERENCE_COLOUR,
+                    lw=1,
+                    ls=REFERENCE_STYLES[k % len(REFERENCE_STYLES)],
+                    label=r["label"],
+                )
             ax.set_xscale("log")
             lo, hi = min(x), max(x)
             ax.set_xlim(lo / 2.0, hi * 2.0)  # the axis spans the data, with room for the labels
             ax.set(xlabel=label, ylabel="test R@1 (%)", title=f"{dataset}: R@1 vs {label}")
             names = [" = ".join(labels[m] for m in twins.get(n, [n])) for n in shown["entry"]]
             texts = [ax.text(xi, yi, name, fontsize=7, color="0.1") for xi, yi, name in zip(x, y, names)]
-            adjust_text(texts, x=x, y=y, ax=ax, expand=(1.3, 1.8), force_text=(0.4, 0.8), iter_lim=2000,
-                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+            adjust_text(
+                texts,
+                x=x,
+                y=y,
+                ax=ax,
+                expand=(1.3, 1.8),
+                force_text=(0.4, 0.8),
+                iter_lim=2000,
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5},
+            )
         fig.tight_layout()
         _legend_below(fig, list(axes[0]), ncol=2)
         _save(fig, path)
     return True
 
 
-def bars_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: Path, untrained: frozenset = frozenset()) -> bool:
+def bars_figure(
+    spec: StudySpec, summary: pd.DataFrame, dataset: str, path: Path, untrained: frozenset = frozenset()
+) -> bool:
     """Test R@1 and MAP@R per method, sorted by R@1 (mean, std over seeds as error bars, seed count
     in the label), each method in its own colour, untrained reference rows grey and hatched; each
     axis starts near the lowest bar, so the differences between methods are what shows."""
@@ -192,14 +240,25 @@ def bars_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: Path
         fig, axes = plt.subplots(1, 2, figsize=(PAGE_IN, 0.24 * len(part) + 1.1), sharey=True)
         y = np.arange(len(part))
         ref = part["entry"].isin(untrained).to_numpy()
-        for ax, key, title in ((axes[0], "test/recall_at_1", "test R@1 (%)"), (axes[1], "test/map_at_r", "test MAP@R (%)")):
+        for ax, key, title in (
+            (axes[0], "test/recall_at_1", "test R@1 (%)"),
+            (axes[1], "test/map_at_r", "test MAP@R (%)"),
+        ):
             mean = part[f"{key}_mean"].to_numpy(float) * 100
             std = np.nan_to_num(part[f"{key}_std"].to_numpy(float) * 100)
             lo, hi = np.nanmin(mean - std), np.nanmax(mean + std)
             pad = max(1.0, 0.08 * (hi - lo))
             base = max(0.0, lo - pad)
-            bars = ax.barh(y, mean - base, left=base, xerr=std, color=[colours.get(n, REFERENCE_COLOUR) for n in part["entry"]],
-                           capsize=2, edgecolor="white", error_kw={"lw": 0.8})
+            bars = ax.barh(
+                y,
+                mean - base,
+                left=base,
+                xerr=std,
+                color=[colours.get(n, REFERENCE_COLOUR) for n in part["entry"]],
+                capsize=2,
+                edgecolor="white",
+                error_kw={"lw": 0.8},
+            )
             for bar, r in zip(bars, ref):
                 if r:
                     bar.set_hatch("//")
@@ -208,8 +267,10 @@ def bars_figure(spec: StudySpec, summary: pd.DataFrame, dataset: str, path: Path
             ax.set_xlim(base, hi + 3 * pad)
             ax.set(xlabel=title, title=f"{dataset}: {title}")
             ax.grid(axis="y", visible=False)
-        labels = [f"{lab} (n={int(n)})" + (" [untrained]" if r else "")
-                  for lab, n, r in zip(part["label"], part["seeds"], ref)]
+        labels = [
+            f"{lab} (n={int(n)})" + (" [untrained]" if r else "")
+            for lab, n, r in zip(part["label"], part["seeds"], ref)
+        ]
         axes[0].set_yticks(y, labels)
         axes[0].invert_yaxis()
         fig.tight_layout()

@@ -1,4 +1,5 @@
 """Number and table formatting shared by every report file: percentages, counts, Markdown and LaTeX."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,6 @@ from typing import Any
 #: retrieval metrics are fractions in MLflow and percentages in tables
 RETRIEVAL = re.compile(r"^(recall_at_\d+|map_at_r|r_precision)$")
 DASH = "—"
-
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -44,16 +44,35 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", DASH: "--", "Δ": r"$\Delta$"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    DASH: "--",
+    "Δ": r"$\Delta$",
+}
 
 
 def tex_escape(text: Any) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-def tex_table(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str,
-              bold: Sequence[tuple[int, int]] = (), label: str = "", wide: bool | None = None) -> str:
+def tex_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    caption: str,
+    bold: Sequence[tuple[int, int]] = (),
+    label: str = "",
+    wide: bool | None = None,
+) -> str:
     """A booktabs LaTeX table via pandas' ``Styler``: ``bold`` cells (row, column) in bold, and
     ``table*`` (both columns of a two-column paper) when ``wide`` (default: more than 6 columns)."""
     import pandas as pd
@@ -66,9 +85,14 @@ def tex_table(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: st
     styler = styler.relabel_index([tex_escape(h) for h in headers], axis=1)
     wide = len(headers) > 6 if wide is None else wide
     return styler.to_latex(
-        environment="table*" if wide else "table", position="t", position_float="centering", hrules=True,
+        environment="table*" if wide else "table",
+        position="t",
+        position_float="centering",
+        hrules=True,
         column_format="l" * min(2, len(headers)) + "r" * max(0, len(headers) - 2),
-        caption=tex_escape(caption), label=label or None)
+        caption=tex_escape(caption),
+        label=label or None,
+    )
 
 
 def best_rows(values: Sequence[float]) -> list[int]:
@@ -84,8 +108,9 @@ def metric_label(metric: str) -> str:
     m = re.match(r"recall_at_(\d+)$", metric)
     if m:
         return f"R@{m.group(1)}"
-    return {"map_at_r": "MAP@R", "r_precision": "R-Prec", "params_trainable": "Params trained",
-            "params_trainable_pct": "Params trained (%)"}.get(metric, metric)
-
-
-
+    return {
+        "map_at_r": "MAP@R",
+        "r_precision": "R-Prec",
+        "params_trainable": "Params trained",
+        "params_trainable_pct": "Params trained (%)",
+    }.get(metric, metric)

@@ -1,4 +1,5 @@
 """Published numbers (``published.yaml``, each with its source) paired with ours, and paper-shaped tables."""
+
 from __future__ import annotations
 
 import functools
@@ -37,12 +38,22 @@ def load_published(path: Path = PUBLISHED_FILE) -> tuple[list[dict[str, Any]], d
         for cell in table["cells"]:
             full = {**defaults, **cell, "table_id": table["id"]}
             full["setting"] = {"data.shots": 0, **(full.get("setting") or {})}
-            missing = {"source", "table", "row", "column", "method", "dataset", "backbone", "metric", "value", "unit"} - set(full)
+            missing = {
+                "source",
+                "table",
+                "row",
+                "column",
+                "method",
+                "dataset",
+                "backbone",
+                "metric",
+                "value",
+                "unit",
+            } - set(full)
             if missing:
                 raise ValueError(f"{path}: cell {cell} of table {table['id']} lacks {sorted(missing)}")
             cells.append(full)
     return cells, dict(raw["sources"]), tables
-
 
 
 def _run_setting(rep: pd.DataFrame, key: str) -> str | None:
@@ -88,9 +99,18 @@ def matches(spec: StudySpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
             sel = float("nan")
             if cell["metric"] == "recall_at_1":
                 sel = mean_std(column(rep, "test/selected_recall_at_1") * scale)[0]
-            out.append({**cell, "entry": entry.name, "label": entry.label, "ours_mean": mean, "ours_std": std,
-                        "ours_test_selected": sel, "seeds": len(rep),
-                        "protocol": _run_setting(rep, "protocol") or "fair"})
+            out.append(
+                {
+                    **cell,
+                    "entry": entry.name,
+                    "label": entry.label,
+                    "ours_mean": mean,
+                    "ours_std": std,
+                    "ours_test_selected": sel,
+                    "seeds": len(rep),
+                    "protocol": _run_setting(rep, "protocol") or "fair",
+                }
+            )
     return out
 
 
@@ -107,28 +127,76 @@ def published_tables(spec: StudySpec, paired: list[dict[str, Any]]) -> tuple[pd.
         # a difference only where our protocol is the papers' (counts do not depend on it)
         comparable = p["protocol"] == "paper" or p["unit"] == "M"
         delta = p["ours_mean"] - float(p["value"]) if comparable else float("nan")
-        rows.append({
-            "dataset": p["dataset"], "method": p["label"], "metric": metric_label(p["metric"]), "unit": p["unit"],
-            "protocol": p["protocol"], "seeds": p["seeds"], "ours_mean": p["ours_mean"], "ours_std": p["ours_std"],
-            "ours_test_selected": p["ours_test_selected"], "published": float(p["value"]), "delta": delta,
-            "source": f"{p['source']} {p['table']}", "digits": digits,
-        })
-    columns = ["dataset", "method", "metric", "unit", "protocol", "seeds", "ours_mean", "ours_std",
-               "ours_test_selected", "published", "delta", "source"]
+        rows.append(
+            {
+                "dataset": p["dataset"],
+                "method": p["label"],
+                "metric": metric_label(p["metric"]),
+                "unit": p["unit"],
+                "protocol": p["protocol"],
+                "seeds": p["seeds"],
+                "ours_mean": p["ours_mean"],
+                "ours_std": p["ours_std"],
+                "ours_test_selected": p["ours_test_selected"],
+                "published": float(p["value"]),
+                "delta": delta,
+                "source": f"{p['source']} {p['table']}",
+                "digits": digits,
+            }
+        )
+    columns = [
+        "dataset",
+        "method",
+        "metric",
+        "unit",
+        "protocol",
+        "seeds",
+        "ours_mean",
+        "ours_std",
+        "ours_test_selected",
+        "published",
+        "delta",
+        "source",
+    ]
     df = pd.DataFrame(rows, columns=columns + ["digits"])
-    headers = ["Dataset", "Method", "Metric", "Unit", "Protocol", "Ours", "Ours (test-sel.)", "Published", "Δ",
-               "Source"]
-    body = [[r["dataset"], r["method"], r["metric"], r["unit"], r["protocol"],
-             fmt_pm(r["ours_mean"], r["ours_std"], r["digits"]), fmt_pm(r["ours_test_selected"], float("nan"), r["digits"]),
-             f"{r['published']:.{r['digits']}f}", DASH if not math.isfinite(r["delta"]) else f"{r['delta']:+.{r['digits']}f}",
-             r["source"]] for r in rows]
+    headers = [
+        "Dataset",
+        "Method",
+        "Metric",
+        "Unit",
+        "Protocol",
+        "Ours",
+        "Ours (test-sel.)",
+        "Published",
+        "Δ",
+        "Source",
+    ]
+    body = [
+        [
+            r["dataset"],
+            r["method"],
+            r["metric"],
+            r["unit"],
+            r["protocol"],
+            fmt_pm(r["ours_mean"], r["ours_std"], r["digits"]),
+            fmt_pm(r["ours_test_selected"], float("nan"), r["digits"]),
+            f"{r['published']:.{r['digits']}f}",
+            DASH if not math.isfinite(r["delta"]) else f"{r['delta']:+.{r['digits']}f}",
+            r["source"],
+        ]
+        for r in rows
+    ]
     df = df[columns]  # the CSV: full precision, in the unit of the 'unit' column
-    notes = "\n".join(f"- `{k}`: {v}" for k, v in sorted(sources.items()) if any(r["source"].startswith(k) for r in rows))
+    notes = "\n".join(
+        f"- `{k}`: {v}" for k, v in sorted(sources.items()) if any(r["source"].startswith(k) for r in rows)
+    )
     md = md_table(headers, body) + ("\n" + notes + "\n" if notes else "")
-    caption = (f"{spec.name}: ours (mean ± std over seeds) beside published numbers. Δ is given only for "
-               "paper-protocol runs (all training classes, the best test epoch, as both papers select); "
-               "fair-protocol rows (validation classes held out, checkpoint selected on validation) show the "
-               "published number for reference only")
+    caption = (
+        f"{spec.name}: ours (mean ± std over seeds) beside published numbers. Δ is given only for "
+        "paper-protocol runs (all training classes, the best test epoch, as both papers select); "
+        "fair-protocol rows (validation classes held out, checkpoint selected on validation) show the "
+        "published number for reference only"
+    )
     md = f"{caption}.\n\n{md}"
     tex = tex_table(headers, body, caption)
     return df, md, tex
@@ -158,6 +226,3 @@ def paper_tables(paired: list[dict[str, Any]]) -> list[tuple[str, str, str, str]
             body.append(line)
         out.append((table["id"], table["title"], md_table(headers, body), tex_table(headers, body, table["title"])))
     return out
-
-
-

@@ -1,14 +1,20 @@
 """The README's "to reproduce a published number" table: one row per number in ``published.yaml``
 with the exact command, generated here so a test can keep the README in step with the file."""
+
 from __future__ import annotations
 
 from harness.reports.published import load_published
 
 #: published method name -> (dmlbench method, preset) of its recipe
 FRPT_METHODS = {
-    "pretrained": ("linear_probe", "untrained"), "full_finetune": ("full_finetune", "frpt_paper"),
-    "frpt": ("frpt", "paper"), "frpt_dpp": ("frpt_dpp", "paper"), "frpt_cah": ("frpt_cah", "paper"),
-    "frpt_no_in": ("frpt_no_in", "paper"), "frpt_bbox": ("frpt_bbox", "paper"), "frpt_cam": ("frpt_cam", "paper"),
+    "pretrained": ("linear_probe", "untrained"),
+    "full_finetune": ("full_finetune", "frpt_paper"),
+    "frpt": ("frpt", "paper"),
+    "frpt_dpp": ("frpt_dpp", "paper"),
+    "frpt_cah": ("frpt_cah", "paper"),
+    "frpt_no_in": ("frpt_no_in", "paper"),
+    "frpt_bbox": ("frpt_bbox", "paper"),
+    "frpt_cam": ("frpt_cam", "paper"),
 }
 VPTSPG_PRESETS = {"cub200": "cub", "cars196": "cars", "sop": "sop", "inshop": "inshop", "inaturalist": "inaturalist"}
 
@@ -21,8 +27,10 @@ def command(cell: dict) -> str:
     method, preset = FRPT_METHODS[cell["method"]]
     shots = cell.get("setting", {}).get("data.shots", 0)
     extra = f" --set data.shots={shots}" if shots else ""
-    return (f"dmlbench train --method {method} --preset {preset} --backbone {cell['backbone']} "
-            f"--dataset {cell['dataset']}{extra} --set protocol=paper --set data.root=DIR")
+    return (
+        f"dmlbench train --method {method} --preset {preset} --backbone {cell['backbone']} "
+        f"--dataset {cell['dataset']}{extra} --set protocol=paper --set data.root=DIR"
+    )
 
 
 def reproduce_table() -> str:
@@ -31,6 +39,7 @@ def reproduce_table() -> str:
     lines = ["| source | table | row / column | published | command |", "|---|---|---|---|---|"]
     for c in cells:
         unit = "" if c["unit"] == "fraction" else (" M" if c["unit"] == "M" else " %")
-        lines.append(f"| {c['source']} | {c['table']} | {c['row']} / {c['column']} | {c['value']}{unit} | "
-                     f"`{command(c)}` |")
+        lines.append(
+            f"| {c['source']} | {c['table']} | {c['row']} / {c['column']} | {c['value']}{unit} | `{command(c)}` |"
+        )
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ dataset the zero-shot R@1 and the retained fraction (trained / untrained backbon
 The figure plots gain against mean retention, one point per method: up is better on the target,
 right is less forgetting (100 % = as good as the untrained backbone elsewhere).
 """
+
 from __future__ import annotations
 
 import re
@@ -54,8 +55,9 @@ def _gains(summary: pd.DataFrame, part: pd.DataFrame, untrained: frozenset) -> t
     return pd.Series(target - reference["test/recall_at_1_mean"].iloc[0] * 100, index=part.index), True
 
 
-def retention_tables(spec: StudySpec, summary: pd.DataFrame, retention: pd.DataFrame,
-                     untrained: frozenset) -> tuple[str, str]:
+def retention_tables(
+    spec: StudySpec, summary: pd.DataFrame, retention: pd.DataFrame, untrained: frozenset
+) -> tuple[str, str]:
     """Markdown and LaTeX retention tables, one per training dataset with transfer metrics."""
     md, tex = [], []
     others = sorted({c.split("/")[1] for c in retention.columns if c.startswith("transfer/")})
@@ -72,29 +74,40 @@ def retention_tables(spec: StudySpec, summary: pd.DataFrame, retention: pd.DataF
         for i, r in part.iterrows():
             row = [r["label"], f"{gains[i]:+.1f}" if relative else f"{gains[i]:.1f}"]
             for o in others:
-                row += [fmt_pm(r[f"transfer/{o}/recall_at_1_mean"] * 100, r[f"transfer/{o}/recall_at_1_std"] * 100),
-                        fmt_pm(r[f"transfer/{o}/retained_recall_at_1_mean"] * 100,
-                               r[f"transfer/{o}/retained_recall_at_1_std"] * 100)]
+                row += [
+                    fmt_pm(r[f"transfer/{o}/recall_at_1_mean"] * 100, r[f"transfer/{o}/recall_at_1_std"] * 100),
+                    fmt_pm(
+                        r[f"transfer/{o}/retained_recall_at_1_mean"] * 100,
+                        r[f"transfer/{o}/retained_recall_at_1_std"] * 100,
+                    ),
+                ]
             rows.append(row + [f"{r['retained_mean'] * 100:.1f}"])
-        caption = (f"{spec.name}: trained on {dataset}, evaluated zero-shot on {', '.join(others)}; "
-                   + ("gain: test R@1 points over the untrained backbone on " + dataset if relative
-                      else f"test R@1 on {dataset}")
-                   + "; kept: R@1 as a % of the untrained backbone's on that dataset (100 = nothing forgotten); "
-                   "mean +- std over the reproduction seeds")
+        caption = (
+            f"{spec.name}: trained on {dataset}, evaluated zero-shot on {', '.join(others)}; "
+            + (
+                "gain: test R@1 points over the untrained backbone on " + dataset
+                if relative
+                else f"test R@1 on {dataset}"
+            )
+            + "; kept: R@1 as a % of the untrained backbone's on that dataset (100 = nothing forgotten); "
+            "mean +- std over the reproduction seeds"
+        )
         md.append(f"### {dataset}\n\n{caption}.\n\n" + md_table(headers, rows))
         tex.append(tex_table(headers, rows, caption, label=f"tab:{spec.name}-{dataset}-retention"))
     return "\n".join(md), "\n".join(tex)
 
 
-def gain_retention_figure(spec: StudySpec, summary: pd.DataFrame, retention: pd.DataFrame, dataset: str,
-                          path: Path, untrained: frozenset) -> bool:
+def gain_retention_figure(
+    spec: StudySpec, summary: pd.DataFrame, retention: pd.DataFrame, dataset: str, path: Path, untrained: frozenset
+) -> bool:
     """Gain on ``dataset`` against mean retention on the transfer datasets, one point per method."""
     from adjustText import adjust_text
 
     from harness.reports.figures import COLUMN_IN, _save
 
-    part = retention[(retention["dataset"] == dataset) & retention["retained_mean"].notna()
-                     & ~retention["entry"].isin(untrained)]
+    part = retention[
+        (retention["dataset"] == dataset) & retention["retained_mean"].notna() & ~retention["entry"].isin(untrained)
+    ]
     if part.empty:
         return False
     gains, relative = _gains(summary[summary["dataset"] == dataset], part, untrained)
@@ -104,16 +117,33 @@ def gain_retention_figure(spec: StudySpec, summary: pd.DataFrame, retention: pd.
         fig, ax = plt.subplots(figsize=(COLUMN_IN, 3.0))
         ax.scatter(x, y, s=24, c=[colours[n] for n in part["entry"]], zorder=3, edgecolors="white", linewidths=0.5)
         ax.axvline(100, color="0.5", lw=0.8, ls=":")
-        ax.annotate("untrained backbone", (100, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
-                    color="0.4", ha="right", va="top")
+        ax.annotate(
+            "untrained backbone",
+            (100, 1),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=6,
+            color="0.4",
+            ha="right",
+            va="top",
+        )
         if relative:
             ax.axhline(0, color="0.5", lw=0.8, ls=":")
-        ax.set(xlabel="R@1 kept on the other datasets (%)",
-               ylabel=f"{dataset} R@1 gain (points)" if relative else f"{dataset} test R@1 (%)",
-               title=f"{dataset}: gain vs retention")
+        ax.set(
+            xlabel="R@1 kept on the other datasets (%)",
+            ylabel=f"{dataset} R@1 gain (points)" if relative else f"{dataset} test R@1 (%)",
+            title=f"{dataset}: gain vs retention",
+        )
         texts = [ax.text(xi, yi, label, fontsize=7, color="0.1") for xi, yi, label in zip(x, y, part["label"])]
-        adjust_text(texts, x=x, y=y, ax=ax, expand=(1.3, 1.8), iter_lim=1000,
-                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+        adjust_text(
+            texts,
+            x=x,
+            y=y,
+            ax=ax,
+            expand=(1.3, 1.8),
+            iter_lim=1000,
+            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5},
+        )
         fig.tight_layout()
         _save(fig, path)
     return True

@@ -1,4 +1,5 @@
 """Reading a study's runs from MLflow (tag ``dmlbench.study``) into a DataFrame, and selecting from it."""
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,9 @@ def fetch_runs(spec: StudySpec) -> pd.DataFrame:
         return pd.DataFrame()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        df = mlflow.search_runs(experiment_names=experiments, output_format="pandas",
-                                filter_string=f"tags.`dmlbench.study` = '{spec.name}'")
+        df = mlflow.search_runs(
+            experiment_names=experiments, output_format="pandas", filter_string=f"tags.`dmlbench.study` = '{spec.name}'"
+        )
     if df.empty:
         return df
     df = df[df["tags.dmlbench.role"].isin(["trial", "reproduction"])].copy()
@@ -33,8 +35,12 @@ def reproductions(runs: pd.DataFrame, spec: StudySpec, dataset: str, entry: Entr
     """The latest finished reproduction run per seed of one (dataset, entry)."""
     if runs.empty:
         return runs
-    sel = runs[(runs["tags.dmlbench.role"] == "reproduction") & (runs["tags.dmlbench.dataset"] == dataset)
-               & (runs["tags.dmlbench.entry"] == entry.name) & (runs["tags.dmlbench.status"] == "finished")]
+    sel = runs[
+        (runs["tags.dmlbench.role"] == "reproduction")
+        & (runs["tags.dmlbench.dataset"] == dataset)
+        & (runs["tags.dmlbench.entry"] == entry.name)
+        & (runs["tags.dmlbench.status"] == "finished")
+    ]
     sel = sel[sel["tags.dmlbench.seed"].astype(int).isin(spec.seeds)]
     return sel.groupby("tags.dmlbench.seed", sort=True).tail(1).sort_values("tags.dmlbench.seed")
 
@@ -42,8 +48,11 @@ def reproductions(runs: pd.DataFrame, spec: StudySpec, dataset: str, entry: Entr
 def trials(runs: pd.DataFrame, dataset: str, entry: Entry) -> pd.DataFrame:
     if runs.empty:
         return runs
-    sel = runs[(runs["tags.dmlbench.role"] == "trial") & (runs["tags.dmlbench.dataset"] == dataset)
-               & (runs["tags.dmlbench.entry"] == entry.name)].copy()
+    sel = runs[
+        (runs["tags.dmlbench.role"] == "trial")
+        & (runs["tags.dmlbench.dataset"] == dataset)
+        & (runs["tags.dmlbench.entry"] == entry.name)
+    ].copy()
     sel["trial"] = sel["tags.dmlbench.trial"].astype(int)
     return sel.sort_values(["trial", "start_time"])
 
@@ -64,6 +73,3 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
 def recall_ks(runs: pd.DataFrame) -> list[int]:
     ks = {int(m.group(1)) for c in runs.columns if (m := re.match(r"metrics\.test/recall_at_(\d+)$", c))}
     return sorted(ks)
-
-
-

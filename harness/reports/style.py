@@ -1,6 +1,7 @@
 """One look for every figure of a report: matplotlib settings, and a colour per method that stays
 the same across figures (spec order), distinguishable for 20 methods; untrained reference rows
 are grey everywhere."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -9,10 +10,24 @@ from typing import Any
 
 #: the report's matplotlib settings (applied with ``rc_context``, so nothing leaks out)
 RC: dict[str, Any] = {
-    "figure.dpi": 100, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
-    "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3,
-    "grid.linewidth": 0.6, "axes.spines.top": False, "axes.spines.right": False, "lines.linewidth": 1.4,
-    "lines.markersize": 3.5, "legend.frameon": False, "axes.titlelocation": "left", "pdf.fonttype": 42,
+    "figure.dpi": 100,
+    "savefig.dpi": 200,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.linewidth": 1.4,
+    "lines.markersize": 3.5,
+    "legend.frameon": False,
+    "axes.titlelocation": "left",
+    "pdf.fonttype": 42,
 }
 
 REFERENCE_COLOUR = "0.55"

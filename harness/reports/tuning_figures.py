@@ -1,6 +1,7 @@
 """The Optuna side of a report, read from the study's own storage (``optuna.load_study``, never
 written), so it shows what optuna-dashboard shows: the optimisation history and, from enough
 trials, fANOVA parameter importances. Drawn in the report's style rather than Optuna's."""
+
 from __future__ import annotations
 
 import warnings
@@ -46,7 +47,9 @@ def history_figure(spec: StudySpec, dataset: str, path: Path, notes: list[str], 
         if complete:
             studies.append((entry, study, complete))
         else:
-            notes.append(f"{dataset}/{entry.label}: no completed trial in the Optuna storage, not in the history figure")
+            notes.append(
+                f"{dataset}/{entry.label}: no completed trial in the Optuna storage, not in the history figure"
+            )
     if not studies:
         return False
     colours = method_colours([e.name for e in spec.entries])
@@ -60,26 +63,33 @@ def history_figure(spec: StudySpec, dataset: str, path: Path, notes: list[str], 
             ax.scatter(numbers, values, s=12, color=colours[entry.name], zorder=3)
             pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
             if pruned:
-                ax.scatter([t.number for t in pruned],
-                           [t.intermediate_values[max(t.intermediate_values)] for t in pruned], marker="x", s=12,
-                           color="0.5")
+                ax.scatter(
+                    [t.number for t in pruned],
+                    [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+                    marker="x",
+                    s=12,
+                    color="0.5",
+                )
             best = [max(values[: i + 1]) for i in range(len(values))]
             ax.step(numbers, best, where="post", color="0.2", lw=1)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{entry.label} ({len(complete)})", fontsize=8)
-        for ax in list(axes.flat)[len(studies):]:
+        for ax in list(axes.flat)[len(studies) :]:
             ax.set_visible(False)
         fig.supxlabel("trial", fontsize=8)
         fig.supylabel(metric, fontsize=8)
-        fig.suptitle(f"{dataset}: Optuna history (dots: completed trials, x: pruned at their last report, "
-                     "line: best so far)", fontsize=8)
+        fig.suptitle(
+            f"{dataset}: Optuna history (dots: completed trials, x: pruned at their last report, line: best so far)",
+            fontsize=8,
+        )
         fig.tight_layout()
         _save(fig, path)
     return True
 
 
-def importance_figures(spec: StudySpec, dataset: str, entry: Entry, folder: Path, notes: list[str],
-                       storage: str | None = None) -> list[Path]:
+def importance_figures(
+    spec: StudySpec, dataset: str, entry: Entry, folder: Path, notes: list[str], storage: str | None = None
+) -> list[Path]:
     """fANOVA parameter importances of one entry, from MIN_TRIALS_FOR_IMPORTANCE completed trials on
     (the rule optuna-dashboard does not apply: it computes them from any two); else a note."""
     import optuna
@@ -93,15 +103,18 @@ def importance_figures(spec: StudySpec, dataset: str, entry: Entry, folder: Path
         return []
     varying = [k for k in study.best_params if len({t.params.get(k) for t in complete}) > 1]
     if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not varying:
-        notes.append(f"{dataset}/{entry.label}: parameter importances skipped: {len(complete)} completed "
-                     f"trial(s) and {len(varying)} varying parameter(s); fANOVA on fewer than "
-                     f"{MIN_TRIALS_FOR_IMPORTANCE} trials says nothing (optuna-dashboard draws them from 2)")
+        notes.append(
+            f"{dataset}/{entry.label}: parameter importances skipped: {len(complete)} completed "
+            f"trial(s) and {len(varying)} varying parameter(s); fANOVA on fewer than "
+            f"{MIN_TRIALS_FOR_IMPORTANCE} trials says nothing (optuna-dashboard draws them from 2)"
+        )
         return []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             importances = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            )
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
         notes.append(f"{dataset}/{entry.label}: parameter importances skipped ({type(exc).__name__}: {exc})")
         return []

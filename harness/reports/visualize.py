@@ -6,6 +6,7 @@ by the same sampling grid, so magnified regions show as stretched cells. The mod
 from the run's own artifacts (``config.yaml`` + ``trainable.safetensors``), so the figure is of
 exactly the checkpoint the run reported.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -25,7 +26,9 @@ def _download(client, run_id: str, name: str, dst: str) -> Path:
     try:
         return Path(client.download_artifacts(run_id, name, dst))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
-        raise UserError(f"run {run_id} has no artifact '{name}' ({type(exc).__name__}); was it logged by dmlbench train?") from None
+        raise UserError(
+            f"run {run_id} has no artifact '{name}' ({type(exc).__name__}); was it logged by dmlbench train?"
+        ) from None
 
 
 def _test_images(cfg, splits, backbone, n: int) -> torch.Tensor:
@@ -37,8 +40,18 @@ def _test_images(cfg, splits, backbone, n: int) -> torch.Tensor:
     if name is None:
         raise UserError(f"dataset {cfg.dataset} has no evaluation split to draw images from")
     table = getattr(splits, name)
-    batches = data.split_batches(table, cfg.data, cfg.seed, cfg.eval.batch_size, backbone.mean, backbone.std,
-                                 torch.device("cpu"), "cpu", train=False, split=name)
+    batches = data.split_batches(
+        table,
+        cfg.data,
+        cfg.seed,
+        cfg.eval.batch_size,
+        backbone.mean,
+        backbone.std,
+        torch.device("cpu"),
+        "cpu",
+        train=False,
+        split=name,
+    )
     idx = np.unique(np.linspace(0, len(table) - 1, num=min(n, len(table))).round().astype(int))
     return batches.images_at(idx.tolist())
 
@@ -57,8 +70,8 @@ def grid_lines(height: int, width: int, cells: int = GRID_CELLS) -> torch.Tensor
     for k in range(cells + 1):
         y = min(height - t, round(k * (height - 1) / cells))
         x = min(width - t, round(k * (width - 1) / cells))
-        mask[..., y:y + t, :] = 1
-        mask[..., :, x:x + t] = 1
+        mask[..., y : y + t, :] = 1
+        mask[..., :, x : x + t] = 1
     return mask
 
 
@@ -68,8 +81,15 @@ def _overlay(image: np.ndarray, lines: np.ndarray) -> np.ndarray:
     return image * (1 - a) + np.array([1.0, 0.1, 0.1]) * a
 
 
-def draw_dpp_figure(images: np.ndarray, saliency: np.ndarray, warped: np.ndarray,
-                    lines: np.ndarray, warped_lines: np.ndarray, path: Path, title: str) -> None:
+def draw_dpp_figure(
+    images: np.ndarray,
+    saliency: np.ndarray,
+    warped: np.ndarray,
+    lines: np.ndarray,
+    warped_lines: np.ndarray,
+    path: Path,
+    title: str,
+) -> None:
     """Three rows (original + grid, saliency A, warped + warped grid), one column per image."""
     import matplotlib
 
@@ -102,13 +122,11 @@ def load_run_model(run_id: str, tracking_uri: str | None = None, need: Any = Non
     from mlflow.exceptions import MlflowException
     from safetensors.torch import load_file
 
-    from harness import data
-    from harness.training.setup import splits_for
     from harness.models import backbone_from
-    from harness.training.resolution import resolve
-    from harness.training.setup import build_model
     from harness.runtime import seed_everything
     from harness.tracking.store import resolve_uri
+    from harness.training.resolution import resolve
+    from harness.training.setup import build_model, splits_for
 
     client = MlflowClient(tracking_uri=resolve_uri(tracking_uri or ""))
     try:
@@ -138,8 +156,10 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
 
     def need(cfg: Any) -> None:
         if not getattr(cfg.method_args, "use_dpp", False):
-            raise UserError(f"run {run_id} used method '{cfg.method}' without a DPP; "
-                            "visualize dpp needs a run of frpt, frpt_dpp or frpt_no_in")
+            raise UserError(
+                f"run {run_id} used method '{cfg.method}' without a DPP; "
+                "visualize dpp needs a run of frpt, frpt_dpp or frpt_no_in"
+            )
 
     client, cfg, splits, backbone, model = load_run_model(run_id, tracking_uri, need)
     images = _test_images(cfg, splits, backbone, n)
@@ -149,6 +169,7 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
         lines = grid_lines(h, w)
         warped_lines = model.dpp_prompt.sampler.resample(lines.expand(len(images), -1, -1, -1), out["grid"])
         saliency = F.interpolate(out["saliency"], size=(h, w), mode="bilinear", align_corners=False)
+
     def to_np(x: torch.Tensor) -> np.ndarray:
         return displayable(x, backbone)
 
@@ -156,8 +177,13 @@ def visualize_dpp(run_id: str, n: int = 8, out_dir: Path | None = None, tracking
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"dpp_{run_id}.png"
     draw_dpp_figure(
-        to_np(images), saliency[:, 0].numpy(), to_np(out["images"]), lines[0, 0].numpy(),
-        warped_lines[:, 0].numpy(), path, f"DPP of run {run_id[:12]} ({cfg.method}, {cfg.backbone}, {cfg.dataset})",
+        to_np(images),
+        saliency[:, 0].numpy(),
+        to_np(out["images"]),
+        lines[0, 0].numpy(),
+        warped_lines[:, 0].numpy(),
+        path,
+        f"DPP of run {run_id[:12]} ({cfg.method}, {cfg.backbone}, {cfg.dataset})",
     )
     client.log_artifact(run_id, str(path))
     return path
