@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# tiny shapes and `pytest -n 2` on 2 cores: one thread per process avoids oversubscription, which
+# made small convolutions several times slower. Set before torch loads, and in the environment so
+# every subprocess a test starts (dmlbench commands, servers, the GPU-window script) inherits it:
+# two workers each running a 2-thread subprocess spun OpenMP threads against each other (the
+# toy GPU-window test took 173 s in the suite and 34 s alone).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-# tiny shapes and `pytest -n 2` on 2 cores: one thread per worker avoids oversubscription,
-# which made small convolutions several times slower
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 
 

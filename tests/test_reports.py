@@ -155,10 +155,50 @@ def test_results_are_the_reproduction_runs(finished_study, tmp_path):
         assert row["test/recall_at_1_std [fraction]"] == pytest.approx(values.std(ddof=1), abs=1e-12)
         cell = fmt_pm(values.mean() * 100, values.std(ddof=1) * 100)
         md = (out / "results.md").read_text()  # the best of a column is bold, as in LaTeX
-        assert (f"| {cell} |" in md or f"| **{cell}** |" in md) and f"| {row['label']} | 2 |" in md
+        shown = (f"| {cell}{mark} |" in md or f"| **{cell}{mark}** |" in md for mark in ("", "†"))
+        assert any(shown) and f"| {row['label']} | 2 |" in md
     assert table.loc[1, "params/trainable_inference_mean [count]"] == 0  # the untrained backbone trains nothing used
     tuning = pd.read_csv(out / "tuning.csv")
     assert list(tuning["complete"]) == [2, 0]
+
+
+def test_intervals_significance_and_the_verdict_come_from_the_per_query_tables(finished_study, tmp_path):
+    from harness.reports.stats import paired_differences, paired_p_value, two_level_interval
+
+    out = build_report(finished_study, out_dir=tmp_path / "ci", ci=True)
+    table = pd.read_csv(out / "results.csv").set_index("entry")
+    runs = mlflow.search_runs(
+        experiment_names=["fashion_mnist"],
+        output_format="list",
+        filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.role` = 'reproduction'",
+    )
+    queries = {}
+    for entry in ("linear_probe", "pretrained"):
+        frames = []
+        for r in sorted(
+            (r for r in runs if r.data.tags["dmlbench.entry"] == entry), key=lambda r: r.data.tags["dmlbench.seed"]
+        ):
+            path = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="per_query/test.parquet")
+            frames.append(pd.read_parquet(path).assign(seed=int(r.data.tags["dmlbench.seed"])))
+        queries[entry] = pd.concat(frames)
+        interval = two_level_interval([f["ap_at_r"].to_numpy() for f in frames])
+        row = table.loc[entry]
+        assert (row["test/map_at_r_ci_low [fraction]"], row["test/map_at_r_ci_high [fraction]"]) == interval
+        assert interval[0] <= row["test/map_at_r_mean [fraction]"] <= interval[1]
+    best = table["test/map_at_r_mean [fraction]"].idxmax()
+    other = ({"linear_probe", "pretrained"} - {best}).pop()
+    assert np.isnan(table.loc[best, "test/map_at_r_p_best"])
+    p = paired_p_value(paired_differences(queries[other], queries[best], "ap_at_r"))  # one comparison: Holm = raw
+    assert table.loc[other, "test/map_at_r_p_best"] == pytest.approx(p)
+    assert bool(table.loc[other, "test/map_at_r_tied_best"]) == (p >= 0.05)
+    report = (out / "report.md").read_text()
+    verdict = paired_p_value(paired_differences(queries["linear_probe"], queries["pretrained"], "ap_at_r"))
+    word = "significant at 5%" if verdict < 0.05 else "not significant"
+    assert "Linear probe, the trained method with the best validation val_map_at_r" in report
+    assert f"{word} (paired permutation test over" in report and f"p = {verdict:.3g})" in report
+    assert "two-level percentile bootstrap" in report and "mean [95% interval]" in report
+    assert " [" in (out / "results.md").read_text()  # intervals in the cells with --ci
+    assert " ± " in (build_report(finished_study, out_dir=tmp_path / "pm") / "results.md").read_text()
 
 
 def test_report_is_logged_to_a_study_run(finished_study, tmp_path):

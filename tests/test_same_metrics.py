@@ -2,10 +2,13 @@
 
 ``tests/data/tiny_runs.json`` holds the metrics of a few tiny runs (CNN and ViT, frozen and
 trained backbones, VPTSP-G's memory bank, LoRA merged at test time) computed by the code before
-``harness/core`` was split, on the machine named in the file. On that machine (same processor,
-same torch) every number must be equal bit for bit; on another machine floating-point kernels
-may differ in the last bits, which two epochs can amplify, so there the comparison allows a
-small tolerance and says so. Regenerate (only on purpose) with ``python tests/test_same_metrics.py``.
+``harness/core`` was split, once per machine it was run on (an AVX2 and an AVX-512 processor so
+far: their float kernels differ in the last bits, and two epochs amplify that enough to flip which
+epoch validation selects). On a recorded machine (same processor capability, same torch) every
+number must be equal bit for bit. On another machine the per-epoch numbers and the counts are
+compared with a small tolerance, and the selected epoch's (``best/``, ``test/``) are left out: a
+last-bit difference may select the other epoch. Add a machine (only with the code of commit
+8dd1874's tree) with ``python tests/test_same_metrics.py``.
 """
 
 from __future__ import annotations
@@ -81,15 +84,17 @@ def tiny_runs(uri: str) -> dict[str, dict[str, float]]:
 
 def test_tiny_runs_give_the_metrics_they_gave_before_the_rebuild(tracking_uri):
     torch.set_num_threads(1)
-    recorded = json.loads(FIXTURE.read_text())
+    machines = json.loads(FIXTURE.read_text())["machines"]
     now = tiny_runs(tracking_uri)
-    same_machine = recorded["machine"] == machine()
+    recorded = next((m for m in machines if m["machine"] == machine()), None)
+    same_machine = recorded is not None
+    recorded = recorded or machines[0]
     for name, before in recorded["runs"].items():
         assert set(now[name]) == set(before), name
         for key, value in before.items():
             if same_machine:
                 assert now[name][key] == value, (name, key, now[name][key], value)
-            else:  # another processor or torch: last-bit differences, said in the module docstring
+            elif not key.startswith(("best/", "test/")):  # another machine: the module docstring
                 assert now[name][key] == pytest.approx(value, rel=2e-3, abs=2e-2), (name, key)
 
 
@@ -104,5 +109,10 @@ if __name__ == "__main__":
         mlflow.set_tracking_uri(uri)
         runs = tiny_runs(uri)
     FIXTURE.parent.mkdir(exist_ok=True)
-    FIXTURE.write_text(json.dumps({"machine": machine(), "runs": runs}, indent=1, sort_keys=True) + "\n")
+    old = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {}
+    if "runs" in old:  # a single-machine file (before a second machine was added)
+        old = {"machines": [old]}
+    kept = [m for m in old.get("machines", []) if m["machine"] != machine()]
+    record = {"recorded_by": old.get("recorded_by", ""), "machines": kept + [{"machine": machine(), "runs": runs}]}
+    FIXTURE.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"wrote {FIXTURE}")

@@ -219,7 +219,7 @@ class TrackingConfig:
     #: experiment name ('' = dataset name)
     experiment: str = ""
     run_name: str = ""
-    #: log the curves PNG and the trainable weights
+    #: log the curves PNG and the trainable weights (per-query results, per_query/*.parquet, always)
     log_artifacts: bool = True
     #: keep the trainable weights of every study tuning trial (default: the best trial's only,
     #: besides the reproductions; a ViT study would otherwise store GBs of trials)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from harness.config import home
@@ -28,6 +27,7 @@ from harness.reports.formatting import md_table
 from harness.reports.published import matches, paper_tables, published_tables
 from harness.reports.retention import gain_retention_figure, retention_summary, retention_tables, transfer_datasets
 from harness.reports.runs import fetch_runs
+from harness.reports.significance import METHOD, add_uncertainty, query_tables, verdicts
 from harness.reports.tables import results_tables, summarize, summary_csv, tuning_table
 from harness.reports.tuning_figures import history_figure, importance_figures
 from harness.studies.loading import load_spec
@@ -50,6 +50,7 @@ def build_report(
     out_dir: str | Path | None = None,
     tracking_uri: str | None = None,
     storage: str | None = None,
+    ci: bool = False,
 ) -> Path:
     """Write ``reports/<study>/`` (or ``out_dir``) from the study's MLflow runs; returns the folder."""
     import mlflow
@@ -86,9 +87,10 @@ def build_report(
     written: list[Path] = []
     notes: list[str] = []
 
-    summary = summarize(spec, runs)
+    queries = query_tables(spec, runs)  # per-query test tables of the reproductions: the uncertainty
+    summary = add_uncertainty(spec, summarize(spec, runs), queries)
     _write(out, "results.csv", summary_csv(summary), written)
-    results_md, results_tex = results_tables(spec, summary)
+    results_md, results_tex = results_tables(spec, summary, ci=ci)
     _write(out, "results.md", results_md, written)
     _write(out, "results.tex", results_tex, written)
 
@@ -177,47 +179,15 @@ def build_report(
         figures,
         notes,
         out,
-        untrained_verdicts(spec, summary),
+        verdicts(spec, runs, summary, queries),
         retention_md,
+        uncertainty=(METHOD if queries else "No per-query tables in these runs: no intervals or significance marks.")
+        + (" Cells show the 95% interval." if ci and queries else ""),
+        ci=ci and bool(queries),
     )
     _write(out, "report.md", report, written)
     _prune_stale(out, written)
     _log_to_mlflow(spec, out)
-    return out
-
-
-def untrained_verdicts(spec: StudySpec, summary: pd.DataFrame) -> list[str]:
-    """Per dataset, plainly: does the best trained method beat the untrained pretrained backbone
-    on the test metric of the study's objective, by more than the seeds' spread?"""
-    out = []
-    references = [
-        e
-        for e in spec.entries
-        if e.fixed and e.overrides.get("optim.epochs") == 0 and e.overrides.get("model.pretrained", True) is not False
-    ]  # the backbone as it comes
-    key = "test/map_at_r" if spec.objective == "val_map_at_r" else "test/recall_at_1"
-    name = "MAP@R" if key == "test/map_at_r" else "R@1"
-    for dataset in spec.datasets:
-        part = summary[summary["dataset"] == dataset].dropna(subset=[f"{key}_mean"])
-        refs = part[part["entry"].isin([e.name for e in references])]
-        trained = part[~part["entry"].isin([e.name for e in spec.entries if e.fixed])]
-        if refs.empty or trained.empty:
-            continue
-        ref, best = refs.loc[refs[f"{key}_mean"].idxmax()], trained.loc[trained[f"{key}_mean"].idxmax()]
-        a, b = best[f"{key}_mean"] * 100, ref[f"{key}_mean"] * 100
-        spread = max(np.nan_to_num(best[f"{key}_std"]), np.nan_to_num(ref[f"{key}_std"])) * 100
-        if a - b > spread:
-            verdict = (
-                f"beats it by {a - b:.1f} points, more than the seeds' spread ({spread:.1f}): tuning buys something"
-            )
-        elif a > b:
-            verdict = f"is {a - b:.1f} points above it, within the seeds' spread ({spread:.1f}): no clear gain"
-        else:
-            verdict = "does not beat it: training does not improve on the backbone here"
-        out.append(
-            f"{dataset}: the best trained method, {best['label']} (test {name} {a:.1f}), against the untrained "
-            f"backbone ({ref['label']}, {b:.1f}) {verdict}."
-        )
     return out
 
 
@@ -232,13 +202,15 @@ def _report_md(
     out: Path,
     verdicts: list[str],
     retention_md: str = "",
+    uncertainty: str = "",
+    ci: bool = False,
 ) -> str:
     b = spec.budget
     lines = [f"# Study `{spec.name}`", ""]
     if spec.description:
         lines += [spec.description, ""]
     if verdicts:
-        lines += ["**Trained vs untrained:** " + " ".join(verdicts), ""]
+        lines += ["**Trained vs untrained (the method picked on validation):** " + " ".join(verdicts), ""]
     lines += [
         f"- datasets: {', '.join(spec.datasets)}; backbone: {spec.backbone}",
         f"- objective: maximise `{spec.metric}` (validation split, class-disjoint from training)",
@@ -247,7 +219,11 @@ def _report_md(
         f"- sampler: {spec.sampler['name']} (seed {spec.sampler.get('seed', 0)}); pruner: {spec.pruner['name']}",
         f"- reproductions of each best configuration: seeds {', '.join(map(str, spec.seeds))}",
         "",
-        "## Results (test split, %, mean ± std over seeds; checkpoint selected on validation)",
+        "## Results (test split, %, "
+        + ("mean [95% interval]" if ci else "mean ± std over seeds")
+        + "; checkpoint selected on validation)",
+        "",
+        uncertainty,
         "",
         results_md,
     ]

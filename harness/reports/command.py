@@ -17,6 +17,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="Optuna storage URL of the study, for its history and "
         "importance figures (default: the spec's, else the journal file)",
     )
+    r.add_argument(
+        "--ci",
+        action="store_true",
+        help="show 95%% intervals (seeds and queries, bootstrap) in the tables instead of mean ± std",
+    )
     r.set_defaults(func=report)
 
     v = sub.add_parser("visualize", help="figures of a trained run")
@@ -30,7 +35,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def report(args: argparse.Namespace) -> int:
     from harness.reports.build import build_report
 
-    out = build_report(args.spec, out_dir=args.out, tracking_uri=args.tracking_uri or None, storage=args.storage)
+    out = build_report(
+        args.spec, out_dir=args.out, tracking_uri=args.tracking_uri or None, storage=args.storage, ci=args.ci
+    )
     print(f"report written to {out}")
     return 0
 

@@ -48,7 +48,18 @@ def summarize(spec: StudySpec, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def results_tables(spec: StudySpec, summary: pd.DataFrame) -> tuple[str, str]:
+def cell(r: pd.Series, m: str, ci: bool) -> str:
+    """One retrieval cell in %: ``mean ± std`` (or ``mean [low, high]``, the 95% interval, with
+    ``ci``), and a dagger where the method is not significantly different from the best."""
+    mean, low, high = r[f"{m}_mean"], r.get(f"{m}_ci_low", np.nan), r.get(f"{m}_ci_high", np.nan)
+    if ci and np.isfinite(mean) and np.isfinite(low):
+        text = f"{mean * 100:.1f} [{low * 100:.1f}, {high * 100:.1f}]"
+    else:
+        text = fmt_pm(mean * 100, r[f"{m}_std"] * 100)
+    return text + ("†" if bool(r.get(f"{m}_tied_best", False)) else "")
+
+
+def results_tables(spec: StudySpec, summary: pd.DataFrame, ci: bool = False) -> tuple[str, str]:
     """Markdown and LaTeX, per dataset: the main table (method, trainable parameters, retrieval)
     narrow enough for a two-column paper's ``table*``, then the cost table (seeds, parameters at
     inference, memory, throughput). The best value of each retrieval column is bold in both
@@ -67,16 +78,12 @@ def results_tables(spec: StudySpec, summary: pd.DataFrame) -> tuple[str, str]:
             retrieval.append("test/selected_recall_at_1")
             headers.append("R@1 test-sel.")
         rows = [
-            [
-                r["label"],
-                fmt_count(r["params/trainable_mean"]),
-                *[fmt_pm(r[f"{m}_mean"] * 100, r[f"{m}_std"] * 100) for m in retrieval],
-            ]
+            [r["label"], fmt_count(r["params/trainable_mean"]), *[cell(r, m, ci) for m in retrieval]]
             for _, r in part.iterrows()
         ]
         bold = [(row, 2 + col) for col, m in enumerate(retrieval) for row in best_rows(list(part[f"{m}_mean"] * 100))]
         md_rows = [[f"**{v}**" if (i, j) in set(bold) else v for j, v in enumerate(row)] for i, row in enumerate(rows)]
-        caption = main_caption(spec, dataset, part, "test-sel." in headers[-1])
+        caption = main_caption(spec, dataset, part, "test-sel." in headers[-1], ci)
         memory = memory_label(part)
         cost_headers = (
             ["Method", "Seeds", "Params (train)", "Params (inference)"] + ([memory] if memory else []) + ["img/s"]
@@ -113,7 +120,7 @@ def results_tables(spec: StudySpec, summary: pd.DataFrame) -> tuple[str, str]:
     return "\n".join(md), "\n".join(tex)
 
 
-def main_caption(spec: StudySpec, dataset: str, part: pd.DataFrame, test_selected: bool) -> str:
+def main_caption(spec: StudySpec, dataset: str, part: pd.DataFrame, test_selected: bool, ci: bool = False) -> str:
     """The main table's caption: what the numbers are, over which seeds, under which protocol."""
     protocol = {
         "fair": "checkpoint selected on held-out validation classes",
@@ -127,11 +134,21 @@ def main_caption(spec: StudySpec, dataset: str, part: pd.DataFrame, test_selecte
     else:
         n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         over = f"mean ± std over {n} seeds ({', '.join(map(str, spec.seeds))})"
+    if ci and counts:
+        over = over.replace("mean ± std", "mean [95% interval over seeds and queries]")
     return (
         f"{spec.name} on {dataset}: test retrieval in %, {over}; protocol '{spec.protocol}': {protocol}; "
         f"Params: trainable parameters. "
         + ("R@1 test-sel. is the best test epoch, as the papers report; " if test_selected else "")
         + "best per column in bold"
+        + (
+            "; † not significantly different from the best (R@1, MAP@R: paired permutation test over queries "
+            "and seeds, Holm-corrected, 5%)"
+            if any(
+                part.get(f"{m}_tied_best", pd.Series(dtype=bool)).any() for m in ("test/recall_at_1", "test/map_at_r")
+            )
+            else ""
+        )
     )
 
 
@@ -151,6 +168,8 @@ def summary_csv(summary: pd.DataFrame) -> str:
     """The summary at full precision, each metric column named with its unit."""
 
     def named(col: str) -> str:
+        if col.endswith(("_p_best", "_p_reference", "_tied_best")):  # p-values and flags: no unit
+            return col
         unit = next((u for stem, u in UNITS.items() if col.startswith(stem)), None)
         return f"{col} [{unit}]" if unit else col
 

@@ -12,7 +12,7 @@ from harness import data
 from harness.config import DataConfig
 from harness.models.backbones import Backbone
 from harness.models.model import DMLModel
-from harness.retrieval.metrics import evaluate_retrieval
+from harness.retrieval.metrics import PerQuery, per_query_retrieval
 from harness.runtime import interrupts, to_device
 
 
@@ -31,12 +31,17 @@ def embed(model: DMLModel, batches: data.Batches, amp: Any, desc: str) -> tuple[
 
 def evaluate(model: DMLModel, loaders: dict, amp: Any, ks: tuple[int, ...], split: str) -> dict[str, float]:
     """Retrieval metrics of ``split``: self-retrieval, or query vs gallery for In-Shop."""
+    return evaluate_queries(model, loaders, amp, ks, split).means()
+
+
+def evaluate_queries(model: DMLModel, loaders: dict, amp: Any, ks: tuple[int, ...], split: str) -> PerQuery:
+    """:func:`evaluate`'s per-query results (their means are its metrics)."""
     if split == "test" and "query" in loaders:
         q, ql = embed(model, loaders["query"], amp, "query")
         g, gl = embed(model, loaders["gallery"], amp, "gallery")
-        return evaluate_retrieval(q, ql, g, gl, ks=ks)
+        return per_query_retrieval(q, ql, g, gl, ks=ks)
     e, el = embed(model, loaders[split], amp, split)
-    return evaluate_retrieval(e, el, ks=ks)
+    return per_query_retrieval(e, el, ks=ks)
 
 
 def metric_name(key: str) -> str:
@@ -94,7 +99,8 @@ class FeatureCache:
             rows = to_device(index, labels.device)
             yield features[rows], labels[rows], index
 
-    def evaluate(self, model: DMLModel, ks: tuple[int, ...], split: str) -> dict[str, float]:
+    def evaluate(self, model: DMLModel, ks: tuple[int, ...], split: str) -> PerQuery:
+        """Per-query results of ``split`` from the cached features through the trained head."""
         model.eval()
 
         def emb(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,5 +109,5 @@ class FeatureCache:
                 return torch.nn.functional.normalize(model.head(feats).float(), dim=-1), labels
 
         if split == "test" and "query" in self.features:
-            return evaluate_retrieval(*emb("query"), *emb("gallery"), ks=ks)
-        return evaluate_retrieval(*emb(split), ks=ks)
+            return per_query_retrieval(*emb("query"), *emb("gallery"), ks=ks)
+        return per_query_retrieval(*emb(split), ks=ks)

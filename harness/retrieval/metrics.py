@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -122,6 +123,75 @@ def _knn_torch_rows(
     return _stable_topk(sims, k)
 
 
+#: neighbours kept per query in a :class:`PerQuery` table (enough for a gallery of the top 5)
+NEIGHBOURS = 5
+
+
+@dataclass(frozen=True)
+class PerQuery:
+    """What each scored query got: the evidence behind the means, for intervals, paired tests,
+    per-class tables and galleries (lone queries, ``R == 0``, are left out as every metric skips them).
+
+    ``values[:, j]`` is query ``j``'s summand of each metric in :attr:`keys` (hit@K for Recall@K,
+    AP@R for MAP@R, its R-precision); :meth:`means` is what is logged, so the table's column means
+    equal the logged metrics exactly. ``neighbours`` are reference indices in rank order.
+    """
+
+    ks: tuple[int, ...]
+    query: np.ndarray  # int64 (n,): position of the query in its split
+    label: np.ndarray  # int64 (n,)
+    values: np.ndarray  # float64 (n, len(ks) + 2)
+    neighbours: np.ndarray  # int64 (n, m), m <= NEIGHBOURS
+    neighbour_labels: np.ndarray  # int64 (n, m); (n, 1) when read back from a table (nn1_class)
+
+    @property
+    def keys(self) -> list[str]:
+        return recall_keys(self.ks) + ["map@r", "r_precision"]
+
+    def means(self) -> dict[str, float]:
+        """The metrics: column means in float64 (torch's reduction, as before per-query tables
+        existed, so logged numbers did not move; pandas' ``.mean()`` agrees to ~1e-16); NaN
+        without any query."""
+        if not len(self.query):
+            return {key: float("nan") for key in self.keys}
+        means = torch.from_numpy(self.values).mean(0).tolist()
+        return {key: float(v) for key, v in zip(self.keys, means)}
+
+    @classmethod
+    def from_frame(cls, frame) -> PerQuery:
+        """The table :meth:`frame` wrote, read back (a run's ``per_query/*.parquet``)."""
+        ks = tuple(int(c.removeprefix("hit_at_")) for c in frame.columns if c.startswith("hit_at_"))
+        hits = [frame[f"hit_at_{k}"].to_numpy(np.float64) for k in ks]
+        values = np.stack(hits + [frame["ap_at_r"].to_numpy(np.float64), frame["r_precision"].to_numpy(np.float64)], 1)
+        nn = [c for c in frame.columns if c.startswith("nn_") and c[3:].isdigit()]
+        neighbours = frame[nn].to_numpy(np.int64).reshape(len(frame), len(nn))
+        first = frame["nn1_class"].to_numpy(np.int64)[:, None]
+        return cls(ks, frame["query"].to_numpy(np.int64), frame["class"].to_numpy(np.int64), values, neighbours, first)
+
+    def frame(self):
+        """One row per query: ``query``, ``class``, ``hit_at_K``..., ``ap_at_r``, ``r_precision``,
+        ``nn_1``... (reference index of each neighbour) and ``nn1_class``."""
+        import pandas as pd
+
+        cols: dict[str, np.ndarray] = {"query": self.query.astype(np.int32), "class": self.label.astype(np.int32)}
+        for j, k in enumerate(self.ks):
+            cols[f"hit_at_{k}"] = self.values[:, j].astype(bool)
+        cols["ap_at_r"] = self.values[:, len(self.ks)]
+        cols["r_precision"] = self.values[:, len(self.ks) + 1]
+        for i in range(self.neighbours.shape[1]):
+            cols[f"nn_{i + 1}"] = self.neighbours[:, i].astype(np.int32)
+        cols["nn1_class"] = self.neighbour_labels[:, 0].astype(np.int32) if self.neighbours.shape[1] else -1
+        return pd.DataFrame(cols)
+
+
+def column_of(key: str) -> str:
+    """The :meth:`PerQuery.frame` column whose mean is metric ``key`` (``recall_at_1`` or ``recall@1``)."""
+    key = key.replace("_at_", "@")
+    if key.startswith("recall@"):
+        return "hit_at_" + key.split("@", 1)[1]
+    return {"map@r": "ap_at_r", "r_precision": "r_precision"}[key]
+
+
 def evaluate_retrieval(
     query_embeddings,
     query_labels,
@@ -138,6 +208,29 @@ def evaluate_retrieval(
     None picks faiss when it is installed and the embeddings are on the CPU (CUDA tensors stay on
     their GPU with the torch path); True requires faiss; False forces the torch path.
     """
+    return per_query_retrieval(
+        query_embeddings,
+        query_labels,
+        reference_embeddings,
+        reference_labels,
+        ks,
+        chunk_size=chunk_size,
+        use_faiss=use_faiss,
+    ).means()
+
+
+def per_query_retrieval(
+    query_embeddings,
+    query_labels,
+    reference_embeddings=None,
+    reference_labels=None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    chunk_size: int = 4096,
+    use_faiss: bool | None = None,
+    neighbours: int = NEIGHBOURS,
+) -> PerQuery:
+    """:func:`evaluate_retrieval`'s per-query values (and each query's nearest ``neighbours``)."""
     q = _as_tensor(query_embeddings)
     device = q.device
     q = F.normalize(q.to(device, torch.float32), dim=1)
@@ -152,9 +245,9 @@ def evaluate_retrieval(
         rl = _as_tensor(reference_labels).to(device).reshape(-1).long()
     if len(q) != len(ql) or len(ref) != len(rl):
         raise ValueError("embeddings and labels must have the same length")
-    ks = [int(k) for k in ks]
+    ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+        raise ValueError(f"ks must be positive integers, got {list(ks)}")
 
     # R per query: reference items sharing its label (minus itself in self-retrieval).
     uniq, inv = torch.unique(torch.cat([rl, ql]), return_inverse=True)
@@ -162,10 +255,18 @@ def evaluate_retrieval(
     r_per_query = ref_counts[inv[len(rl) :]] - int(self_retrieval)
     n_avail = len(ref) - int(self_retrieval)
     k = min(max(max(ks), int(r_per_query.max()) if len(q) else 0), n_avail)
-    keys = recall_keys(ks) + ["map@r", "r_precision"]
     valid = r_per_query > 0
+    m = max(0, min(neighbours, k))
+    empty = PerQuery(
+        ks,
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        np.zeros((0, len(ks) + 2)),
+        np.zeros((0, m), np.int64),
+        np.zeros((0, m), np.int64),
+    )
     if k <= 0 or not bool(valid.any()):
-        return {key: float("nan") for key in keys}
+        return empty
 
     if use_faiss is None:
         use_faiss = faiss is not None and device.type == "cpu"
@@ -177,8 +278,10 @@ def evaluate_retrieval(
         index = faiss.IndexFlatIP(ref.shape[1])
         index.add(np.ascontiguousarray(ref.numpy()))
 
-    # Per-query values, summed once at the end: the result does not depend on chunk_size.
-    per_query = torch.zeros(int(valid.sum()), len(ks) + 2, dtype=torch.float64, device=device)
+    # Per-query values, reduced once at the end: the result does not depend on chunk_size.
+    n_valid = int(valid.sum())
+    per_query = torch.zeros(n_valid, len(ks) + 2, dtype=torch.float64, device=device)
+    nearest = torch.zeros(n_valid, m, dtype=torch.long, device=device)
     filled = 0
     buffer = None
     if not use_faiss:
@@ -197,9 +300,17 @@ def evaluate_retrieval(
         hits = (rl[nn_idx] == ql[start:stop, None])[keep]
         values = _per_query_metrics(hits, r_per_query[start:stop][keep], ks)
         per_query[filled : filled + len(values)] = values
+        nearest[filled : filled + len(values)] = nn_idx[keep][:, :m]
         filled += len(values)
-    means = per_query.cpu().mean(0).tolist()  # CPU reduction: identical numbers on every device
-    return {key: float(v) for key, v in zip(keys, means)}
+    nearest = nearest.cpu()  # host arrays: identical numbers on every device
+    return PerQuery(
+        ks,
+        query=torch.nonzero(valid).flatten().cpu().numpy(),
+        label=ql[valid].cpu().numpy(),
+        values=per_query.cpu().numpy(),
+        neighbours=nearest.numpy(),
+        neighbour_labels=rl.cpu()[nearest].numpy(),
+    )
 
 
 def _per_query_metrics(hits: torch.Tensor, r: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:

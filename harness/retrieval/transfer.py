@@ -34,7 +34,8 @@ from harness.config import DataConfig
 from harness.data.specs import get_spec, read_raw, resolve_root, spec_names
 from harness.errors import UserError
 from harness.models.backbones import Backbone
-from harness.retrieval.evaluation import evaluate, metric_name
+from harness.retrieval.evaluation import evaluate, evaluate_queries, metric_name
+from harness.retrieval.metrics import PerQuery
 
 METRICS = ("recall_at_1", "map_at_r")
 
@@ -159,16 +160,21 @@ def transfer_metrics(
     amp: Any,
     device: torch.device,
     cache_dir: Path,
+    queries: dict[str, PerQuery] | None = None,
 ) -> dict[str, float]:
     """``transfer/<dataset>/...`` of the selected checkpoint (``selected``: its trainable state,
-    loaded unless the model already holds it ``merged``); untrained values cached in ``cache_dir``."""
+    loaded unless the model already holds it ``merged``); untrained values cached in ``cache_dir``.
+    ``queries``, when given, receives each dataset's per-query results of the trained model."""
     if not sets:
         return {}
     if selected and not merged:
         model.load_trainable_state_dict(selected)
     out: dict[str, float] = {}
     for ts in sets:
-        trained = {metric_name(k): v for k, v in evaluate(model, ts.loaders, amp, ts.ks, "test").items()}
+        scored = evaluate_queries(model, ts.loaders, amp, ts.ks, "test")
+        if queries is not None:
+            queries[ts.name] = scored
+        trained = {metric_name(k): v for k, v in scored.means().items()}
         untrained = untrained_metrics(ts, amp, device, cache_dir)
         for m in METRICS:
             out[f"transfer/{ts.name}/{m}"] = trained[m]

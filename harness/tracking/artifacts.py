@@ -24,16 +24,28 @@ def log_artifacts(
         log_whole(curves)
 
 
-def log_whole(path: Path) -> None:
+def log_per_query(tables: dict) -> None:
+    """``per_query/<name>.parquet``: one row per scored query of each evaluation (pandas frames
+    from :meth:`harness.retrieval.PerQuery.frame`), the evidence the reports' intervals,
+    paired tests and galleries are computed from."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, frame in tables.items():
+            path = Path(tmp) / f"{name}.parquet"
+            frame.to_parquet(path, index=False, compression="zstd")
+            log_whole(path, "per_query")
+
+
+def log_whole(path: Path, folder: str | None = None) -> None:
     """Log an artifact, or nothing: a copy cut short (a full disk) is removed from the store."""
     import mlflow
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     try:
-        mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(path), artifact_path=folder)
     except BaseException:
         try:
-            get_artifact_repository(mlflow.get_artifact_uri()).delete_artifacts(path.name)
+            name = f"{folder}/{path.name}" if folder else path.name
+            get_artifact_repository(mlflow.get_artifact_uri()).delete_artifacts(name)
         except Exception:  # noqa: BLE001 - nothing was written, or the store is gone too
             pass
         raise

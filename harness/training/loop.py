@@ -69,7 +69,8 @@ def train(
             evaluated = epoch % cfg.eval.every == 0 or epoch == run.epochs
             if evaluated:
                 row.update(evaluate_epoch(run, epoch))
-                run.best.offer(run.model, epoch, row, selection_key(cfg))
+                tested = run.queries.get("test") if "epoch_test/recall_at_1" in row else None
+                run.best.offer(run.model, epoch, row, selection_key(cfg), tested)
             log_epoch(run, epoch, row)
             if on_epoch is not None and evaluated:
                 on_epoch(epoch, row)
@@ -160,6 +161,8 @@ def finish(run: Run, started: float) -> dict[str, float]:
     """Test the selected checkpoint (and transfer), log the costs and end the run FINISHED."""
     selected = select_and_test(run)
     final = selected.metrics
+    queries = {"test": selected.queries} if selected.queries is not None else {}
+    transferred: dict = {}
     final.update(
         transfer_metrics(
             run.model,
@@ -169,8 +172,10 @@ def finish(run: Run, started: float) -> dict[str, float]:
             amp=run.amp(),
             device=run.device,
             cache_dir=run.checkpoints / "transfer",
+            queries=transferred,
         )
     )
+    queries.update({f"transfer_{name}": scored for name, scored in transferred.items()})
     synchronize(run.device)
     wall = time.perf_counter() - started
     final.update(
@@ -188,5 +193,5 @@ def finish(run: Run, started: float) -> dict[str, float]:
     run.facts.update({f"data/decoder/{name}": batches.decoders() for name, batches in run.loaders.items()})
     if run.model.merges_on_test and has_test(run.cfg, run.splits):  # a constant: a param, not a chart
         run.facts["model/merged"] = selected.merged
-    runlog.log_finish(run, final)
+    runlog.log_finish(run, final, queries)
     return final

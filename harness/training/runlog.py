@@ -8,8 +8,9 @@ import logging
 import torch
 
 from harness.config import RunConfig, flatten, to_dict, to_yaml
+from harness.retrieval import PerQuery
 from harness.tracking import store as tracking
-from harness.tracking.artifacts import log_artifacts
+from harness.tracking.artifacts import log_artifacts, log_per_query
 from harness.tracking.inputs import log_dataset_inputs
 from harness.training.state import Run
 
@@ -100,9 +101,10 @@ def forget_failed_attempt(run_id: str) -> None:
     mlflow.set_tag("dmlbench.status", "running")
 
 
-def log_finish(run: Run, final: dict[str, float]) -> None:
-    """The run's constants, final metrics and artifacts; the run ends FINISHED, its checkpoint
-    goes (unless ``tracking.keep_checkpoints``) and its claim is released."""
+def log_finish(run: Run, final: dict[str, float], queries: dict[str, PerQuery] | None = None) -> None:
+    """The run's constants, final metrics and artifacts (with the per-query results of its test
+    and transfer evaluations); the run ends FINISHED, its checkpoint goes (unless
+    ``tracking.keep_checkpoints``) and its claim is released."""
     import mlflow
 
     cfg = run.cfg
@@ -111,6 +113,8 @@ def log_finish(run: Run, final: dict[str, float]) -> None:
     if cfg.tracking.log_artifacts:
         title = f"{mlflow.active_run().info.run_name}: {cfg.method} on {cfg.dataset} ({cfg.backbone})"
         log_artifacts(run.best.state or {}, run.history, weights=cfg.tracking.log_weights, title=title)
+    # the reports' evidence (intervals, paired tests, galleries): small, so always kept
+    log_per_query({name: scored.frame() for name, scored in (queries or {}).items()})
     mlflow.set_tag("dmlbench.status", "finished")
     mlflow.end_run("FINISHED")
     if run.checkpoint is not None and not cfg.tracking.keep_checkpoints:

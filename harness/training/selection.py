@@ -14,7 +14,7 @@ import torch
 
 from harness import data
 from harness.config import RunConfig
-from harness.retrieval import metric_name
+from harness.retrieval import PerQuery, metric_name
 from harness.training.state import Run
 
 
@@ -35,6 +35,7 @@ class Selected:
     metrics: dict[str, float]
     state: dict[str, torch.Tensor] | None
     merged: bool = False
+    queries: PerQuery | None = None  # the reported test metrics per query (their means)
 
 
 def select_and_test(run: Run) -> Selected:
@@ -52,15 +53,21 @@ def select_and_test(run: Run) -> Selected:
     merge = run.model.merges_on_test
     if "epoch_test/recall_at_1" in row and not merge:
         test = {k.removeprefix("epoch_test/"): v for k, v in row.items() if k.startswith("epoch_test/")}
+        queries = best.tested
+        if queries is None:  # a resumed run tested that epoch before the restart: test it again
+            run.model.load_trainable_state_dict(best.state)
+            run.evaluate("test")
+            queries = run.queries["test"]
     else:
         run.model.load_trainable_state_dict(best.state)
         if merge:  # LoRA, SSF: the test split sees the merged backbone, at the backbone's own cost
             merged = run.model.merge_()
         test = {metric_name(k): v for k, v in run.evaluate("test").items()}
+        queries = run.queries["test"]
     final.update({f"test/{k}": v for k, v in test.items()})
     tested = [h for h in history if "epoch_test/recall_at_1" in h]
     if tested and run.cfg.eval.test_every_epoch:  # the papers' protocol; epoch 0 alone selects nothing
         top = max(tested, key=lambda h: h["epoch_test/recall_at_1"])
         final["test/selected_recall_at_1"] = top["epoch_test/recall_at_1"]
         final["test/selected_epoch"] = top["epoch"]
-    return Selected(final, best.state, merged)
+    return Selected(final, best.state, merged, queries)

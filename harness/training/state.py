@@ -22,7 +22,7 @@ import torch
 from harness import data
 from harness.config import RunConfig
 from harness.models import Backbone, DMLModel
-from harness.retrieval import FeatureCache, TransferSet, evaluate
+from harness.retrieval import FeatureCache, PerQuery, TransferSet, evaluate_queries
 from harness.training import checkpoint
 
 
@@ -33,11 +33,12 @@ class Best:
     score: float = -math.inf
     epoch: int = 0
     state: dict[str, torch.Tensor] | None = None
+    tested: PerQuery | None = None  # its test split per query, when tested that epoch (not checkpointed)
 
-    def offer(self, model: DMLModel, epoch: int, row: dict[str, float], key: str) -> None:
+    def offer(self, model: DMLModel, epoch: int, row: dict[str, float], key: str, tested: PerQuery | None) -> None:
         score = row.get(key, float(epoch))  # no val split (fair protocol): the last epoch
         if score > self.score:
-            self.score, self.epoch = score, epoch
+            self.score, self.epoch, self.tested = score, epoch, tested
             self.state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
 
 
@@ -79,6 +80,7 @@ class Run:
     seconds: float = 0.0  # seconds spent training them
     eval_seconds: float = 0.0  # wall time spent embedding and scoring splits (cost/eval_share)
     log_seconds: float = 0.0  # per-epoch MLflow logging and checkpointing
+    queries: dict[str, PerQuery] = field(default_factory=dict)  # each split's last evaluation, per query
     # the MLflow run, its checkpoint file and the claim on it (a process that trains a run holds it)
     run_id: str = ""
     checkpoint: Path | None = None
@@ -90,14 +92,16 @@ class Run:
         return max((int(h["epoch"]) for h in self.history), default=0)
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Retrieval metrics of ``split`` (from the cached frozen features when there are some)."""
+        """Retrieval metrics of ``split`` (from the cached frozen features when there are some);
+        the per-query results behind them stay in :attr:`queries`."""
         started = time.perf_counter()
         if self.cache is not None:
-            metrics = self.cache.evaluate(self.model, self.ks, split)
+            scored = self.cache.evaluate(self.model, self.ks, split)
         else:
-            metrics = evaluate(self.model, self.loaders, self.amp(), self.ks, split)
-        self.eval_seconds += time.perf_counter() - started  # the metrics are host floats: synced
-        return metrics
+            scored = evaluate_queries(self.model, self.loaders, self.amp(), self.ks, split)
+        self.queries[split] = scored
+        self.eval_seconds += time.perf_counter() - started  # the results are host arrays: synced
+        return scored.means()
 
     def snapshot(self, epoch: int) -> dict[str, Any]:
         """Everything the next epoch depends on (the module docstring)."""
