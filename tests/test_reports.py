@@ -346,3 +346,34 @@ def test_results_latex_is_booktabs_with_the_best_in_bold_and_compiles(finished_s
         timeout=120,
     )
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_the_gallery_shows_each_querys_neighbours_framed_by_correctness(finished_study, tmp_path):
+    from harness.reports.gallery import draw_queries, hardest_classes, visualize_retrieval
+
+    out = build_report(finished_study, out_dir=tmp_path / "g")
+    assert (out / "figures" / "gallery_fashion_mnist.png").exists() and (
+        out / "figures" / "gallery_fashion_mnist.pdf"
+    ).exists()
+    report = (out / "report.md").read_text()
+    assert "gallery_fashion_mnist.png" in report and "## Hardest classes" in report
+    (run,) = mlflow.search_runs(
+        experiment_names=["fashion_mnist"],
+        output_format="list",
+        filter_string="tags.`dmlbench.study` = 'rep' and tags.`dmlbench.entry` = 'linear_probe' "
+        "and tags.`dmlbench.role` = 'reproduction' and tags.`dmlbench.seed` = '0'",
+    )
+    path = visualize_retrieval(run.info.run_id, n=3, k=4, out_dir=tmp_path / "v")
+    assert path.exists() and path.with_suffix(".pdf").exists()
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/retrieval.png", "figures/retrieval.pdf"} <= logged
+    table = pd.read_parquet(
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="per_query/test.parquet")
+    )
+    drawn = draw_queries(table, 3)
+    assert list(drawn) == list(draw_queries(table, 3)) and set(drawn) <= set(table["query"])  # seeded, scored
+    hard = hardest_classes(table, [f"c{i}" for i in range(10)], n=3)
+    per_class = table.groupby("class")["hit_at_1"].mean().sort_values(kind="stable") * 100
+    assert hard["R@1"].tolist() == pytest.approx(per_class.head(3).tolist())
+    with pytest.raises(Exception, match="bad value 9 for --k"):
+        visualize_retrieval(run.info.run_id, k=9)

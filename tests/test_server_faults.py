@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 from test_distributed_studies import PG_DATA, as_postgres, free_port, pg_bin, postgres_url  # noqa: F401 - fixture
 from test_signals import TRAIN, wait_for
-from test_studies import write_spec
+from test_studies import base_overrides, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 #: MLflow's client gives up on a dead server after seconds here, not minutes
@@ -189,6 +189,49 @@ def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, t
         m.step for m in mlflow.MlflowClient(server.url).get_metric_history(trial_run.info.run_id, "train/loss")
     )
     assert steps == [1, 2, 3, 4]  # each epoch once: the checkpointed ones were not trained again
+
+
+def test_a_trial_cut_off_before_its_first_checkpoint_leaves_no_run_running(server, tmp_path):
+    """The issue's case: the server stops while trial 0 is still before its first checkpoint.
+    The rerun cannot continue that run, so it trains the trial anew and ends the old run FAILED,
+    naming its successor: no run stays RUNNING for good."""
+    env = {**os.environ, **FAST_MLFLOW, "MLFLOW_TRACKING_URI": server.url}
+    path = write_spec(
+        tmp_path,
+        server.url,
+        name="cut",
+        methods=["linear_probe"],
+        budget={"n_trials": 2, "epochs": 2},
+        reproduce={"seeds": []},
+        storage=str(tmp_path / "cut.journal"),
+        overrides={**base_overrides(server.url), "data.max_per_class": 400},  # seconds of feature caching
+    )
+    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:  # the run exists, its features are being cached: no epoch, no checkpoint yet
+        wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" for r in server_runs(server.url)))
+        server.kill()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 5, err
+    server.start()
+    (cut,) = [r for r in server_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
+    assert cut.info.status == "RUNNING" and "train/loss" not in cut.data.metrics  # cut off before epoch 1
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = {r.info.run_id: r for r in server_runs(server.url)}
+    assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+    old = runs[cut.info.run_id]
+    assert old.info.status == "FAILED" and old.data.tags["dmlbench.status"] == "failed"
+    successor = runs[old.data.tags["dmlbench.successor"]]
+    assert (
+        successor.info.status == "FINISHED" and successor.data.tags["dmlbench.trial"] != cut.data.tags["dmlbench.trial"]
+    )
+    assert f"as run {successor.info.run_id}" in old.data.tags["dmlbench.error"]
+    trials = [r for r in runs.values() if r.data.tags.get("dmlbench.role") == "trial" and r.info.status == "FINISHED"]
+    assert len(trials) == 2  # the budget: two trials, the retry among them
 
 
 def _pg_ctl(url: str, action: str) -> None:

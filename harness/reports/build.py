@@ -24,6 +24,7 @@ from harness.config import home
 from harness.errors import UserError
 from harness.reports.figures import bars_figure, curves_figure, identical_groups, tradeoff_figure
 from harness.reports.formatting import md_table
+from harness.reports.gallery import report_galleries
 from harness.reports.published import matches, paper_tables, published_tables
 from harness.reports.retention import gain_retention_figure, retention_summary, retention_tables, transfer_datasets
 from harness.reports.runs import fetch_runs
@@ -156,6 +157,12 @@ def build_report(
                 figures.append((f"{dataset} / {entry.label}: parameter importances", p))
                 written.append(p)
 
+    hardest: list[str] = []
+    for caption, path, md in report_galleries(spec, runs, queries, out):
+        figures.append((caption, path))
+        written.append(path)
+        hardest += [f"### {caption.split(':')[0]}", ""] + md
+    notes_hardest = "\n".join(hardest)
     for dataset in spec.datasets:
         labels = {e.name: e.label for e in spec.entries}
         for group in identical_groups(summary[summary["dataset"] == dataset]):
@@ -184,6 +191,7 @@ def build_report(
         uncertainty=(METHOD if queries else "No per-query tables in these runs: no intervals or significance marks.")
         + (" Cells show the 95% interval." if ci and queries else ""),
         ci=ci and bool(queries),
+        hardest=notes_hardest,
     )
     _write(out, "report.md", report, written)
     _prune_stale(out, written)
@@ -204,6 +212,7 @@ def _report_md(
     retention_md: str = "",
     uncertainty: str = "",
     ci: bool = False,
+    hardest: str = "",
 ) -> str:
     b = spec.budget
     lines = [f"# Study `{spec.name}`", ""]
@@ -240,6 +249,14 @@ def _report_md(
         lines += [f"## {title}", "", "Each cell: ours (mean ± std over seeds, validation-selected) | paper.", "", md]
     if retention_md:
         lines += ["## Forgetting: zero-shot on the other datasets", "", retention_md]
+    if hardest:
+        lines += [
+            "## Hardest classes",
+            "",
+            "The test classes with the lowest R@1 and the class their misses retrieve most often at rank 1.",
+            "",
+            hardest,
+        ]
     lines += ["## Tuning", "", md_table(list(tuning.columns), tuning.astype(str).values.tolist())]
     if figures:
         lines += ["## Figures", ""]

@@ -25,9 +25,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=report)
 
     v = sub.add_parser("visualize", help="figures of a trained run")
-    v.add_argument("what", choices=["dpp", "cam"], help="dpp: DPP warps (FRPT Fig. 3); cam: activation maps (Fig. 4)")
-    v.add_argument("--run", required=True, help="MLflow run id of an FRPT run")
-    v.add_argument("--n", type=int, default=None, help="number of test images (default: 8 for dpp, 4 for cam)")
+    v.add_argument(
+        "what",
+        choices=["dpp", "cam", "retrieval"],
+        help="dpp: DPP warps (FRPT Fig. 3); cam: activation maps (Fig. 4); retrieval: test queries and their top k",
+    )
+    v.add_argument("--run", required=True, help="MLflow run id (an FRPT run for dpp and cam)")
+    v.add_argument("--k", type=int, default=5, help="retrieval: neighbours shown per query (1-5)")
+    v.add_argument(
+        "--n", type=int, default=None, help="number of test images (default: 8 for dpp, 4 for cam, 6 for retrieval)"
+    )
     v.add_argument("--tracking-uri", default="")
     v.set_defaults(func=visualize)
 
@@ -43,6 +50,12 @@ def report(args: argparse.Namespace) -> int:
 
 
 def visualize(args: argparse.Namespace) -> int:
+    if args.what == "retrieval":
+        from harness.reports.gallery import visualize_retrieval
+
+        path = visualize_retrieval(args.run, n=args.n or 6, k=args.k, tracking_uri=args.tracking_uri or None)
+        print(f"retrieval gallery: {path} (also logged to run {args.run})")
+        return 0
     if args.what == "cam":
         from harness.reports.cam import visualize_cam as draw
     else:

@@ -122,6 +122,19 @@ def add_uncertainty(spec: StudySpec, summary: pd.DataFrame, tables: dict) -> pd.
     return summary
 
 
+def pick_on_validation(spec: StudySpec, runs: pd.DataFrame, dataset: str, tables: dict) -> tuple[float, Entry] | None:
+    """The trained entry with the best validation objective (mean over its reproductions): what a
+    user would pick without seeing the test split; ``(its validation value, entry)``."""
+    candidates = []
+    for entry in spec.entries:
+        if entry.fixed or (dataset, entry.name) not in tables:
+            continue
+        val = column(reproductions(runs, spec, dataset, entry), spec.metric)
+        if np.isfinite(val).any():
+            candidates.append((float(np.nanmean(val)), entry))
+    return max(candidates, key=lambda c: c[0]) if candidates else None
+
+
 def verdicts(spec: StudySpec, runs: pd.DataFrame, summary: pd.DataFrame, tables: dict) -> list[str]:
     """Per dataset: the trained method with the best *validation* objective (mean over its
     reproductions) against the untrained backbone on the test split, paired over queries and seeds."""
@@ -130,17 +143,11 @@ def verdicts(spec: StudySpec, runs: pd.DataFrame, summary: pd.DataFrame, tables:
     name = "MAP@R" if test_metric == "test/map_at_r" else "R@1"
     references = reference_entries(spec)
     for dataset in spec.datasets:
-        candidates = []
-        for entry in spec.entries:
-            if entry.fixed or (dataset, entry.name) not in tables:
-                continue
-            val = column(reproductions(runs, spec, dataset, entry), spec.metric)
-            if np.isfinite(val).any():
-                candidates.append((float(np.nanmean(val)), entry))
+        picked = pick_on_validation(spec, runs, dataset, tables)
         refs = [e for e in references if (dataset, e.name) in tables]
-        if not candidates or not refs:
+        if picked is None or not refs:
             continue
-        val, chosen = max(candidates, key=lambda c: c[0])
+        val, chosen = picked
         part = summary[summary["dataset"] == dataset].set_index("entry")
         ref = max(refs, key=lambda e: part.loc[e.name, f"{test_metric}_mean"])
         diff = paired_differences(tables[(dataset, chosen.name)], tables[(dataset, ref.name)], column_for(test_metric))

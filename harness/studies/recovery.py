@@ -165,6 +165,27 @@ def predecessor(trial: Any) -> Any | None:
         return None
 
 
+def close_predecessor(trial: Any, successor: str) -> None:
+    """A retried trial's predecessor run that cannot be continued (no checkpoint: it died before
+    its first epoch, or its MLflow server went away) and is still RUNNING ends FAILED, naming the
+    run that replaces it, so no run of a study stays RUNNING for good."""
+    from mlflow.tracking import MlflowClient
+
+    run = predecessor(trial)
+    if run is None or run.info.status != "RUNNING" or run.info.run_id == successor:
+        return
+    client = MlflowClient()
+    client.set_tag(run.info.run_id, "dmlbench.status", "failed")
+    client.set_tag(
+        run.info.run_id,
+        "dmlbench.error",
+        f"interrupted before a checkpoint (worker or MLflow server gone); retried by trial {trial.number} "
+        f"as run {successor}",
+    )
+    client.set_tag(run.info.run_id, "dmlbench.successor", successor)
+    client.set_terminated(run.info.run_id, "FAILED")
+
+
 def resumable(trial: Any) -> str | None:
     """The predecessor's run when it left a checkpoint to continue from."""
     import mlflow

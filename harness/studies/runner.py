@@ -25,7 +25,7 @@ from harness.studies.loading import load_spec
 from harness.studies.outcomes import failed_work, keep_best_weights, trial_counts
 from harness.studies.parents import base_tags, inside_parent, parent_run, tag_filter
 from harness.studies.placement import parse_devices, place
-from harness.studies.recovery import adopted, enqueue_retry, heartbeat, recover_stale, resumable
+from harness.studies.recovery import adopted, close_predecessor, enqueue_retry, heartbeat, recover_stale, resumable
 from harness.studies.reproductions import (
     MAX_SEED_ATTEMPTS,
     open_reproductions,
@@ -57,7 +57,6 @@ def run_trial(
     spec: StudySpec, dataset: str, entry: Entry, study: Any, trial: Any, parent_id: str, train: TrainFn
 ) -> str:
     """Train one trial under the parent run; tell Optuna the outcome ('complete'|'pruned'|'failed')."""
-    import mlflow
     import optuna
     from optuna.trial import TrialState
 
@@ -77,9 +76,6 @@ def run_trial(
     }
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        active = mlflow.active_run()
-        if active is not None and "mlflow_run_id" not in trial.user_attrs:
-            trial.set_user_attr("mlflow_run_id", active.info.run_id)
         value = metrics.get(spec.epoch_metric)
         if value is not None and math.isfinite(value):
             trial.report(float(value), epoch)
@@ -90,9 +86,16 @@ def run_trial(
     if (value := adopted(spec, study, trial)) is not None:
         progress(f"{study.study_name} trial {trial.number}: {spec.metric} {value:.4f} (its run was finished by hand)")
         return "complete"
+    resume = resumable(trial)
+
+    def on_start(run_id: str) -> None:
+        trial.set_user_attr("mlflow_run_id", run_id)
+        if resume is None:  # the predecessor's run cannot be continued: close it, naming this one
+            close_predecessor(trial, run_id)
+
     try:
         with heartbeat(study, trial), inside_parent(spec, parent_id):
-            result = train(cfg, on_epoch=on_epoch, tags=tags, nested=True, resume=resumable(trial))
+            result = train(cfg, on_epoch=on_epoch, tags=tags, nested=True, resume=resume, on_start=on_start)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         progress(f"{study.study_name} trial {trial.number}: pruned ({time.monotonic() - started:.0f} s)")

@@ -36,12 +36,15 @@ def train(
     nested: bool = False,
     resume: str | None = None,
     progress: bool = False,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train ``cfg.method`` and log everything to MLflow; returns the run's final metrics.
 
     ``resume``: the id of a killed or failed run of this config; it continues from its last
     checkpoint (the epoch after the last completed one) in the same MLflow run. ``progress``: say
     what will be trained and how long it should take, and show progress off a terminal too.
+    ``on_start`` is called with the MLflow run's id as soon as it exists (a study records it on
+    the trial, so a retry finds the run even when it died before its first epoch).
     """
     started = time.perf_counter()
     run = prepare(cfg)  # every input error is raised here, before an MLflow run exists
@@ -53,6 +56,8 @@ def train(
         run.checkpoint, run.claim, resumed = checkpoint.claim_and_load(resume)
     run.run_id = runlog.start(cfg, tags, nested, resume)
     try:
+        if on_start is not None:
+            on_start(run.run_id)
         if resumed is None:
             run.checkpoint, run.claim = checkpoint.claim_new(run.checkpoints, run.run_id)
             runlog.log_start(run, tags)
