@@ -332,8 +332,8 @@ def test_results_latex_is_booktabs_with_the_best_in_bold_and_compiles(finished_s
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"\begin{table*}" in tex
     assert r"\textbf{" in tex and "over 2 seeds" in tex and "protocol 'fair'" in tex
     assert "Linear probe" in tex and "pretrained (no training)" in tex
-    if shutil.which("pdflatex") is None:
-        return
+    if shutil.which("pdflatex") is None:  # the checks above ran; the compile cannot: say so
+        pytest.skip("pdflatex not installed (Debian: texlive-latex-recommended; .ci/run installs it)")
     doc = tmp_path / "doc.tex"
     doc.write_text(
         "\\documentclass[twocolumn]{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + tex + "\n\\end{document}\n"
