@@ -377,6 +377,27 @@ def test_study_protocol_applies_to_reproductions_only(tmp_path, tracking_uri):
         load_spec(write_spec(tmp_path, tracking_uri, protocol="papr"))
 
 
+def test_the_roll_up_ends_a_parent_a_dead_server_left_running(tiny_study, monkeypatch):
+    """A trial that finished just as the server died leaves its parent RUNNING (the parent's
+    end_run never arrived) and is adopted on the rerun without entering the parent again: the
+    roll-up, which every `study run` ends with, must close it."""
+    from harness.studies.rollup import rollup
+
+    uri = f"sqlite:///{Path(tiny_study).parent / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    spec = load_spec(tiny_study)
+    client = mlflow.MlflowClient()
+    parents = {
+        f"{r.data.tags['dmlbench.dataset']}/{r.data.tags['dmlbench.entry']}": r.info.run_id
+        for r in runs_of("tiny", "parent")
+    }
+    left = parents["fashion_mnist/linear_probe"]
+    client.update_run(left, status="RUNNING")
+    rollup(spec, open_storage(storage_url(spec)), parents)
+    assert {client.get_run(rid).info.status for rid in parents.values()} == {"FINISHED"}
+
+
 def test_results_roll_up_onto_parents_and_the_optuna_side_is_labelled(tiny_study, capsys, monkeypatch):
     from harness.cli import main
 

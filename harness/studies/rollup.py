@@ -78,6 +78,12 @@ def rollup(spec: StudySpec, storage: Any, parents: dict[str, str]) -> None:
                 tags=[RunTag(k, v) for k, v in tags.items()],
             )
         )
+        # a parent is RUNNING while a trial trains inside it; a server that died before the
+        # trial's process left it (its trial already FINISHED, adopted on the rerun, which never
+        # enters the parent again) would leave it RUNNING for good: the roll-up, the parent's
+        # last write, ends it
+        if client.get_run(parent).info.status == "RUNNING":
+            retried(lambda: client.set_terminated(parent, "FINISHED"))
         summary.setdefault(dataset, []).append(
             {"entry": entry.name, "label": entry.label, **metrics, "test/seeds": int(tags.get("dmlbench.seeds", 0))}
         )
