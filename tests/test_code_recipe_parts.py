@@ -196,13 +196,18 @@ def test_an_overflowing_step_is_skipped_and_the_scale_backs_off():
     assert scaler.get_scale() == 2.0**15
 
 
-def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_overrides, tmp_path, monkeypatch):
+def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_overrides, tracking_uri, monkeypatch):
     """The loop with a scaler (a CPU GradScaler stands in for CUDA's) gives the metrics of the
-    plain run (exact scaling) and checkpoints the scaler's state."""
-    from harness.training import loop
+    plain run (exact scaling); a run cut after epoch 1 checkpoints the scaler's state, and its
+    resume continues from that scale: it ends on the uninterrupted run's scale and metrics (a
+    scaler started afresh would end 2**steps lower)."""
+    import mlflow
+
+    from harness.errors import RunInterrupted
+    from harness.training import checkpoint, loop
     from harness.training import setup as preparing
 
-    base = {**tiny_overrides, "optim.epochs": 2, "optim.amp": "fp16", "method": "bitfit"}
+    base = {**tiny_overrides, "optim.epochs": 3, "optim.amp": "fp16", "method": "bitfit"}
     plain = loop.train(resolve(overrides=base))
     made = []
 
@@ -212,9 +217,30 @@ def test_an_fp16_run_trains_through_the_loop_and_resumes_its_scale(tiny_override
 
     monkeypatch.setattr(preparing, "grad_scaler_for", cpu_scaler)
     scaled = loop.train(resolve(overrides=base))
-    assert made and made[0].get_scale() > 2.0**10  # it stepped through the scaler
+    full_scale = made[-1].get_scale()
+    assert full_scale > 2.0**10  # it stepped through the scaler
     for key in ("test/recall_at_1", "test/map_at_r"):
         assert scaled.metrics[key] == pytest.approx(plain.metrics[key], abs=1e-6)
+
+    def stop_after_1(epoch: int, row: dict) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted):
+        loop.train(resolve(overrides=base), on_epoch=stop_after_1)
+    cut_scale = made[-1].get_scale()
+    killed = next(
+        r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.status == "KILLED"
+    )
+    state = checkpoint.load(
+        checkpoint.locate(killed.data.tags["dmlbench.checkpoint"], tracking_uri), killed.info.run_id
+    )
+    assert 2.0**10 < state["scaler"]["scale"] == cut_scale < full_scale
+    resumed = loop.train(resolve(overrides=base), resume=killed.info.run_id)
+    assert resumed.run_id == killed.info.run_id
+    assert made[-1].get_scale() == full_scale
+    for key in ("test/recall_at_1", "test/map_at_r"):
+        assert resumed.metrics[key] == scaled.metrics[key]
 
 
 # ----------------------------------------------------------------------------- bias weight decay

@@ -5,7 +5,6 @@ tiny run that matches the CPU pipeline."""
 from __future__ import annotations
 
 import glob
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -148,41 +147,46 @@ def test_train_transforms_are_seeded_per_sample(augment, jpeg_folder):
         assert not any(same)  # one draw per sample, not one per batch
 
 
-def test_tiny_run_matches_the_cpu_pipeline(tiny_overrides, jpeg_folder):
-    """Same data, same seeds: the device pipeline trains as the CPU pipeline does (its augmentation
-    draws differ, so its metrics agree within the seeds' spread, not bit for bit)."""
+def test_tiny_run_matches_the_cpu_pipeline_bit_for_bit(tiny_overrides, jpeg_folder):
+    """Same data, same seed, no random augmentation (resize and centre crop for training too): on
+    CPU tensors the device pipeline must train exactly as the CPU pipeline does, the same loss
+    every epoch and the same test metrics to the last bit. A crop or resize one pixel off on either
+    path changes them (planted once: resize_size + 1 on the device path fails it). Normalisation
+    is one function both paths share on the device, bit-identical to torchvision's (test above).
+    (With augmentation the two draw differently; the draws' distributions are the KS tests above.)"""
     from harness.training.loop import train
     from harness.training.resolution import resolve
 
     dataset, root, _ = jpeg_folder
     results = {}
     for pipeline in ("cpu", "device"):
-        r1 = []
-        for seed in (0, 1):
-            cfg = resolve(
-                method="bitfit",
-                backbone="tf_efficientnet_lite0",
-                overrides={
-                    **tiny_overrides,
-                    "dataset": dataset,
-                    "data.root": str(root),
-                    "data.pipeline": pipeline,
-                    "model.pretrained": True,
-                    "data.max_per_class": 0,
-                    "data.image_size": 64,
-                    "data.resize_size": 73,
-                    "data.batch_size": 32,
-                    "data.samples_per_class": 4,
-                    "data.val_fraction": 0.34,
-                    "seed": seed,
-                    "optim.epochs": 2,
-                },
-            )
-            r1.append(train(cfg).metrics["test/map_at_r"])
-        results[pipeline] = np.array(r1)
-    spread = max(results["cpu"].std(), results["device"].std(), 0.02)
-    assert abs(results["cpu"].mean() - results["device"].mean()) < 3 * spread + 0.02, results
-    assert math.isfinite(results["device"].mean()) and results["device"].mean() > 0.3
+        cfg = resolve(
+            method="bitfit",
+            backbone="tf_efficientnet_lite0",
+            overrides={
+                **tiny_overrides,
+                "dataset": dataset,
+                "data.root": str(root),
+                "data.pipeline": pipeline,
+                "data.augment": "none",
+                "data.random_erasing": 0.0,
+                "model.pretrained": True,
+                "data.max_per_class": 0,
+                "data.image_size": 64,
+                "data.resize_size": 73,
+                "data.batch_size": 32,
+                "data.samples_per_class": 4,
+                "data.val_fraction": 0.34,
+                "optim.epochs": 2,
+            },
+        )
+        result = train(cfg)
+        results[pipeline] = (
+            [h["train/loss"] for h in result.history if "train/loss" in h],
+            {k: v for k, v in result.metrics.items() if k.startswith(("test/", "best/"))},
+        )
+    assert results["device"] == results["cpu"]
+    assert len(results["cpu"][0]) == 2 and results["cpu"][1]["test/map_at_r"] > 0.3
 
 
 def test_pixel_cache_fits_a_budget_and_is_reused_across_runs(jpeg_folder):

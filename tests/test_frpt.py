@@ -402,7 +402,8 @@ def test_trains_through_the_shared_loop(name, tiny_overrides):
 
 
 def make_cub_with_boxes(root: Path, classes: int = 102, per_class: int = 3) -> Path:
-    """Official CUB layout; the box marks a bright square in each otherwise dark image."""
+    """Official CUB layout; the box marks a flat bright square in each otherwise black image,
+    aligned to JPEG's 16-pixel blocks so that compression leaves both flat."""
     base = root / "CUB_200_2011"
     rows: dict[str, list[str]] = {
         "images.txt": [],
@@ -417,25 +418,48 @@ def make_cub_with_boxes(root: Path, classes: int = 102, per_class: int = 3) -> P
         for j in range(per_class):
             iid += 1
             rel = f"{name}/img_{j}.jpg"
-            img = np.zeros((48, 64, 3), np.uint8)
-            img[10:30, 20:40] = (c * 37 % 255, 200, j * 60)
+            img = np.zeros((64, 64, 3), np.uint8)
+            img[16:48, 16:48] = (c * 37 % 255, 200, j * 60)
             (base / "images" / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(base / "images" / rel)
             rows["images.txt"].append(f"{iid} {rel}")
             rows["image_class_labels.txt"].append(f"{iid} {c}")
-            rows["bounding_boxes.txt"].append(f"{iid} 20.0 10.0 20.0 20.0")
+            rows["bounding_boxes.txt"].append(f"{iid} 16.0 16.0 32.0 32.0")
     for fname, lines in rows.items():
         (base / fname).write_text("\n".join(lines) + "\n")
     return root
 
 
-def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_frpt_bbox_trains_on_boxes_and_refuses_datasets_without(tmp_path, tiny_overrides, pipeline):
+    """Every image the model sees, in training and evaluation, is the box's content: the boxed
+    square is bright green in an otherwise black image, so no pixel the model sees is black
+    (without the crop three quarters would be). Both pipelines (the device one on CPU)."""
     from harness.training.loop import train
 
     root = make_cub_with_boxes(tmp_path / "cub")
-    ov = {**_e2e(tiny_overrides), "data.root": str(root), "data.max_classes": 4, "data.check_published": False}
-    result = train(resolve(method="frpt_bbox", dataset="cub200", backbone=SMALL, overrides=ov))
+    ov = {
+        **_e2e(tiny_overrides),
+        "data.root": str(root),
+        "data.max_classes": 4,
+        "data.check_published": False,
+        "data.pipeline": pipeline,
+    }
+    seen: list[torch.Tensor] = []
+
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and args[0].shape[1] == 3:
+            seen.append(args[0][:, 1].min())  # the darkest green (normalised) of the batch
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        result = train(resolve(method="frpt_bbox", dataset="cub200", backbone=SMALL, overrides=ov))
+    finally:
+        handle.remove()
     assert 0.0 <= result.metrics["test/recall_at_1"] <= 1.0
+    # test_resnet normalises with mean and std 0.5: black is -1.0, the box's green (200) about
+    # +0.5 (augmentation darkens some to 0)
+    assert len(seen) > 2 and min(seen) > -0.5, min(seen)
     with pytest.raises(UserError, match="bounding boxes"):
         train(
             resolve(

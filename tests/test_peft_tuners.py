@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from methods import get_method
 from methods.peft_tuners import ALL_PREFIXES, TUNERS
 
 peft = pytest.importorskip("peft")
+REPO = Path(__file__).resolve().parent.parent
 
 BACKBONES = {
     "vit": ("vit_small_patch16_224", {"img_size": 32, "depth": 2}),
@@ -123,6 +125,64 @@ def test_peft_lora_on_vit_s_is_our_lora_arithmetic_and_equal_to_our_lora():
         ours.head.load_state_dict(theirs.head.state_dict())
         images = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(ours.eval()(images), theirs.eval()(images), rtol=1e-4, atol=1e-5)
+
+
+#: the README's row of peft's tuners
+README_PEFT_ROW = next(
+    line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `peft_lora`, `dora`")
+)
+
+#: ViT-S/16: 12 blocks of width D = 384 and MLP width 1,536; the four targets as (in, out)
+D, MLP, BLOCKS = 384, 1536, 12
+LAYERS = {"qkv": (D, 3 * D), "proj": (D, D), "fc1": (D, MLP), "fc2": (MLP, D)}
+
+
+def _near_square(n: int) -> tuple[int, int]:
+    """n = a * b with a <= b as close as can be (LoKr's split of a dimension for the Kronecker factor)."""
+    a = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
+    return a, n // a
+
+
+def _lokr(i: int, o: int, r: int = 8) -> int:
+    """W = w1 (x) (w2_a w2_b): w1 is (o1 x i1) full, the second factor rank r of (o2 x i2)."""
+    (o1, o2), (i1, i2) = _near_square(o), _near_square(i)
+    return o1 * i1 + r * (o2 + i2)
+
+
+#: the README's counts for ViT-S/16 with each tuner's defaults, from each paper's arithmetic
+VIT_S_COUNTS = {
+    "peft_lora": (589_824, BLOCKS * sum(8 * (i + o) for i, o in LAYERS.values())),  # r (in + out)
+    "dora": (631_296, BLOCKS * sum(8 * (i + o) + o for i, o in LAYERS.values())),  # LoRA + a magnitude per output
+    "loha": (1_179_648, BLOCKS * sum(2 * 8 * (i + o) for i, o in LAYERS.values())),  # two rank-8 pairs
+    "lokr": (45_696, BLOCKS * sum(_lokr(i, o) for i, o in LAYERS.values())),
+    # OFT: one skew-symmetric 32 x 32 block per 32 inputs, b (b - 1) / 2 free entries each
+    "oft": (499_968, BLOCKS * sum(i // 32 * 32 * 31 // 2 for i, _ in LAYERS.values())),
+    # BOFT: one butterfly factor of full 4 x 4 blocks over the inputs, and a scale per output
+    "boft": (170_496, BLOCKS * sum(i // 4 * 16 + o for i, o in LAYERS.values())),
+    "ia3": (32_256, BLOCKS * (3 * D + MLP)),  # scales qkv's outputs and fc2's inputs
+    "vera": (53_760, BLOCKS * sum(o + 256 for _, o in LAYERS.values())),  # lambda_b per output, lambda_d per rank
+    "fourierft": (48_000, BLOCKS * len(LAYERS) * 1000),  # 1,000 spectral coefficients per layer
+}
+
+
+@pytest.mark.parametrize("method", list(VIT_S_COUNTS))
+def test_vit_s_counts_are_the_readmes_and_the_papers_arithmetic(method):
+    """Not peft against peft: the full 12-block ViT-S/16 with the defaults the README quotes, its
+    trainable tuner parameters against the number printed there and each method's arithmetic."""
+    readme, arithmetic = VIT_S_COUNTS[method]
+    cfg = resolve(
+        method=method,
+        backbone="vit_small_patch16_224",
+        overrides={
+            "model.pretrained": False,
+            "model.embed_dim": 16,
+            "data.image_size": 32,
+            "model.backbone_kwargs": {"img_size": 32},
+        },
+    )
+    backbone = create_backbone("vit_small_patch16_224", pretrained=False, kwargs={"img_size": 32})
+    assert owned_trainable(build_model(cfg, 4, backbone=backbone)) == readme == arithmetic
+    assert f"{readme:,}" in README_PEFT_ROW
 
 
 def test_prefixes_are_the_ones_peft_gives_its_parameters():

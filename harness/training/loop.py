@@ -62,7 +62,7 @@ def train(
             run.checkpoint, run.claim = checkpoint.claim_new(run.checkpoints, run.run_id)
             runlog.log_start(run, tags)
         else:
-            runlog.forget_failed_attempt(resume)
+            runlog.log_resumed(resume, resumed["epoch"])
         reset_peak_memory(run.device)
         if run.model.wants_feature_cache and run.model.features_are_frozen:  # the frozen features, once
             run.cache = FeatureCache(

@@ -87,8 +87,10 @@ def start(cfg: RunConfig, tags: dict[str, str] | None, nested: bool, resume: str
     ).info.run_id
 
 
-def forget_failed_attempt(run_id: str) -> None:
-    """A resumed run: the error of the attempt that failed belongs to that attempt, not to this run."""
+def log_resumed(run_id: str, epoch: int) -> None:
+    """A resumed run: the error of the attempt that failed belongs to that attempt, not to this run;
+    the epoch it continues from (its checkpoint's) is a tag, so a reader, and a test, can tell a
+    resumed run from one trained again from scratch in the same run."""
     import mlflow
 
     tracking.retried(
@@ -98,7 +100,7 @@ def forget_failed_attempt(run_id: str) -> None:
             else None
         )
     )
-    mlflow.set_tag("dmlbench.status", "running")
+    mlflow.set_tags({"dmlbench.status": "running", "dmlbench.resumed_from_epoch": str(int(epoch))})
 
 
 def log_finish(run: Run, final: dict[str, float], queries: dict[str, PerQuery] | None = None) -> None:
