@@ -84,7 +84,7 @@ def test_train_says_what_it_trains_and_shows_progress_off_a_terminal(tracking_ur
             "train",
             *TINY_TRAIN,
             "--set",
-            "data.max_per_class=200",
+            "data.max_per_class=48",
             "--tracking-uri",
             tracking_uri,
         ],

@@ -204,21 +204,26 @@ def test_a_trial_cut_off_before_its_first_checkpoint_leaves_no_run_running(serve
         budget={"n_trials": 2, "epochs": 2},
         reproduce={"seeds": []},
         storage=str(tmp_path / "cut.journal"),
-        overrides={**base_overrides(server.url), "data.max_per_class": 400},  # seconds of feature caching
+        # about 1 s of feature caching between the run's creation and its first epoch (2 cores)
+        overrides={**base_overrides(server.url), "data.max_per_class": 200},
     )
     cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:  # the run exists, its features are being cached: no epoch, no checkpoint yet
-        wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" for r in server_runs(server.url)))
+    try:  # the run exists, its features are being cached: frozen there, before any epoch or checkpoint
+        wait_for(
+            lambda: any(r.data.tags.get("dmlbench.role") == "trial" for r in server_runs(server.url)), interval=0.02
+        )
+        os.kill(proc.pid, signal.SIGSTOP)
+        (cut,) = [r for r in server_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
         server.kill()
+        os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert cut.info.status == "RUNNING" and "train/loss" not in cut.data.metrics  # cut off before epoch 1
     assert proc.returncode == 5, err
     server.start()
-    (cut,) = [r for r in server_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
-    assert cut.info.status == "RUNNING" and "train/loss" not in cut.data.metrics  # cut off before epoch 1
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     runs = {r.info.run_id: r for r in server_runs(server.url)}

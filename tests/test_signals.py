@@ -42,12 +42,12 @@ TRAIN = [
 ]
 
 
-def wait_for(condition, timeout: float = 180.0) -> None:
+def wait_for(condition, timeout: float = 180.0, interval: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.5)
+        time.sleep(interval)
     raise AssertionError("timed out")
 
 

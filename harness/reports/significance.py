@@ -15,9 +15,8 @@ import pandas as pd
 from harness.reports.runs import column, reproductions
 from harness.reports.stats import holm, paired_differences, paired_p_value, two_level_interval
 from harness.studies.spec import Entry, StudySpec
+from harness.tracking.per_query import column_of, has_column
 
-#: summary metric -> per-query column (its mean over queries is the metric)
-COLUMNS = {"test/map_at_r": "ap_at_r", "test/r_precision": "r_precision"}
 #: the metrics whose tables mark what the best does not significantly beat
 TESTED = ("test/recall_at_1", "test/map_at_r")
 ALPHA = 0.05
@@ -27,10 +26,6 @@ METHOD = (
     "(same queries, same seeds, pooled over seeds), 2,000 resamples, Holm-corrected over the methods of a table; "
     "† marks a method not significantly different from the best at 5%."
 )
-
-
-def column_for(metric: str) -> str:
-    return COLUMNS.get(metric) or "hit_at_" + metric.removeprefix("test/recall_at_")
 
 
 def reference_entries(spec: StudySpec) -> list[Entry]:
@@ -77,10 +72,10 @@ def add_uncertainty(spec: StudySpec, summary: pd.DataFrame, tables: dict) -> pd.
     ``_tied_best`` (not significantly different from the table's best)."""
     summary = summary.copy()
     metrics = [c.removesuffix("_mean") for c in summary.columns if c.startswith("test/") and c.endswith("_mean")]
-    metrics = [m for m in metrics if m.startswith("test/recall_at_") or m in COLUMNS]
+    metrics = [m for m in metrics if has_column(m)]
     references = {e.name for e in reference_entries(spec)}
     for m in metrics:
-        col = column_for(m)
+        col = column_of(m)
         for i, row in summary.iterrows():
             table = tables.get((row["dataset"], row["entry"]))
             if table is None or col not in table:
@@ -89,7 +84,7 @@ def add_uncertainty(spec: StudySpec, summary: pd.DataFrame, tables: dict) -> pd.
                 low, high = two_level_interval([g[col].to_numpy() for _, g in table.groupby("seed", sort=True)])
             summary.loc[i, f"{m}_ci_low"], summary.loc[i, f"{m}_ci_high"] = low, high
     for m in (m for m in TESTED if f"{m}_mean" in summary):
-        col = column_for(m)
+        col = column_of(m)
         for key in ("_p_best", "_p_reference"):
             summary[f"{m}{key}"] = np.nan
         summary[f"{m}_tied_best"] = False
@@ -150,7 +145,7 @@ def verdicts(spec: StudySpec, runs: pd.DataFrame, summary: pd.DataFrame, tables:
         val, chosen = picked
         part = summary[summary["dataset"] == dataset].set_index("entry")
         ref = max(refs, key=lambda e: part.loc[e.name, f"{test_metric}_mean"])
-        diff = paired_differences(tables[(dataset, chosen.name)], tables[(dataset, ref.name)], column_for(test_metric))
+        diff = paired_differences(tables[(dataset, chosen.name)], tables[(dataset, ref.name)], column_of(test_metric))
         p = paired_p_value(diff)
         a, b = part.loc[chosen.name, f"{test_metric}_mean"] * 100, part.loc[ref.name, f"{test_metric}_mean"] * 100
         word = "significant at 5%" if p < ALPHA else "not significant"

@@ -4,9 +4,10 @@ definitions), embedding a split and scoring it, frozen features computed once, a
 transfer to other datasets beside the untrained backbone. It stands on data and models."""
 
 from harness.retrieval.evaluation import FeatureCache, embed, evaluate, evaluate_queries, metric_name
-from harness.retrieval.metrics import PerQuery, column_of, evaluate_retrieval, per_query_retrieval, recall_keys
+from harness.retrieval.metrics import PerQuery, evaluate_retrieval, per_query_retrieval, recall_keys
 from harness.retrieval.transfer import TransferSet, prepare_transfer, transfer_metrics
 from harness.retrieval.transfer import parse as parse_transfer
+from harness.tracking.per_query import column_of
 
 __all__ = [
     "FeatureCache",

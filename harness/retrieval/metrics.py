@@ -184,14 +184,6 @@ class PerQuery:
         return pd.DataFrame(cols)
 
 
-def column_of(key: str) -> str:
-    """The :meth:`PerQuery.frame` column whose mean is metric ``key`` (``recall_at_1`` or ``recall@1``)."""
-    key = key.replace("_at_", "@")
-    if key.startswith("recall@"):
-        return "hit_at_" + key.split("@", 1)[1]
-    return {"map@r": "ap_at_r", "r_precision": "r_precision"}[key]
-
-
 def evaluate_retrieval(
     query_embeddings,
     query_labels,
