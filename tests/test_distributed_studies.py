@@ -4,13 +4,9 @@ recovered. The PostgreSQL + ``mlflow server`` case uses real servers started her
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -19,18 +15,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import free_port, mlflow_database
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]
-#: the data folder and server options of each running test server, by its URL (for tests that
-#: stop and start it)
-PG_DATA: dict[str, tuple[Path, str]] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_spec(folder: Path, name: str, methods: tuple[str, ...] = ("linear_probe", "bitfit")) -> Path:
@@ -144,56 +132,6 @@ def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, 
 # ----------------------------------------------------------------------------- PostgreSQL + mlflow server
 
 
-def pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
-def as_postgres(args: list[str]) -> list[str]:
-    """The server refuses to run as root: run its tools as the 'postgres' user when we are root."""
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
-
-
-@pytest.fixture
-def postgres_url():
-    bindir = pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql; .ci/run installs it)")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: cannot start PostgreSQL as the postgres user")
-    folder = Path(tempfile.mkdtemp(prefix="dmlbench-pg-", dir="/tmp"))
-    os.chmod(folder, 0o777)
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres")
-    data, port = folder / "data", free_port()
-    subprocess.run(
-        as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-    subprocess.run(
-        as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"), "-o", options, "start"]),
-        check=True,
-        capture_output=True,
-    )
-    try:
-        for db in ("dmlbench", "mlflow"):  # Optuna's database and the MLflow server's
-            subprocess.run(
-                as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db]),
-                check=True,
-                capture_output=True,
-            )
-        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/dmlbench"
-        PG_DATA[url] = (data, options)
-        yield url
-    finally:
-        subprocess.run(
-            as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
-        )
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path, postgres_url):
     """An MLflow tracking server on loopback whose store is the PostgreSQL server (as on a cluster:
@@ -212,7 +150,7 @@ def mlflow_server(tmp_path, postgres_url):
             "--workers",
             "2",
             "--backend-store-uri",
-            postgres_url.rsplit("/", 1)[0] + "/mlflow",
+            mlflow_database(postgres_url),
             "--artifacts-destination",
             str(tmp_path / "artifacts"),
         ],

@@ -4,6 +4,7 @@ PostgreSQL restarted during a trial's per-epoch report, and PostgreSQL down for 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from conftest import free_port
 from optuna.trial import TrialState
-from test_distributed_studies import PG_DATA, as_postgres, free_port, pg_bin, postgres_url  # noqa: F401 - fixture
 from test_signals import TRAIN, wait_for
 from test_studies import base_overrides, write_spec
 
@@ -32,8 +33,9 @@ FAST_MLFLOW = {
 class Server:
     """An `mlflow server` on a fixed port and a sqlite store, that can be killed and started again."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, template: Path) -> None:
         self.folder, self.port, self.proc = folder, free_port(), None
+        shutil.copyfile(template, folder / "server.db")  # migrated already: the server starts seconds sooner
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -75,8 +77,8 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = Server(tmp_path)
+def server(tmp_path, mlflow_template):
+    s = Server(tmp_path, mlflow_template)
     s.start()
     yield s
     if s.proc.poll() is None:
@@ -239,29 +241,6 @@ def test_a_trial_cut_off_before_its_first_checkpoint_leaves_no_run_running(serve
     assert len(trials) == 2  # the budget: two trials, the retry among them
 
 
-def _pg_ctl(url: str, action: str) -> None:
-    data, options = PG_DATA[url]
-    subprocess.run(
-        as_postgres(
-            [
-                str(pg_bin() / "pg_ctl"),
-                "-D",
-                str(data),
-                "-w",
-                "-m",
-                "fast",
-                "-l",
-                str(data.parent / "log"),
-                "-o",
-                options,
-                action,
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-
-
 def _pg_study(tmp_path: Path, tracking_uri: str, postgres_url: str, name: str, extra_env: dict, epochs: int = 6):
     pytest.importorskip("psycopg")
     path = write_spec(
@@ -292,14 +271,14 @@ def _pg_study(tmp_path: Path, tracking_uri: str, postgres_url: str, name: str, e
     return proc, cmd, env, path
 
 
-def test_a_postgresql_restart_during_a_trial_is_waited_out(tmp_path, tracking_uri, postgres_url):  # noqa: F811
+def test_a_postgresql_restart_during_a_trial_is_waited_out(tmp_path, tracking_uri, postgres, postgres_url):
     """PostgreSQL restarts while a trial trains (its per-epoch reports and heartbeats hit the gap):
     the study carries on and finishes, the heartbeat too, nothing is left RUNNING."""
     from harness.studies.storage import open_storage
 
     proc, _, _, path = _pg_study(tmp_path, tracking_uri, postgres_url, "pgrestart", {}, epochs=40)
     restarted = time.time()
-    _pg_ctl(postgres_url, "restart")
+    postgres.ctl("restart")
     storage = open_storage(postgres_url)
 
     def beat_after_restart() -> bool:
@@ -314,13 +293,13 @@ def test_a_postgresql_restart_during_a_trial_is_waited_out(tmp_path, tracking_ur
     assert trial.state == TrialState.COMPLETE
 
 
-def test_postgresql_down_for_good_is_one_line_and_the_rerun_finishes(tmp_path, tracking_uri, postgres_url):  # noqa: F811
+def test_postgresql_down_for_good_is_one_line_and_the_rerun_finishes(tmp_path, tracking_uri, postgres, postgres_url):
     proc, cmd, env, path = _pg_study(tmp_path, tracking_uri, postgres_url, "pgdown", {"DMLBENCH_STORAGE_OUTAGE_S": "5"})
-    _pg_ctl(postgres_url, "stop")
+    postgres.ctl("stop")
     try:
         _, err = proc.communicate(timeout=300)
     finally:
-        _pg_ctl(postgres_url, "start")
+        postgres.ctl("start")
     assert proc.returncode == 5, err
     lines = err.strip().splitlines()
     assert "Traceback" not in err and len(lines) == 1 and "the Optuna storage postgresql+psycopg://" in lines[0], err

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_distributed_studies import check_exactly_once, free_port, mlflow_server, postgres_url, write_spec  # noqa: F401
+from conftest import free_port
+from test_distributed_studies import check_exactly_once, mlflow_server, write_spec  # noqa: F401 - fixture
 
 from harness.cli import main
 
