@@ -22,6 +22,8 @@ from harness.errors import UserError
 
 PAPER_WIDTH_IN = 6.9
 RIGHT, WRONG = "#1a9850", "#d73027"
+#: the gap between two methods' groups of a row, in image widths
+GAP = 0.25
 DRAW_SEED = 0
 
 
@@ -93,12 +95,20 @@ def draw_gallery(
 
     qsplit, gsplit = images.names()
     qlabels, glabels = images.labels(qsplit), images.labels(gsplit)
-    cols = 1 + len(panels) * k
-    cell = PAPER_WIDTH_IN / (cols + 0.3 * len(panels))
+    # the query, then per panel a narrow gap (so the methods' groups read apart) and its k images
+    ratios = [1.3] + ([GAP] + [1] * k) * len(panels)
+    cell = PAPER_WIDTH_IN / (sum(ratios) + 0.3 * len(panels))
     fig, axes = plt.subplots(
-        len(queries), cols, figsize=(PAPER_WIDTH_IN, cell * len(queries) + 0.5), squeeze=False,
-        gridspec_kw={"width_ratios": [1.3] + [1] * (cols - 1), "wspace": 0.06, "hspace": 0.08},
+        len(queries), len(ratios), figsize=(PAPER_WIDTH_IN, cell * len(queries) + 0.5), squeeze=False,
+        gridspec_kw={"width_ratios": ratios, "wspace": 0.06, "hspace": 0.08},
     )  # fmt: skip
+
+    def column(panel: int, j: int) -> int:
+        return 1 + panel * (k + 1) + 1 + j
+
+    for r in range(len(queries)):
+        for c in range(len(panels)):
+            axes[r, column(c, -1)].axis("off")
     shown = images.images(qsplit, [int(q) for q in queries])
     for r, q in enumerate(queries):
         axes[r, 0].imshow(shown[r], cmap="gray")
@@ -107,7 +117,7 @@ def draw_gallery(
             nn = row[[f"nn_{i + 1}" for i in range(k)]].to_numpy()[0] if len(row) else np.array([], int)
             pictures = images.images(gsplit, [int(i) for i in nn]) if len(nn) else []
             for j in range(k):
-                ax = axes[r, 1 + c * k + j]
+                ax = axes[r, column(c, j)]
                 if j < len(nn):
                     ax.imshow(pictures[j], cmap="gray")
                     colour = RIGHT if glabels[nn[j]] == qlabels[q] else WRONG
@@ -119,7 +129,7 @@ def draw_gallery(
         ax.set_yticks([])
     axes[0, 0].set_title("query", fontsize=7)
     for c, (label, _) in enumerate(panels):
-        axes[0, 1 + c * k + k // 2].set_title(f"{label}: top {k}", fontsize=7)
+        axes[0, column(c, k // 2)].set_title(f"{label}: top {k}", fontsize=7)
     fig.suptitle(title + " (green: same class as the query, red: another class)", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=200, bbox_inches="tight", metadata={"Software": None})
