@@ -345,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "terminated (SIGTERM)" if interrupts.exit_code(exc) == 143 else "interrupted (Ctrl-C)"
         print(f"dmlbench: {str(exc) or what + ' before a run started; nothing was written'}", file=sys.stderr)
         return interrupts.exit_code(exc)
+    finally:
+        interrupts.reset()
 
 
 if __name__ == "__main__":

@@ -64,12 +64,24 @@ def requested() -> str | None:
 
 
 def terminate_like_interrupt() -> None:
-    """SIGTERM raises :class:`Terminated` at once (``dmlbench train``: one run, one process)."""
+    """``dmlbench train`` (one process, one run): SIGINT and SIGTERM raise at once (KeyboardInterrupt,
+    or :class:`Terminated`) and also set the flag :func:`check` reads. A KeyboardInterrupt raised
+    where it lands can be swallowed there (a library's clean-up or a garbage-collection callback
+    catching it: "Exception ignored"), and the run trained on after Ctrl-C (CI saw it once); the
+    flag raises it again at the next optimiser step or evaluation batch."""
 
     def handler(signum: int, frame: Any) -> None:
+        _signal_name[0] = signal.Signals(signum).name
+        _requested.set()
         raise _interrupt(signum)
 
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def reset() -> None:
+    """Forget a signal already acted on (a command run in-process, as the tests do, ends here)."""
+    _requested.clear()
 
 
 _abort: list[BaseException | None] = [None]
