@@ -93,24 +93,28 @@ def test_merged_outputs_equal_unmerged_and_state_round_trips(method, family):
         torch.testing.assert_close(model(images), before, rtol=1e-3, atol=1e-4)
 
 
-def test_peft_lora_on_vit_s_is_our_lora_arithmetic_and_equal_to_our_lora():
-    """16 r D per block: ViT-S/16 at r = 8 is 589,824, for peft's LoRA and for ours; with the same
-    A and B the two compute the same function."""
+def full_vit_s(method: str, backbone=None):
+    """``method`` on the full 12-block ViT-S/16 (random init, 32 px: the tuners' counts do not
+    depend on the image size), on ``backbone`` when given (two methods on one set of weights)."""
     overrides = {
         "model.pretrained": False,
         "model.embed_dim": 16,
         "data.image_size": 32,
         "model.backbone_kwargs": {"img_size": 32},
     }
+    if backbone is None:
+        backbone = create_backbone("vit_small_patch16_224", pretrained=False, kwargs={"img_size": 32})
+    return build_model(
+        resolve(method=method, backbone="vit_small_patch16_224", overrides=overrides), 4, backbone=backbone
+    )
+
+
+def test_peft_lora_on_vit_s_is_our_lora_arithmetic_and_equal_to_our_lora():
+    """16 r D per block: ViT-S/16 at r = 8 is 589,824, for peft's LoRA and for ours; with the same
+    A and B the two compute the same function."""
     backbone = create_backbone("vit_small_patch16_224", pretrained=False, kwargs={"img_size": 32})
-    theirs = build_model(
-        resolve(method="peft_lora", backbone="vit_small_patch16_224", overrides=overrides),
-        4,
-        backbone=copy.deepcopy(backbone),
-    )
-    ours = build_model(
-        resolve(method="lora", backbone="vit_small_patch16_224", overrides=overrides), 4, backbone=backbone
-    )
+    theirs = full_vit_s("peft_lora", copy.deepcopy(backbone))
+    ours = full_vit_s("lora", backbone)
     assert owned_trainable(theirs) == owned_trainable(ours) == 589_824
     perturb(theirs)
     with torch.no_grad():
@@ -170,18 +174,7 @@ def test_vit_s_counts_are_the_readmes_and_the_papers_arithmetic(method):
     """Not peft against peft: the full 12-block ViT-S/16 with the defaults the README quotes, its
     trainable tuner parameters against the number printed there and each method's arithmetic."""
     readme, arithmetic = VIT_S_COUNTS[method]
-    cfg = resolve(
-        method=method,
-        backbone="vit_small_patch16_224",
-        overrides={
-            "model.pretrained": False,
-            "model.embed_dim": 16,
-            "data.image_size": 32,
-            "model.backbone_kwargs": {"img_size": 32},
-        },
-    )
-    backbone = create_backbone("vit_small_patch16_224", pretrained=False, kwargs={"img_size": 32})
-    assert owned_trainable(build_model(cfg, 4, backbone=backbone)) == readme == arithmetic
+    assert owned_trainable(full_vit_s(method)) == readme == arithmetic
     assert f"{readme:,}" in README_PEFT_ROW
 
 

@@ -148,22 +148,32 @@ def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(se
     assert mlflow.MlflowClient(server.url).get_run(run.info.run_id).info.status == "FINISHED"
 
 
-def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, tmp_path):
-    """The server dies during a trial: the study stops (exit 5) naming the server, not blaming an
-    active run; with the server back, the rerun resumes that trial's run from its checkpoint and
-    leaves every run in a final state."""
+def start_study(
+    tmp_path: Path, server: Server, name: str, budget: dict, overrides: dict | None = None
+) -> tuple[list[str], dict, subprocess.Popen]:
+    """A linear-probe study (no reproductions) on ``server``, started in the background: its
+    command (for the rerun), environment and process."""
     env = {**os.environ, **FAST_MLFLOW, "MLFLOW_TRACKING_URI": server.url}
     path = write_spec(
         tmp_path,
         server.url,
-        name="srv",
+        name=name,
         methods=["linear_probe"],
-        budget={"n_trials": 1, "epochs": 4},
+        budget=budget,
         reproduce={"seeds": []},
-        storage=str(tmp_path / "srv.journal"),
+        storage=str(tmp_path / f"{name}.journal"),
+        overrides={**base_overrides(server.url), **(overrides or {})},
     )
     cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return cmd, env, proc
+
+
+def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, tmp_path):
+    """The server dies during a trial: the study stops (exit 5) naming the server, not blaming an
+    active run; with the server back, the rerun resumes that trial's run from its checkpoint and
+    leaves every run in a final state."""
+    cmd, env, proc = start_study(tmp_path, server, "srv", {"n_trials": 1, "epochs": 4})
     try:
         wait_for(
             lambda: any(
@@ -197,20 +207,8 @@ def test_a_trial_cut_off_before_its_first_checkpoint_leaves_no_run_running(serve
     """The issue's case: the server stops while trial 0 is still before its first checkpoint.
     The rerun cannot continue that run, so it trains the trial anew and ends the old run FAILED,
     naming its successor: no run stays RUNNING for good."""
-    env = {**os.environ, **FAST_MLFLOW, "MLFLOW_TRACKING_URI": server.url}
-    path = write_spec(
-        tmp_path,
-        server.url,
-        name="cut",
-        methods=["linear_probe"],
-        budget={"n_trials": 2, "epochs": 2},
-        reproduce={"seeds": []},
-        storage=str(tmp_path / "cut.journal"),
-        # about 1 s of feature caching between the run's creation and its first epoch (2 cores)
-        overrides={**base_overrides(server.url), "data.max_per_class": 200},
-    )
-    cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(path)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # about 1 s of feature caching between the run's creation and its first epoch (2 cores)
+    cmd, env, proc = start_study(tmp_path, server, "cut", {"n_trials": 2, "epochs": 2}, {"data.max_per_class": 200})
     try:  # the run exists, its features are being cached: frozen there, before any epoch or checkpoint
         wait_for(
             lambda: any(r.data.tags.get("dmlbench.role") == "trial" for r in server_runs(server.url)), interval=0.02
