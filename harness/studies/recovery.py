@@ -83,7 +83,6 @@ def enqueue_retry(study: Any, trial: Any) -> None:
 def fail_mlflow_child(spec: StudySpec, dataset: str, entry: Entry, number: int) -> None:
     """A killed trial's MLflow run stays RUNNING forever: mark it FAILED."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(spec.tracking_uri)
     if mlflow.get_experiment_by_name(spec.experiments[dataset]) is None:
@@ -94,11 +93,18 @@ def fail_mlflow_child(spec: StudySpec, dataset: str, entry: Entry, number: int) 
         filter_string=tag_filter(spec, dataset, entry, role="trial", **{"dmlbench.trial": str(number)})
         + " and attributes.status = 'RUNNING'",
     )
-    client = MlflowClient()
     for run in runs:
-        client.set_tag(run.info.run_id, "dmlbench.status", "failed")
-        client.set_tag(run.info.run_id, "dmlbench.error", "worker process died (stale trial)")
-        client.set_terminated(run.info.run_id, "FAILED")
+        end_failed(run.info.run_id, "worker process died (stale trial)")
+
+
+def end_failed(run_id: str, error: str, **tags: str) -> None:
+    """End a run left RUNNING by a dead process FAILED, with the reason (and any other tags)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in {"dmlbench.status": "failed", "dmlbench.error": error, **tags}.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, "FAILED")
 
 
 def _beat(trial: Any) -> None:
@@ -169,21 +175,15 @@ def close_predecessor(trial: Any, successor: str) -> None:
     """A retried trial's predecessor run that cannot be continued (no checkpoint: it died before
     its first epoch, or its MLflow server went away) and is still RUNNING ends FAILED, naming the
     run that replaces it, so no run of a study stays RUNNING for good."""
-    from mlflow.tracking import MlflowClient
-
     run = predecessor(trial)
     if run is None or run.info.status != "RUNNING" or run.info.run_id == successor:
         return
-    client = MlflowClient()
-    client.set_tag(run.info.run_id, "dmlbench.status", "failed")
-    client.set_tag(
+    end_failed(
         run.info.run_id,
-        "dmlbench.error",
         f"interrupted before a checkpoint (worker or MLflow server gone); retried by trial {trial.number} "
         f"as run {successor}",
+        **{"dmlbench.successor": successor},
     )
-    client.set_tag(run.info.run_id, "dmlbench.successor", successor)
-    client.set_terminated(run.info.run_id, "FAILED")
 
 
 def resumable(trial: Any) -> str | None:

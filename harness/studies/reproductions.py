@@ -19,7 +19,7 @@ from typing import Any
 
 from harness.runtime import interrupts
 from harness.studies.parents import inside_parent, tag_filter
-from harness.studies.recovery import fail_stale, heartbeat
+from harness.studies.recovery import end_failed, fail_stale, heartbeat
 from harness.studies.spec import Entry, StudySpec
 
 #: how long a process waits for another one to finish enqueueing the seeds
@@ -144,9 +144,7 @@ def fail_run(spec: StudySpec, dataset: str, entry: Entry, seed: int, run_id: str
     )
     for rid in ids:
         if client.get_run(rid).info.status == "RUNNING":
-            client.set_tag(rid, "dmlbench.status", "failed")
-            client.set_tag(rid, "dmlbench.error", "worker process died (stale reproduction)")
-            client.set_terminated(rid, "FAILED")
+            end_failed(rid, "worker process died (stale reproduction)")
 
 
 def claim(study: Any) -> Any | None:
