@@ -228,6 +228,27 @@ def test_pixel_cache_fits_a_budget_and_is_reused_across_runs(jpeg_folder):
     assert loaders.pixel_caches({"train": splits.train}, cfg.data, torch.device("cpu")) == {}
 
 
+def test_channels_last_auto_is_nhwc_for_cnns_on_cpu_and_recorded(tiny_overrides):
+    """model.channels_last=auto resolves to NHWC for a CNN on the CPU (oneDNN's convolutions
+    are faster in it) and to NCHW for a ViT (no convolution to speed up but the patch embedding),
+    and the config the run logs says which layout it used."""
+    from conftest import TINY_VIT
+
+    from harness.training.resolution import resolve
+    from harness.training.setup import build_model, prepare_for_device
+
+    cpu = torch.device("cpu")
+    for backbone, extra, expected in (("resnet18", {}, "on"), ("vit_small_patch16_224", TINY_VIT, "off")):
+        cfg = resolve(method="bitfit", backbone=backbone, overrides={**tiny_overrides, **extra})
+        assert cfg.model.channels_last == "auto"
+        model = prepare_for_device(build_model(cfg, 4), cfg, cpu)
+        assert model.channels_last == (expected == "on")
+        assert cfg.model.channels_last == expected, backbone
+        if expected == "on":
+            conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_channels_last_and_compile_are_wired(tiny_overrides):
     """model.channels_last=on puts a CNN and its batches in NHWC; optim.compile compiles the
     training forward (aot_eager here: the graph capture without code generation) and trains to

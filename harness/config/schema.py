@@ -101,7 +101,7 @@ class ModelConfig:
     head_init: Literal["default", "xavier"] = "default"
     #: extra keyword arguments for timm.create_model (e.g. depth, img_size for tiny test ViTs)
     backbone_kwargs: dict = field(default_factory=dict)
-    #: NHWC memory layout for the model and its batches: "auto" = CNNs on CUDA, "on", "off"
+    #: NHWC memory layout for the model and its batches: "auto" = CNNs on CUDA and the CPU, "on", "off"
     channels_last: Literal["auto", "on", "off"] = "auto"
 
 

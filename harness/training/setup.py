@@ -57,11 +57,15 @@ def make_optimizer(model: DMLModel, cfg: RunConfig) -> torch.optim.Optimizer | N
 
 
 def prepare_for_device(model: DMLModel, cfg: RunConfig, device: torch.device) -> DMLModel:
-    """channels_last for CNNs on CUDA (``model.channels_last``: tensor cores read NHWC without
-    transposes) and ``torch.compile`` of the training forward (``optim.compile``). Sets
-    ``model.channels_last`` so the data pipeline hands over batches in the same layout."""
+    """channels_last for CNNs on CUDA and the CPU (``model.channels_last``: tensor cores and
+    oneDNN's convolutions read NHWC without transposes; on 2 CPU cores the demo's EfficientNet-Lite0
+    runs train 1.1-1.8x faster, README "Reproducibility and speed") and ``torch.compile`` of the
+    training forward (``optim.compile``). Sets ``model.channels_last`` so the data pipeline hands
+    over batches in the same layout. The layout changes float rounding only, not the computation."""
     mode = cfg.model.channels_last
-    model.channels_last = mode == "on" or (mode == "auto" and device.type == "cuda" and model.family == "cnn")
+    nhwc_device = device.type in ("cuda", "cpu")
+    model.channels_last = mode == "on" or (mode == "auto" and nhwc_device and model.family == "cnn")
+    cfg.model.channels_last = "on" if model.channels_last else "off"  # the run records what it used
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.optim.compile != "off":
