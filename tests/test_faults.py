@@ -416,6 +416,48 @@ def test_a_lost_journal_never_retrains_finished_trials(tmp_path, tracking_uri, c
     assert {t.user_attrs["mlflow_run_id"] for t in trials} <= trained
 
 
+def test_a_trial_another_process_finishes_during_the_ledger_check_is_not_reported_lost(
+    tmp_path, tracking_uri, monkeypatch
+):
+    """Two ``study run`` processes on one journal: while one reads the ledger, the other starts and
+    finishes a trial (names its run in Optuna, then tags it finished in MLflow). That trial is not
+    lost, and the reading process must not refuse the storage (the race CI once hit)."""
+    from harness.studies import ledger
+    from harness.studies.loading import load_spec
+    from harness.studies.storage import open_storage, open_study, storage_url
+
+    spec = load_spec(_tiny(tmp_path, tracking_uri, "race"))
+    ((dataset, entry),) = spec.units()
+    store = open_storage(storage_url(spec), spec.path)
+    tags = {
+        "dmlbench.study": "race",
+        "dmlbench.dataset": dataset,
+        "dmlbench.entry": entry.name,
+        "dmlbench.role": "trial",
+    }
+    other: list[str] = []
+
+    def then_the_other_process_trains_a_trial(read):
+        def reading(*args):
+            found = read(*args)
+            if not other:  # right after the check's first read, whichever store it reads first
+                trial = open_study(spec, dataset, entry, store).ask()
+                mlflow.set_experiment(spec.experiments[dataset])
+                with mlflow.start_run(tags=tags) as run:
+                    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+                    mlflow.set_tag("dmlbench.status", "finished")
+                other.append(run.info.run_id)
+            return found
+
+        return reading
+
+    for name in ("ended_trial_runs", "known_run_ids"):
+        monkeypatch.setattr(ledger, name, then_the_other_process_trains_a_trial(getattr(ledger, name)))
+    assert ledger.check_ledger(spec, store, storage_url(spec)) == 0
+    assert [r.info.run_id for r in ledger.ended_trial_runs(spec, dataset, entry)] == other  # it did finish
+    assert ledger.check_ledger(spec, store, storage_url(spec)) == 0  # and is known on the next check too
+
+
 def test_failed_seeds_are_reported_and_retried_until_the_bound(tmp_path, tracking_uri, capsys):
     """Every reproduction seed fails: the study exits 7 naming them; each rerun retries them, at
     most MAX_SEED_ATTEMPTS times in all; once they succeed the study exits 0."""

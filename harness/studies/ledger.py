@@ -19,8 +19,8 @@ from harness.studies.parents import tag_filter
 from harness.studies.spec import Entry, StudySpec, distributions
 
 
-def untracked_runs(spec: StudySpec, dataset: str, entry: Entry, known: set[str]) -> list[Any]:
-    """Finished or pruned trial runs of the entry in MLflow that no Optuna trial points at."""
+def ended_trial_runs(spec: StudySpec, dataset: str, entry: Entry) -> list[Any]:
+    """Finished or pruned trial runs of the entry in MLflow."""
     import mlflow
 
     mlflow.set_tracking_uri(spec.tracking_uri)
@@ -31,9 +31,7 @@ def untracked_runs(spec: StudySpec, dataset: str, entry: Entry, known: set[str])
         output_format="list",
         filter_string=tag_filter(spec, dataset, entry, role="trial"),
     )
-    return [
-        r for r in runs if r.data.tags.get("dmlbench.status") in ("finished", "pruned") and r.info.run_id not in known
-    ]
+    return [r for r in runs if r.data.tags.get("dmlbench.status") in ("finished", "pruned")]
 
 
 def known_run_ids(spec: StudySpec, dataset: str, entry: Entry, storage: Any) -> set[str]:
@@ -54,7 +52,12 @@ def check_ledger(spec: StudySpec, storage: Any, storage_url: str, rebuild: bool 
     for dataset, entry in spec.units():
         if entry.fixed:
             continue
-        missing = untracked_runs(spec, dataset, entry, known_run_ids(spec, dataset, entry, storage))
+        # MLflow first, Optuna second: a trial names its run in Optuna (``mlflow_run_id``) when the
+        # run starts, before it is tagged finished, so every run read here is already known below,
+        # even one that another process on this storage started and finished in between.
+        ended = ended_trial_runs(spec, dataset, entry)
+        known = known_run_ids(spec, dataset, entry, storage) if ended else set()
+        missing = [r for r in ended if r.info.run_id not in known]
         if not missing:
             continue
         if not rebuild:
