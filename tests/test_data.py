@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -234,6 +235,35 @@ def test_fashion_mnist_reader_pools_and_splits_by_class(tmp_path):
     out = fashion.read_fashion_mnist(tmp_path, data.get_spec("fashion_mnist").split)
     assert len(out["train"]) == 20 and len(out["test"]) == 20
     assert out["train"].array.shape == (20, 28, 28) and out["train"].class_names[0] == "T-shirt/top"
+
+
+def test_fashion_files_are_decoded_once_per_process_and_again_when_replaced(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+
+    def write(value: int) -> None:
+        for prefix, n in (("train", 30), ("t10k", 10)):
+            write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.full((n, 28, 28), value))
+            write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.permutation(np.arange(n) % 10))
+
+    write(7)
+    reads: list[str] = []
+    real_read = fashion.read_idx
+    monkeypatch.setattr(fashion, "read_idx", lambda path: reads.append(path.name) or real_read(path))
+    spec = data.get_spec("fashion_mnist").split
+    first = fashion.read_fashion_mnist(tmp_path, spec)
+    again = fashion.read_fashion_mnist(tmp_path, spec)
+    styles = fashion.read_fashion_styles(tmp_path, data.get_spec("fashion_styles").split)
+    assert len(reads) == 4  # four idx files, one decode for every reader and every call
+    assert len(styles["train"]) + len(styles["test"]) == 40
+    images, _ = fashion.load_fashion(tmp_path)
+    assert not images.flags.writeable  # the kept arrays are shared: a caller cannot change them
+    assert first["train"].array.flags.writeable  # a split is its own copy
+    first["train"].array[:] = 0
+    assert (again["train"].array == 7).all()
+    write(9)  # a replaced file (another size or mtime) is decoded again
+    os.utime(tmp_path / "train-images-idx3-ubyte.gz", ns=(1, 1))
+    assert (fashion.read_fashion_mnist(tmp_path, spec)["train"].array == 9).all()
+    assert len(reads) == 8
 
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
