@@ -194,22 +194,51 @@ def test_killed_worker_is_resumed(tmp_path, tracking_uri):
     assert list(study_status(path)[["complete", "running"]].iloc[0]) == [2, 0]
 
 
-def test_two_workers_share_one_journal(tmp_path, tracking_uri):
+def test_two_workers_share_one_journal_and_reproduce_only_after_every_trial(tmp_path, tracking_uri):
+    """3 trials on 2 workers: one worker runs two, the other waits for them at the gate before
+    its reproduction, which therefore reproduces the best of all three trials."""
     path = write_spec(
         tmp_path,
         tracking_uri,
         name="workers",
         methods=["linear_probe"],
         budget={"n_trials": 3, "epochs": 1},
-        reproduce={"seeds": []},
+        reproduce={"seeds": [0, 1]},
     )
     run_study(path, workers=2)
-    trials = optuna_study(path, "linear_probe").trials
+    study = optuna_study(path, "linear_probe")
+    trials = study.trials
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
     assert all(t.user_attrs.get("dmlbench.surplus") for t in trials if t.state == TrialState.FAIL)
     assert os.getpid() not in {t.user_attrs["dmlbench.pid"] for t in trials if t.state == TrialState.COMPLETE}
-    assert len(runs_of("workers", "trial")) == 3
+    trial_runs, seeds = runs_of("workers", "trial"), runs_of("workers", "reproduction")
+    assert len(trial_runs) == 3 and len(seeds) == 2
+    assert min(r.info.start_time for r in seeds) >= max(r.info.end_time for r in trial_runs)
+    assert {r.data.tags["dmlbench.config_source"] for r in seeds} == {str(study.best_trial.number)}
+
+
+def _gate_worker(out: str, worker: int, fail: bool, gate) -> None:
+    """A spawned worker of the gate tests: worker 1 is late (or fails) before the gate."""
+    if worker == 1:
+        time.sleep(1.0)
+        if fail:
+            sys.exit(3)
+    arrived = time.time()
+    passed = gate.arrive_and_wait()
+    Path(out, str(worker)).write_text(f"{passed} {arrived} {time.time()}")
+
+
+def test_workers_pass_the_phase_gate_together_and_a_failed_one_closes_it(tmp_path):
+    from harness.errors import StudyAborted
+    from harness.studies.workers import spawn
+
+    spawn(_gate_worker, lambda w: (str(tmp_path), w, False), 2, "worker", phased=True)
+    (p0, _, left0), (p1, arrived1, _) = (Path(tmp_path, n).read_text().split() for n in "01")
+    assert p0 == p1 == "True" and float(left0) >= float(arrived1)  # worker 0 waited for the late one
+    with pytest.raises(StudyAborted, match="exit code 3"):
+        spawn(_gate_worker, lambda w: (str(tmp_path), w, True), 2, "worker", phased=True)
+    assert Path(tmp_path, "0").read_text().split()[0] == "False"  # stopped at the gate, not through it
 
 
 def test_stale_trial_detection():

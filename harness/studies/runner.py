@@ -36,7 +36,7 @@ from harness.studies.reproductions import (
 from harness.studies.rollup import rollup
 from harness.studies.spec import Entry, StudySpec, distributions
 from harness.studies.storage import budget_of, open_storage, open_study, storage_url
-from harness.studies.workers import one_line_exit, share_cores, spawn
+from harness.studies.workers import PhaseGate, one_line_exit, share_cores, spawn
 from harness.tracking.store import tracking_server_gone
 from harness.training.checkpoint import RunClaimed
 
@@ -276,9 +276,11 @@ def _worker_main(
     worker: int,
     parents: dict[str, str],
     workers: int,
-    placement: tuple[str, int] | None = None,
+    placement: tuple[str, int] | None,
+    gate: PhaseGate,
 ) -> None:
-    """Entry point of a tuning worker process (spawned): every unit in spec order."""
+    """Entry point of a study worker process (spawned): its share of every unit's trials, in spec
+    order; then, once every worker has finished tuning, its share of the reproductions."""
     with one_line_exit(f"tuning worker {worker}"):
         share_cores(workers)
         quiet_optuna()
@@ -286,16 +288,10 @@ def _worker_main(
         storage = open_storage(storage_url_)
         for dataset, entry in spec.units():
             tune(spec, dataset, entry, storage, parents[f"{dataset}/{entry.name}"], worker=worker)
-
-
-def _reproduce_main(
-    spec_path: str, storage_url_: str, parents: dict[str, str], workers: int, placement: tuple[str, int] | None = None
-) -> None:
-    """Entry point of a reproduction worker process (spawned)."""
-    with one_line_exit("reproduction worker"):
-        share_cores(workers)
-        quiet_optuna()
-        reproduce_all(place(load_spec(spec_path), placement), open_storage(storage_url_), parents)
+        if not gate.arrive_and_wait():
+            return  # another worker failed: the study stops before its reproductions (spawn says why)
+    with one_line_exit(f"reproduction worker {worker}"):
+        reproduce_all(spec, storage, parents)
 
 
 def quiet_optuna() -> None:
@@ -352,8 +348,13 @@ def run_study(
             tune(spec, dataset, entry, store, parents[f"{dataset}/{entry.name}"], train=train)
         reproduce_all(spec, store, parents, train=train)
     else:
-        spawn(_worker_main, lambda w: (str(spec.path), url, w, parents, workers, placed(w)), workers, "worker")
-        spawn(_reproduce_main, lambda w: (str(spec.path), url, parents, workers, placed(w)), workers, "reproduce")
+        spawn(
+            _worker_main,
+            lambda w: (str(spec.path), url, w, parents, workers, placed(w)),
+            workers,
+            "worker",
+            phased=True,
+        )
     rollup(spec, store, parents)  # parents and a summary run carry the results in the MLflow UI
     unfinished = failed_work(spec, store)
     if unfinished:

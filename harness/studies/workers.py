@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from harness.errors import DiskFull, RunFailure, RunInterrupted, StoreUnavailable, StudyAborted, UserError
 from harness.runtime import interrupts
@@ -48,11 +49,41 @@ def share_cores(workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def spawn(target: Callable, args_of: Callable[[int], tuple], workers: int, role: str) -> None:
-    """``workers`` spawned processes, process ``w`` running ``target(*args_of(w))``; a failed one
-    fails the study."""
+class PhaseGate:
+    """Where the workers of one spawn meet between two phases (tuning, then reproductions): each
+    waits there until all have arrived, so no reproduction starts while another worker's trial
+    still runs. One spawn for both phases, not one per phase, saves each worker's start (imports,
+    spec, storage: 8 to 16 s of a 10-minute demo on 2 cores). A worker that fails closes the gate
+    (:func:`spawn` sees its exit code): the others stop there, as a failed tuning worker stopped
+    the study before its reproductions when each phase had its own processes."""
+
+    def __init__(self, ctx: Any, workers: int) -> None:
+        self.workers = workers
+        self.arrived = ctx.Value("i", 0)
+        self.closed = ctx.Event()
+
+    def arrive_and_wait(self) -> bool:
+        """True once every worker has arrived, False if the gate was closed first."""
+        with self.arrived.get_lock():
+            self.arrived.value += 1
+        while self.arrived.value < self.workers:
+            if self.closed.is_set():
+                return False
+            interrupts.check()  # Ctrl-C or SIGTERM while waiting: the one-line exit of the worker
+            time.sleep(0.05)
+        return not self.closed.is_set()
+
+
+def spawn(target: Callable, args_of: Callable[[int], tuple], workers: int, role: str, *, phased: bool = False) -> None:
+    """``workers`` spawned processes, process ``w`` running ``target(*args_of(w))`` (with a
+    :class:`PhaseGate` shared by all as the last argument if ``phased``); a failed one fails the
+    study."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=args_of(w), name=f"dmlbench-{role}-{w}") for w in range(workers)]
+    gate = PhaseGate(ctx, workers) if phased else None
+    extra = (gate,) if phased else ()
+    procs = [
+        ctx.Process(target=target, args=(*args_of(w), *extra), name=f"dmlbench-{role}-{w}") for w in range(workers)
+    ]
     for p in procs:
         p.start()
     stopping: str | None = None
@@ -61,6 +92,8 @@ def spawn(target: Callable, args_of: Callable[[int], tuple], workers: int, role:
         while any(p.is_alive() for p in procs):
             for p in procs:
                 p.join(timeout=0.2)
+            if gate is not None and any(p.exitcode not in (None, 0) for p in procs):
+                gate.closed.set()
             if stopping is None and (stopping := interrupts.requested()):
                 if stopping == "SIGTERM":  # Ctrl-C reached the children already; SIGTERM is passed on
                     for p in procs:
