@@ -18,6 +18,9 @@ from pathlib import Path
 # toy GPU-window test took 173 s in the suite and 34 s alone).
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# every `mlflow server` a test starts (dmlbench ui leaves it off too): MLflow's job runner is seven
+# huey processes for its GenAI jobs, 30 s of CPU per start on 2 cores, and no test submits a job
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -137,7 +137,8 @@ def test_console_script_exit_code(tmp_path):
 
 def test_ui_serves_the_store_and_prints_the_runs_view_and_stops_every_process(tracking_uri):
     """A real MLflow UI on loopback, started as a user would: it answers, the printed URL opens the
-    latest experiment's runs, and `kill` of dmlbench stops all of MLflow's processes."""
+    latest experiment's runs, and `kill` of dmlbench stops all of MLflow's processes. MLflow's job
+    runner (huey consumers for GenAI jobs) is not started unless the user asks for it."""
     import signal
     import socket
     import subprocess
@@ -153,6 +154,7 @@ def test_ui_serves_the_store_and_prints_the_runs_view_and_stops_every_process(tr
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION")  # as a user who never heard of it (conftest sets it)
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--timeout", "120"],
         env=env,
@@ -169,6 +171,7 @@ def test_ui_serves_the_store_and_prints_the_runs_view_and_stops_every_process(tr
             assert reply.status == 200
         server = psutil.Process(proc.pid).children(recursive=True)
         assert len(server) >= 2  # the server and its workers
+        assert not [p for p in server if "huey_consumer" in " ".join(p.cmdline())]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         gone, alive = psutil.wait_procs(server, timeout=30)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,32 @@ def killed_run(tracking_uri: str, *extra: str) -> str:
     return run.info.run_id
 
 
+def copy_store(src: Path, dst: Path) -> str:
+    """Copy a sqlite store's folder (database, checkpoints, artifacts) into ``dst`` and point its
+    artifact locations at the copy, so a test's writes never reach the original; returns its URI."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (src.as_uri(), dst.as_uri()))
+    return f"sqlite:///{dst / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def _killed_store(tmp_path_factory, _mlflow_template) -> tuple[Path, str]:
+    folder = tmp_path_factory.mktemp("killed").resolve()
+    shutil.copyfile(_mlflow_template, folder / "mlflow.db")
+    return folder, killed_run(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+@pytest.fixture
+def killed(_killed_store, tracking_uri) -> str:
+    """:func:`killed_run`'s run, in this test's own store: one train process is SIGTERMed per
+    module (a process start and an epoch, 7-10 s) and its store folder copied for each test."""
+    folder, run_id = _killed_store
+    copy_store(folder, Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent)
+    return run_id
+
+
 def fill(folder: Path) -> Path:
     """Take every byte left on ``folder``'s disk with one file; returns it (unlink to free)."""
     filler = folder / "filler"
@@ -94,9 +121,9 @@ def mounts():
 # ----------------------------------------------------------------------------- resuming
 
 
-def test_a_run_is_resumed_by_one_process_only(tracking_uri, capsys):
+def test_a_run_is_resumed_by_one_process_only(tracking_uri, killed, capsys):
     """Two `train --resume` of one run: the second refuses in one line while the first trains."""
-    run_id = killed_run(tracking_uri)
+    run_id = killed
     first = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "train", "--resume", run_id, "--tracking-uri", tracking_uri],
         cwd=REPO,
@@ -120,8 +147,8 @@ def test_a_run_is_resumed_by_one_process_only(tracking_uri, capsys):
     assert first.returncode == 143
 
 
-def test_resume_refuses_contradicting_options_and_applies_more_epochs(tracking_uri, capsys):
-    run_id = killed_run(tracking_uri)
+def test_resume_refuses_contradicting_options_and_applies_more_epochs(tracking_uri, killed, capsys):
+    run_id = killed
     for argv, text in (
         (["--method", "bitfit"], "--method bitfit contradicts run"),
         (["--set", "optim.lr=0.5"], "--set optim.lr=0.5 contradicts run"),
@@ -142,8 +169,8 @@ def test_resume_refuses_contradicting_options_and_applies_more_epochs(tracking_u
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
-def test_a_damaged_checkpoint_is_one_line_and_leaves_the_run(damage, tracking_uri, capsys):
-    run_id = killed_run(tracking_uri)
+def test_a_damaged_checkpoint_is_one_line_and_leaves_the_run(damage, tracking_uri, killed, capsys):
+    run_id = killed
     path = checkpoint_of(run_id, tracking_uri)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"")
@@ -154,8 +181,8 @@ def test_a_damaged_checkpoint_is_one_line_and_leaves_the_run(damage, tracking_ur
     assert run.info.status == "KILLED" and run.data.tags["dmlbench.status"] == "interrupted"
 
 
-def test_a_store_moved_with_its_checkpoints_still_resumes(tmp_path, tracking_uri):
-    run_id = killed_run(tracking_uri)
+def test_a_store_moved_with_its_checkpoints_still_resumes(tmp_path, tracking_uri, killed):
+    run_id = killed
     old = Path(tracking_uri.removeprefix("sqlite:///")).parent
     assert not Path(mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags["dmlbench.checkpoint"]).is_absolute()
     moved = tmp_path / "moved"
