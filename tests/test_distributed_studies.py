@@ -5,6 +5,7 @@ recovered. The PostgreSQL + ``mlflow server`` case uses real servers started her
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,13 +98,41 @@ def test_two_processes_on_one_journal_run_each_reproduction_once(tmp_path, track
     check_exactly_once(spec, tracking_uri, str(journal))
 
 
+def running_reproductions(client: mlflow.MlflowClient) -> list:
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return [r for r in runs if r.data.tags.get("dmlbench.role") == "reproduction" and r.info.status == "RUNNING"]
+
+
+def kill_inside_a_reproduction(proc: subprocess.Popen, client: mlflow.MlflowClient, timeout: float = 300):
+    """SIGKILL ``proc`` while one of its reproduction runs is RUNNING, and return that run.
+
+    A run seen RUNNING can finish before a kill lands (a tiny seed trains in a second, and the
+    next unit's seeds follow), so the process is stopped (SIGSTOP) first and the run looked up
+    again: only a run still RUNNING in a frozen process is certainly cut off mid-training."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if running_reproductions(client):
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                frozen = running_reproductions(client)
+            except Exception:  # frozen while holding the store's write lock: let it go on
+                frozen = []
+            if frozen:
+                proc.kill()
+                proc.wait()
+                return frozen[0]
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no reproduction run seen RUNNING (exit {proc.wait()}): {proc.stdout.read()}")
+
+
 def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, tracking_uri):
     """A worker dies (SIGKILL) during a reproduction: its trial and MLflow run stay RUNNING; the
     rerun fails both, runs the seed again, and finishes with every seed done once."""
     import optuna
     from optuna.trial import TrialState
 
-    from harness.studies.loading import load_spec
     from harness.studies.storage import open_storage, storage_url
 
     spec_path = write_spec(tmp_path, "killed")
@@ -111,22 +140,19 @@ def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, 
     cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(spec_path)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = mlflow.MlflowClient(tracking_uri)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-        if any(r.data.tags.get("dmlbench.role") == "reproduction" and r.info.status == "RUNNING" for r in runs):
-            break
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
+    killed = kill_inside_a_reproduction(proc, client)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    spec = load_spec(spec_path)
-    store = open_storage(storage_url(spec))
-    dataset, entry = spec.units()[0]
-    seeds = optuna.load_study(study_name=f"{spec.study_name(dataset, entry)}/reproductions", storage=store)
-    assert seeds.get_trials(states=(TrialState.RUNNING,))  # the dead worker's seed
+    from harness.studies.loading import load_spec
+
+    store = open_storage(storage_url(load_spec(spec_path)))
+    seeds = optuna.load_study(study_name=killed.data.tags["dmlbench.optuna_study"], storage=store)
+    trial = seeds.trials[int(killed.data.tags["dmlbench.trial"])]
+    assert trial.state == TrialState.RUNNING  # the dead worker's seed
+    assert client.get_run(killed.info.run_id).info.status == "RUNNING"
     assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600).returncode == 0
-    check_exactly_once(spec_path, tracking_uri, storage_url(spec))
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"
+    assert seeds.trials[trial.number].state == TrialState.FAIL
+    check_exactly_once(spec_path, tracking_uri, storage_url(load_spec(spec_path)))
 
 
 # ----------------------------------------------------------------------------- PostgreSQL + mlflow server
