@@ -2,13 +2,19 @@
 
 ``tests/data/tiny_runs.json`` holds the metrics of a few tiny runs (CNN and ViT, frozen and
 trained backbones, VPTSP-G's memory bank, LoRA merged at test time) computed by the code before
-``harness/core`` was split, once per machine it was run on (an AVX2 and an AVX-512 processor so
-far: their float kernels differ in the last bits, and two epochs amplify that enough to flip which
-epoch validation selects). On a recorded machine (same processor capability, same torch) every
-number must be equal bit for bit. On another machine the per-epoch numbers and the counts are
-compared with a small tolerance, and the selected epoch's (``best/``, ``test/``) are left out: a
-last-bit difference may select the other epoch. Add a machine (only with the code of commit
-8dd1874's tree) with ``python tests/test_same_metrics.py``.
+``harness/core`` was split, once per machine it was run on (an AMD AVX2, an AMD AVX-512 and an
+Intel AVX-512 processor so far: their float kernels differ in the last bits, and two epochs
+amplify that enough to flip which epoch validation selects). On a recorded machine (same
+processor, same torch) every number must be equal bit for bit. On another machine the numbers of
+every recorded machine are compared with tolerances measured between the recorded ones
+(``ACROSS_MACHINES``): the counts exactly, the training losses to a relative 1e-4 (they differ
+by at most 1.7e-6 between the three; a changed seed, data order, initialisation or loss moves
+them far more), the per-epoch validation metrics to a few queries (a last-bit difference swaps
+near-tied neighbours: up to 4 of the 64 validation queries of the fully trained ResNet-18), and
+the selected epoch's numbers (``best/``, ``test/``) are left out, since such a swap may select
+the other epoch. Add a machine with the code of commit 8dd1874's tree: ``git worktree add
+/tmp/old 8dd1874``, run that tree's ``tests/test_same_metrics.py`` with ``PYTHONPATH=/tmp/old``,
+and append the record it writes to ``machines`` here.
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ RUNS = [
 ]
 #: cost/* are timings; every other logged number is compared
 SKIP = ("cost/",)
+#: another machine: (key prefix, relative, absolute tolerance); None leaves the key out
+ACROSS_MACHINES = {
+    "params/": (0, 0),
+    "train/": (1e-4, 0),
+    "val/": (0, 8 / 64),  # 8 of the 64 validation queries (twice the largest swap seen)
+    "best/": None,
+    "test/": None,
+}
 
 
 def machine() -> dict[str, str]:
@@ -88,16 +102,18 @@ def test_tiny_runs_give_the_metrics_they_gave_before_the_rebuild(tracking_uri):
     torch.set_num_threads(1)
     machines = json.loads(FIXTURE.read_text())["machines"]
     now = tiny_runs(tracking_uri)
-    recorded = next((m for m in machines if m["machine"] == machine()), None)
-    same_machine = recorded is not None
-    recorded = recorded or machines[0]
-    for name, before in recorded["runs"].items():
-        assert set(now[name]) == set(before), name
-        for key, value in before.items():
-            if same_machine:
-                assert now[name][key] == value, (name, key, now[name][key], value)
-            elif not key.startswith(("best/", "test/")):  # another machine: the module docstring
-                assert now[name][key] == pytest.approx(value, rel=2e-3, abs=2e-2), (name, key)
+    same = [m for m in machines if m["machine"] == machine()]
+    for recorded in same or machines:
+        for name, before in recorded["runs"].items():
+            assert set(now[name]) == set(before), name
+            for key, value in before.items():
+                if same:
+                    assert now[name][key] == value, (name, key, now[name][key], value)
+                    continue
+                tolerance = ACROSS_MACHINES[key.split("/")[0] + "/"]
+                if tolerance is not None:
+                    rel, abs_ = tolerance
+                    assert now[name][key] == pytest.approx(value, rel=rel, abs=abs_), (name, key, recorded["machine"])
 
 
 if __name__ == "__main__":
