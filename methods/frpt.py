@@ -220,10 +220,26 @@ class FRPTModel(DMLModel):
         return gem_pool(fmap) if self.pool == "gem" else fmap.mean(dim=(2, 3))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        fmap = self.feature_map(self.prompt(images)["images"])
+        return self.prompted_features(self.prompt(images)["images"])
+
+    def prompted_features(self, prompted: torch.Tensor) -> torch.Tensor:
+        """Features of already prompted images: the frozen backbone, the CAH, the pooling."""
+        fmap = self.feature_map(prompted)
         if self.cah_head is not None:
             fmap = self.cah_head(fmap)
         return self.pool_map(fmap)
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss, and with DPP the saliency map's concentration as ``train/dpp_saliency_peak``:
+        its largest cell over the uniform map's (1 = uniform, the identity warp; the number of
+        cells = all mass on one cell, the collapse the module docstring describes), the batch
+        mean, summed on the device like the loss, so a collapsed run says so in MLflow."""
+        prompted = self.prompt(images)
+        loss = self.loss_from_features(self.prompted_features(prompted["images"]), labels)
+        if "saliency" not in prompted:
+            return loss, {}
+        saliency = prompted["saliency"].detach().float().flatten(1)
+        return loss, {"dpp_saliency_peak": (saliency.amax(dim=1) * saliency.shape[1]).mean()}
 
 
 class BNNeck(nn.Module):

@@ -288,6 +288,26 @@ def _batch(n: int = 8, size: int = 48, classes: int = 4) -> tuple[torch.Tensor, 
     return images, labels
 
 
+def test_the_saliency_peak_is_one_at_the_identity_warp_and_grows_as_the_map_concentrates():
+    """train/dpp_saliency_peak is the batch mean of the map's largest cell over the uniform map's;
+    logging it leaves the loss as it was (the loss of the features of the prompted images)."""
+    model = build("frpt")
+    images, labels = _batch()
+    with torch.no_grad():
+        loss, extras = model.training_loss(images, labels)
+        assert set(extras) == {"dpp_saliency_peak"} and extras["dpp_saliency_peak"].item() == pytest.approx(1.0)
+        assert loss == model.loss_from_features(model.features(images), labels)
+        torch.manual_seed(1)
+        model.dpp_prompt.parser.proj.weight.normal_(0, 0.05)
+        saliency = model.prompt(images)["saliency"].flatten(1)
+        loss, extras = model.training_loss(images, labels)
+        assert loss == model.loss_from_features(model.features(images), labels)
+    by_hand = (saliency.max(dim=1).values * saliency.shape[1]).mean()
+    assert extras["dpp_saliency_peak"].item() == pytest.approx(by_hand.item()) and by_hand > 1.5
+    with torch.no_grad():
+        assert build("frpt_cah").training_loss(images, labels)[1] == {}  # no DPP, nothing to report
+
+
 def test_gradients_reach_dpp_through_the_second_frozen_pass():
     model = build("frpt_dpp")
     model.train()
@@ -399,6 +419,9 @@ def test_trains_through_the_shared_loop(name, tiny_overrides):
     assert len(losses) == 1 and all(np.isfinite(losses))
     assert 0.0 <= result.metrics["test/recall_at_1"] <= 1.0
     assert result.metrics["params/trainable"] > result.metrics["params/trainable_inference"] > 0
+    peaks = [h["train/dpp_saliency_peak"] for h in result.history if "train/dpp_saliency_peak" in h]
+    assert len(peaks) == (1 if cfg.method_args.use_dpp else 0), name  # one epoch, one mean
+    assert all(p >= 1.0 for p in peaks)  # a map's largest cell is never below the uniform one
 
 
 def make_cub_with_boxes(root: Path, classes: int = 102, per_class: int = 3) -> Path:
