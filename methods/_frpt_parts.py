@@ -75,6 +75,14 @@ class SaliencySampler(nn.Module):
         return F.grid_sample(images, full, mode="bilinear", padding_mode="border", align_corners=True)
 
 
+def saliency_peak(saliency: torch.Tensor) -> torch.Tensor:
+    """How concentrated ``(B, 1, h, w)`` saliency maps are: the largest cell over the uniform
+    map's, batch mean (1 = uniform, the identity warp; h*w = all mass on one cell, the collapse
+    that large DPP steps cause)."""
+    flat = saliency.detach().float().flatten(1)
+    return (flat.amax(dim=1) * flat.shape[1]).mean()
+
+
 class ContentParser(nn.Module):
     """Projects a frozen feature map to a spatial softmax map A (sums to 1 over positions).
 

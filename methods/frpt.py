@@ -78,6 +78,7 @@ from methods._frpt_parts import (
     cam_boxes,
     crop_and_resize,
     gem_pool,
+    saliency_peak,
 )
 
 
@@ -230,16 +231,11 @@ class FRPTModel(DMLModel):
         return self.pool_map(fmap)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss, and with DPP the saliency map's concentration as ``train/dpp_saliency_peak``:
-        its largest cell over the uniform map's (1 = uniform, the identity warp; the number of
-        cells = all mass on one cell, the collapse the module docstring describes), the batch
-        mean, summed on the device like the loss, so a collapsed run says so in MLflow."""
+        """The loss, and with DPP ``train/dpp_saliency_peak`` (:func:`saliency_peak`, summed on the
+        device like the loss), so a collapsing map shows in MLflow."""
         prompted = self.prompt(images)
         loss = self.loss_from_features(self.prompted_features(prompted["images"]), labels)
-        if "saliency" not in prompted:
-            return loss, {}
-        saliency = prompted["saliency"].detach().float().flatten(1)
-        return loss, {"dpp_saliency_peak": (saliency.amax(dim=1) * saliency.shape[1]).mean()}
+        return loss, ({"dpp_saliency_peak": saliency_peak(prompted["saliency"])} if "saliency" in prompted else {})
 
 
 class BNNeck(nn.Module):
