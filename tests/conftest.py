@@ -58,6 +58,14 @@ def tracking_uri(tmp_path, monkeypatch, _mlflow_template) -> str:
     mlflow.set_tracking_uri(None)
 
 
+def all_runs(uri: str) -> list:
+    """Every run of the MLflow store at ``uri`` (a sqlite file or a server), in every experiment."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
 TINY = {
     "dataset": "fashion_mnist",
     "data.image_size": 32,

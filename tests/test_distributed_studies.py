@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import free_port, mlflow_database
+from conftest import all_runs, free_port, mlflow_database
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]
@@ -78,8 +78,7 @@ def check_exactly_once(spec_path: Path, tracking_uri: str, storage: str) -> None
         seeds = optuna.load_study(study_name=f"{spec.study_name(dataset, entry)}/reproductions", storage=store)
         done = sorted(int(t.params["seed"]) for t in seeds.get_trials(states=(TrialState.COMPLETE,)))
         assert done == SEEDS, done
-    client = mlflow.MlflowClient(tracking_uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs = all_runs(tracking_uri)
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
     repro = Counter(
         (r.data.tags["dmlbench.entry"], r.data.tags["dmlbench.seed"])
@@ -98,12 +97,12 @@ def test_two_processes_on_one_journal_run_each_reproduction_once(tmp_path, track
     check_exactly_once(spec, tracking_uri, str(journal))
 
 
-def running_reproductions(client: mlflow.MlflowClient) -> list:
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+def running_reproductions(uri: str) -> list:
+    runs = all_runs(uri)
     return [r for r in runs if r.data.tags.get("dmlbench.role") == "reproduction" and r.info.status == "RUNNING"]
 
 
-def kill_inside_a_reproduction(proc: subprocess.Popen, client: mlflow.MlflowClient, timeout: float = 300):
+def kill_inside_a_reproduction(proc: subprocess.Popen, uri: str, timeout: float = 300):
     """SIGKILL ``proc`` while one of its reproduction runs is RUNNING, and return that run.
 
     A run seen RUNNING can finish before a kill lands (a tiny seed trains in a second, and the
@@ -111,10 +110,10 @@ def kill_inside_a_reproduction(proc: subprocess.Popen, client: mlflow.MlflowClie
     again: only a run still RUNNING in a frozen process is certainly cut off mid-training."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if running_reproductions(client):
+        if running_reproductions(uri):
             proc.send_signal(signal.SIGSTOP)
             try:
-                frozen = running_reproductions(client)
+                frozen = running_reproductions(uri)
             except Exception:  # frozen while holding the store's write lock: let it go on
                 frozen = []
             if frozen:
@@ -139,8 +138,8 @@ def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, 
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     cmd = [sys.executable, "-m", "harness.cli", "study", "run", str(spec_path)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = kill_inside_a_reproduction(proc, tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
-    killed = kill_inside_a_reproduction(proc, client)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     from harness.studies.loading import load_spec
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from conftest import all_runs
 from optuna.trial import TrialState
 from test_data import make_cub
 from test_signals import TRAIN, training_runs, wait_for
@@ -24,11 +25,6 @@ from harness.cli import main
 from harness.studies.runner import run_study
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def all_runs(uri: str) -> list:
-    client = mlflow.MlflowClient(uri)
-    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
 def killed_run(tracking_uri: str, *extra: str) -> str:

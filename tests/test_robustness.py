@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import all_runs
 
 from harness.cli import main
 from harness.errors import RunInterrupted, UserError
@@ -23,11 +24,6 @@ from harness.training.resolution import resolve
 from harness.training.setup import splits_for
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def store_runs(uri: str):
-    client = mlflow.MlflowClient(uri)
-    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
 # ----------------------------------------------------------------------------- resume
@@ -65,7 +61,7 @@ def test_killed_run_resumes_in_the_same_run_and_equals_an_uninterrupted_one(case
 
     with pytest.raises(RunInterrupted, match="after 2 completed epoch"):
         train(resolve(method=method, overrides=over), on_epoch=stop_after_2)
-    killed = next(r for r in store_runs(tracking_uri) if r.info.status == "KILLED")
+    killed = next(r for r in all_runs(tracking_uri) if r.info.status == "KILLED")
     ckpt = checkpoint.locate(killed.data.tags["dmlbench.checkpoint"], tracking_uri)
     assert ckpt.is_file() and killed.data.tags["dmlbench.status"] == "interrupted"
 
@@ -108,7 +104,7 @@ def test_diverged_loss_is_one_line_exit_3_and_a_failed_run(tiny_overrides, track
     assert main(args) == 3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "training diverged" in err and "Traceback" not in err
-    (run,) = store_runs(tracking_uri)
+    (run,) = all_runs(tracking_uri)
     assert run.info.status == "FAILED" and run.info.run_id in err
 
 
@@ -143,14 +139,14 @@ def test_ctrl_c_ends_the_run_killed_with_exit_130(tmp_path, tracking_uri):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(
-        r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in store_runs(tracking_uri)
+        r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in all_runs(tracking_uri)
     ):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted run" in err and "KILLED" in err and "Traceback" not in err
-    (run,) = store_runs(tracking_uri)
+    (run,) = all_runs(tracking_uri)
     assert run.info.status == "KILLED" and run.data.tags["dmlbench.status"] == "interrupted"
 
 
@@ -175,7 +171,7 @@ def test_bad_values_are_refused_before_anything_exists(key, value, text, trackin
     assert main(["train", "--method", "bitfit", "--set", "model.pretrained=false", "--set", f"{key}={value}"]) == 2
     err = capsys.readouterr().err
     assert text in err and len(err.strip().splitlines()) == 1
-    assert store_runs(tracking_uri) == []
+    assert all_runs(tracking_uri) == []
 
 
 def test_cuda_on_a_machine_without_cuda_is_refused(monkeypatch):
@@ -293,7 +289,7 @@ def test_bad_storage_urls_are_refused_before_any_run_or_trial(storage, text, tra
     assert main(["study", "run", str(spec), "--storage", storage]) == 2
     err = capsys.readouterr().err
     assert text in err and len(err.strip().splitlines()) == 1
-    assert store_runs(tracking_uri) == []
+    assert all_runs(tracking_uri) == []
 
 
 @pytest.mark.parametrize(
@@ -321,7 +317,7 @@ def test_study_search_spaces_are_checked_before_anything_exists(space, text, tmp
     assert main(["study", "run", str(path)]) == 2
     err = capsys.readouterr().err
     assert text in err and len(err.strip().splitlines()) == 1
-    assert store_runs(tracking_uri) == [] and not list(tmp_path.glob("*.journal"))
+    assert all_runs(tracking_uri) == [] and not list(tmp_path.glob("*.journal"))
     assert not list(Path(tracking_uri.removeprefix("sqlite:///")).parent.glob("*.journal"))
 
 

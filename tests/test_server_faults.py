@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import free_port
+from conftest import all_runs, free_port
 from optuna.trial import TrialState
 from test_signals import TRAIN, wait_for
 from test_studies import base_overrides, write_spec
@@ -87,11 +87,6 @@ def server(tmp_path, mlflow_template):
         s.kill()
 
 
-def server_runs(url: str) -> list:
-    client = mlflow.MlflowClient(url)
-    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-
-
 def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(server, tmp_path, monkeypatch):
     env = {**os.environ, **FAST_MLFLOW}
     proc = subprocess.Popen(
@@ -113,8 +108,8 @@ def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(se
         text=True,
     )
     try:
-        wait_for(lambda: any("train/loss" in r.data.metrics for r in server_runs(server.url)))
-        (run,) = server_runs(server.url)
+        wait_for(lambda: any("train/loss" in r.data.metrics for r in all_runs(server.url)))
+        (run,) = all_runs(server.url)
         server.kill()
         _, err = proc.communicate(timeout=180)
     finally:
@@ -177,7 +172,7 @@ def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, t
         wait_for(
             lambda: any(
                 r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics
-                for r in server_runs(server.url)
+                for r in all_runs(server.url)
             )
         )
         server.kill()
@@ -189,9 +184,9 @@ def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, t
     assert "Traceback" not in err and "already active" not in err
     assert f"the MLflow server {server.url} stopped answering" in err.strip().splitlines()[-1]
     server.start()
-    (trial_run,) = [r for r in server_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
+    (trial_run,) = [r for r in all_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
     assert rerun_in_process(cmd, env, monkeypatch) == 0
-    runs = server_runs(server.url)
+    runs = all_runs(server.url)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     trial_runs = [r for r in runs if r.data.tags.get("dmlbench.role") == "trial"]
     assert [r.info.run_id for r in trial_runs] == [trial_run.info.run_id]  # resumed, not trained anew
@@ -208,11 +203,9 @@ def test_a_trial_cut_off_before_its_first_checkpoint_leaves_no_run_running(serve
     # about 1 s of feature caching between the run's creation and its first epoch (2 cores)
     cmd, env, proc = start_study(tmp_path, server, "cut", {"n_trials": 2, "epochs": 2}, {"data.max_per_class": 200})
     try:  # the run exists, its features are being cached: frozen there, before any epoch or checkpoint
-        wait_for(
-            lambda: any(r.data.tags.get("dmlbench.role") == "trial" for r in server_runs(server.url)), interval=0.02
-        )
+        wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" for r in all_runs(server.url)), interval=0.02)
         os.kill(proc.pid, signal.SIGSTOP)
-        (cut,) = [r for r in server_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
+        (cut,) = [r for r in all_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
         server.kill()
         os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=240)
@@ -223,7 +216,7 @@ def test_a_trial_cut_off_before_its_first_checkpoint_leaves_no_run_running(serve
     assert proc.returncode == 5, err
     server.start()
     assert rerun_in_process(cmd, env, monkeypatch) == 0
-    runs = {r.info.run_id: r for r in server_runs(server.url)}
+    runs = {r.info.run_id: r for r in all_runs(server.url)}
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
     old = runs[cut.info.run_id]
     assert old.info.status == "FAILED" and old.data.tags["dmlbench.status"] == "failed"
@@ -301,8 +294,7 @@ def test_postgresql_down_for_good_is_one_line_and_the_rerun_finishes(
     lines = err.strip().splitlines()
     assert "Traceback" not in err and len(lines) == 1 and "the Optuna storage postgresql+psycopg://" in lines[0], err
     assert rerun_in_process(cmd, env, monkeypatch) == 0
-    client = mlflow.MlflowClient(tracking_uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs = all_runs(tracking_uri)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     (trial_run,) = [r for r in runs if r.data.tags.get("dmlbench.role") == "trial"]
     assert trial_run.info.status == "FINISHED"  # continued from its checkpoint, not trained anew
