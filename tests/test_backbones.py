@@ -86,3 +86,23 @@ def test_vit_family_and_small_shapes():
     vit = create_backbone("vit_small_patch16_224", pretrained=False, kwargs={"img_size": 32, "depth": 2})
     assert vit.family == "vit" and vit.feature_dim == 384
     assert vit.model(torch.randn(2, 3, 32, 32)).shape == (2, 384)
+
+
+def test_describe_builds_each_backbone_once_per_options_and_tells_options_apart(monkeypatch):
+    """Config resolution asks for the same backbone once per trial: the meta-device build (0.2 s
+    for a ViT-S) happens once per name and options, and other options are a build of their own."""
+    import timm
+
+    from harness.models import backbones
+
+    monkeypatch.setattr(backbones, "_DESCRIBED", {})
+    builds = []
+    real = timm.create_model
+    monkeypatch.setattr(backbones.timm, "create_model", lambda *a, **k: builds.append(a) or real(*a, **k))
+    first = backbones.describe("vit_small_patch16_224", {"img_size": 32, "depth": 2})
+    assert backbones.describe("vit_small_patch16_224", {"depth": 2, "img_size": 32}) == first
+    assert first == ("vit", 384, (32, 32)) and len(builds) == 1
+    assert backbones.describe("vit_small_patch16_224", {"img_size": 64, "depth": 2}) == ("vit", 384, (64, 64))
+    assert backbones.describe("resnet18") == ("cnn", 512, None) and len(builds) == 3
+    with pytest.raises(UserError, match="model.backbone_kwargs"):
+        backbones.describe("resnet18", {"no_such_option": 1})

@@ -188,18 +188,27 @@ def backbone_from(cfg: RunConfig) -> Backbone:
     )
 
 
+#: what :func:`describe` found, per backbone name and options
+_DESCRIBED: dict[tuple[str, str], tuple[str, int, tuple[int, int] | None]] = {}
+
+
 def describe(name: str, kwargs: dict | None = None) -> tuple[str, int, tuple[int, int] | None]:
     """``(family, feature width, fixed input size or None)`` of backbone ``name``, from a model
-    built on the meta device (no memory, no weights: cheap enough for config resolution)."""
+    built on the meta device (no memory, no weights). Remembered per name and options: on the meta
+    device timm's weight initialisation still runs through torch's reference ops (0.2 s for a
+    ViT-S), and a study resolves one config per trial and method."""
     check_name(name)
-    kwargs = {**(kwargs or {}), "num_classes": 0}
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"bad value {kwargs!r} for 'model.backbone_kwargs' of '{name}': {exc}") from None
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    return family_of(model), int(model.num_features), tuple(size) if size else None
+    key = (name, repr(sorted((kwargs or {}).items())))
+    if key not in _DESCRIBED:
+        kwargs = {**(kwargs or {}), "num_classes": 0}
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as exc:
+            raise UserError(f"bad value {kwargs!r} for 'model.backbone_kwargs' of '{name}': {exc}") from None
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        _DESCRIBED[key] = family_of(model), int(model.num_features), tuple(size) if size else None
+    return _DESCRIBED[key]
 
 
 def auto_embed_dim(feature_dim: int) -> int:
