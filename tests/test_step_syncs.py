@@ -55,7 +55,19 @@ class PausedWhileFetching:
 def test_training_step_never_syncs(method, family, extra, tiny_overrides, tiny_vit_overrides):
     overrides = tiny_vit_overrides if family == "vit" else tiny_overrides
     backbone = "vit_small_patch16_224" if family == "vit" else "resnet18"
-    run = prepare(resolve(method=method, backbone=backbone, overrides={**overrides, "data.max_per_class": 48, **extra}))
+    run = prepare(
+        resolve(
+            method=method,
+            backbone=backbone,
+            overrides={
+                **overrides,
+                "data.max_per_class": 16,
+                "data.batch_size": 16,
+                "data.samples_per_class": 4,
+                **extra,
+            },
+        )
+    )
     train_epoch(run, 1)  # the optimiser creates its state (host step counters) in the first step
     first = run.images
     counter = SyncCounter(ignore=host_scalars(run.optimizer))
