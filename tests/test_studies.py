@@ -218,26 +218,17 @@ def test_two_workers_share_one_journal_and_reproduce_only_after_every_trial(tmp_
     assert {r.data.tags["dmlbench.config_source"] for r in seeds} == {str(study.best_trial.number)}
 
 
-def _gate_worker(out: str, worker: int, fail: bool, gate) -> None:
-    """A spawned worker of the gate tests: worker 1 is late (or fails) before the gate."""
-    if worker == 1:
-        time.sleep(1.0)
-        if fail:
-            sys.exit(3)
-    arrived = time.time()
-    passed = gate.arrive_and_wait()
-    Path(out, str(worker)).write_text(f"{passed} {arrived} {time.time()}")
-
-
 def test_workers_pass_the_phase_gate_together_and_a_failed_one_closes_it(tmp_path):
+    from phase_gate_worker import gate_worker
+
     from harness.errors import StudyAborted
     from harness.studies.workers import spawn
 
-    spawn(_gate_worker, lambda w: (str(tmp_path), w, False), 2, "worker", phased=True)
+    spawn(gate_worker, lambda w: (str(tmp_path), w, False), 2, "worker", phased=True)
     (p0, _, left0), (p1, arrived1, _) = (Path(tmp_path, n).read_text().split() for n in "01")
     assert p0 == p1 == "True" and float(left0) >= float(arrived1)  # worker 0 waited for the late one
     with pytest.raises(StudyAborted, match="exit code 3"):
-        spawn(_gate_worker, lambda w: (str(tmp_path), w, True), 2, "worker", phased=True)
+        spawn(gate_worker, lambda w: (str(tmp_path), w, True), 2, "worker", phased=True)
     assert Path(tmp_path, "0").read_text().split()[0] == "False"  # stopped at the gate, not through it
 
 

@@ -26,6 +26,7 @@ class Sizes:
     batch: int
     steps: int
     warmup: int
+    rounds: int = 2  # the step stage keeps the best of this many alternations with the plain loop
     vit_kwargs: dict = field(default_factory=dict)
     cub_scale: float = 1.0
     cub_size: tuple[int, int] | None = None
@@ -43,8 +44,9 @@ FULL = Sizes(image=224, batch=64, steps=20, warmup=5)
 TINY = Sizes(
     image=32,
     batch=16,
-    steps=2,
+    steps=1,
     warmup=1,
+    rounds=1,
     vit_kwargs={"depth": 2},
     cub_scale=0.02,
     cub_size=(96, 72),

@@ -134,6 +134,7 @@ def step(rec: Recorder, sizes: Sizes, o: dict) -> None:
             batch_size=sizes.batch,
             steps=sizes.steps,
             warmup=sizes.warmup,
+            rounds=sizes.rounds,
             baseline=True,
             plain_cache=plain,
             overrides=kwargs,
