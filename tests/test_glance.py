@@ -45,57 +45,40 @@ def _env(**extra: str) -> dict:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def test_outputs_go_where_the_user_stands(tmp_path):
+def test_outputs_go_where_the_user_stands(tmp_path, monkeypatch):
     """No --tracking-uri, no MLFLOW_TRACKING_URI: the store is ./mlflow.db where the command runs
-    (or in $DMLBENCH_HOME), never in the package's folder."""
+    (or in $DMLBENCH_HOME), never in the package's folder. In this process (a command's imports
+    cost 5 s): its working folder and environment are the user's, as a new process's would be."""
     before = {p.name for p in REPO.iterdir()}
     here = tmp_path / "here"
     here.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "train", *TINY_TRAIN],
-        cwd=here,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert (here / "mlflow.db").is_file() and (here / "mlartifacts").is_dir()
-    home = tmp_path / "home"
-    done = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "train", *TINY_TRAIN],
-        cwd=here,
-        env=_env(DMLBENCH_HOME=str(home)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert (home / "mlflow.db").is_file()
+    monkeypatch.chdir(here)
+
+    def as_a_new_process() -> None:  # mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI too
+        mlflow.set_tracking_uri(None)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    monkeypatch.delenv("DMLBENCH_HOME", raising=False)
+    try:
+        as_a_new_process()
+        assert main(["train", *TINY_TRAIN]) == 0
+        assert (here / "mlflow.db").is_file() and (here / "mlartifacts").is_dir()
+        home = tmp_path / "home"
+        monkeypatch.setenv("DMLBENCH_HOME", str(home))
+        as_a_new_process()
+        assert main(["train", *TINY_TRAIN]) == 0
+        assert (home / "mlflow.db").is_file()
+    finally:
+        as_a_new_process()
     assert {p.name for p in REPO.iterdir()} == before  # nothing new in the package's folder
 
 
-def test_train_says_what_it_trains_and_shows_progress_off_a_terminal(tracking_uri):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harness.cli",
-            "train",
-            *TINY_TRAIN,
-            "--set",
-            "data.max_per_class=48",
-            "--tracking-uri",
-            tracking_uri,
-        ],
-        cwd=REPO,
-        env=_env(DMLBENCH_PROGRESS_EVERY_S="0"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+def test_train_says_what_it_trains_and_shows_progress_off_a_terminal(tracking_uri, capsys, monkeypatch):
+    monkeypatch.setenv("DMLBENCH_PROGRESS_EVERY_S", "0")
+    argv = ["train", *TINY_TRAIN, "--set", "data.max_per_class=48", "--tracking-uri", tracking_uri]
+    assert main(argv) == 0  # in this process: captured output is off a terminal, as a pipe is
+    out = capsys.readouterr().out
+    lines = out.splitlines()
     plan = re.match(
         r"training linear_probe on fashion_mnist with tf_efficientnet_lite0 on cpu: ([\d,]+) images x 2 "
         r"epoch\(s\), ([\d,]+) validation images per epoch, ([\d,]+) test images; about .+",
@@ -103,7 +86,7 @@ def test_train_says_what_it_trains_and_shows_progress_off_a_terminal(tracking_ur
     )
     assert plan, lines[0]
     assert any(re.match(r"epoch 1/2: step \d+/\d+, [\d,]+ img/s, ETA ", line) for line in lines), lines
-    assert f"start 'dmlbench ui --tracking-uri {tracking_uri}'" in done.stdout  # the store it is in
+    assert f"start 'dmlbench ui --tracking-uri {tracking_uri}'" in out  # the store it is in
 
 
 def test_the_default_run_on_a_cpu_says_how_long_and_how_to_get_a_first_result(tracking_uri):

@@ -68,7 +68,7 @@ def test_method_is_what_it_says(method, family):
     optimizer = make_optimizer(model, cfg)
     model.train()
     losses = []
-    for _ in range(8):
+    for _ in range(4):  # on one batch, every method's loss is down after four steps (FRPT-CAM, CNN, least: 1%)
         model.before_step(optimizer, labels.numpy())
         loss, _ = model.training_loss(images, labels)
         optimizer.zero_grad()
