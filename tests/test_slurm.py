@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -96,42 +95,19 @@ def slurm_cluster(tmp_path_factory, monkeypatch):
         time.sleep(1)
 
 
-def test_a_study_runs_as_a_slurm_array_with_the_budget_exact(tmp_path, slurm_cluster, postgres_url, mlflow_server):
+def test_a_study_runs_as_a_slurm_array_with_the_budget_exact(
+    tmp_path, slurm_cluster, postgres_url, mlflow_server, monkeypatch, capsys
+):
     pytest.importorskip("submitit")
     pytest.importorskip("psycopg")
     spec = write_spec(tmp_path, "slurmstudy", methods=("bitfit",))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harness.cli",
-            "study",
-            "launch",
-            str(spec),
-            "--slurm",
-            "--array",
-            "2",
-            "--cpus-per-task",
-            "1",
-            "--time",
-            "30",
-            "--storage",
-            postgres_url,
-            "--wait",
-            "--logs",
-            str(tmp_path / "logs"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, (
-        out.stdout + out.stderr + "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.err")))
-    )
-    assert "as Slurm array" in out.stdout and "all 2 Slurm tasks of study slurmstudy finished" in out.stdout
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.chdir(tmp_path)
+    argv = ["study", "launch", str(spec), "--slurm", "--array", "2", "--cpus-per-task", "1", "--time", "30"]
+    code = main([*argv, "--storage", postgres_url, "--wait", "--logs", str(tmp_path / "logs")])  # the launcher here
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err + "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.err")))
+    assert "as Slurm array" in out.out and "all 2 Slurm tasks of study slurmstudy finished" in out.out
     tasks = sorted(p.name for p in (tmp_path / "logs").glob("*_result.pkl"))
     assert len(tasks) == 2, tasks  # two array tasks ran, each returned
     check_exactly_once(spec, mlflow_server, postgres_url)
