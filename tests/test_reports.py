@@ -69,14 +69,19 @@ def finished_study(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(scope="module")
+def built_report(finished_study, tmp_path_factory) -> Path:
+    """The study's report with the default options, built once for the tests that only read it."""
+    return build_report(finished_study, out_dir=tmp_path_factory.mktemp("built") / "report")
+
+
 def files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_report_is_rebuilt_identically(finished_study, tmp_path):
-    first = build_report(finished_study, out_dir=tmp_path / "a")
+def test_report_is_rebuilt_identically(finished_study, built_report, tmp_path):
     other = build_report(finished_study, out_dir=tmp_path / "b")
-    a, b = files(first), files(other)
+    a, b = files(built_report), files(other)
     assert a == b
     names = set(a)
     for name in (
@@ -101,14 +106,14 @@ def test_report_is_rebuilt_identically(finished_study, tmp_path):
     assert "published.md" not in names  # nothing published for Fashion-MNIST
 
 
-def test_retention_table_reports_what_each_method_kept(finished_study, tmp_path):
+def test_retention_table_reports_what_each_method_kept(finished_study, built_report):
     """eval.transfer in the spec: reproductions evaluate fashion_styles zero-shot, tuning trials do
     not (transfer splits are test data); the untrained reference keeps exactly 100 %."""
     runs = fetch_runs(load_spec(finished_study))
     key = "metrics.transfer/fashion_styles/retained_recall_at_1"
     trials_logged = runs[runs["tags.dmlbench.role"] == "trial"][key] if key in runs else []
     assert key in runs and not pd.Series(trials_logged).notna().any()
-    out = build_report(finished_study, out_dir=tmp_path / "r")
+    out = built_report
     table = (out / "retention.md").read_text()
     rows = {
         line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
@@ -136,8 +141,8 @@ def test_optuna_figures_read_the_optuna_storage_and_never_write_it(finished_stud
         moved.rename(journal)
 
 
-def test_results_are_the_reproduction_runs(finished_study, tmp_path):
-    out = build_report(finished_study, out_dir=tmp_path / "r")
+def test_results_are_the_reproduction_runs(built_report):
+    out = built_report
     runs = mlflow.search_runs(
         experiment_names=["fashion_mnist"],
         output_format="list",
@@ -160,7 +165,7 @@ def test_results_are_the_reproduction_runs(finished_study, tmp_path):
     assert list(tuning["complete"]) == [2, 0]
 
 
-def test_intervals_significance_and_the_verdict_come_from_the_per_query_tables(finished_study, tmp_path):
+def test_intervals_significance_and_the_verdict_come_from_the_per_query_tables(finished_study, built_report, tmp_path):
     from harness.reports.stats import paired_differences, paired_p_value, two_level_interval
 
     out = build_report(finished_study, out_dir=tmp_path / "ci", ci=True)
@@ -196,11 +201,10 @@ def test_intervals_significance_and_the_verdict_come_from_the_per_query_tables(f
     assert f"{word} (paired permutation test over" in report and f"p = {verdict:.3g})" in report
     assert "two-level percentile bootstrap" in report and "mean [95% interval]" in report
     assert " [" in (out / "results.md").read_text()  # intervals in the cells with --ci
-    assert " ± " in (build_report(finished_study, out_dir=tmp_path / "pm") / "results.md").read_text()
+    assert " ± " in (built_report / "results.md").read_text()  # and the default build keeps mean ± sd
 
 
-def test_report_is_logged_to_a_study_run(finished_study, tmp_path):
-    build_report(finished_study, out_dir=tmp_path / "m")
+def test_report_is_logged_to_a_study_run(built_report):
     (run,) = mlflow.search_runs(
         experiment_names=["fashion_mnist"],
         output_format="list",
@@ -304,8 +308,8 @@ def test_pareto_front_and_formatting():
     assert fmt_count(23_530_000) == "23.53M" and fmt_count(0) == "0"
 
 
-def test_figures_come_as_png_and_pdf_and_importances_need_enough_trials(finished_study, tmp_path):
-    out = build_report(finished_study, out_dir=tmp_path / "fig")
+def test_figures_come_as_png_and_pdf_and_importances_need_enough_trials(built_report):
+    out = built_report
     pngs = sorted((out / "figures").rglob("*.png"))
     assert pngs and all(p.with_suffix(".pdf").is_file() for p in pngs)
     assert all(p.read_bytes().startswith(b"%PDF") for p in (out / "figures").rglob("*.pdf"))
@@ -323,9 +327,8 @@ def latex_problems(tex: str) -> list[str]:
     return [] if envs and all(e in ("table", "table*") for e in envs) else [f"top-level environments {envs}"]
 
 
-def test_results_latex_is_booktabs_with_the_best_in_bold_and_compiles(finished_study, tmp_path):
-    out = build_report(finished_study, out_dir=tmp_path / "t")
-    tex = (out / "results.tex").read_text()
+def test_results_latex_is_booktabs_with_the_best_in_bold_and_compiles(built_report, tmp_path):
+    tex = (built_report / "results.tex").read_text()
     assert latex_problems(tex) == []
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"\begin{table*}" in tex
     assert r"\textbf{" in tex and "over 2 seeds" in tex and "protocol 'fair'" in tex
@@ -346,10 +349,10 @@ def test_results_latex_is_booktabs_with_the_best_in_bold_and_compiles(finished_s
     assert done.returncode == 0, done.stdout[-2000:]
 
 
-def test_the_gallery_shows_each_querys_neighbours_framed_by_correctness(finished_study, tmp_path):
+def test_the_gallery_shows_each_querys_neighbours_framed_by_correctness(built_report, tmp_path):
     from harness.reports.gallery import draw_queries, hardest_classes, visualize_retrieval
 
-    out = build_report(finished_study, out_dir=tmp_path / "g")
+    out = built_report
     assert (out / "figures" / "gallery_fashion_mnist.png").exists() and (
         out / "figures" / "gallery_fashion_mnist.pdf"
     ).exists()
