@@ -130,13 +130,13 @@ def _measures_alive(out: Path) -> list[int]:
 
 def test_a_kill_mid_stage_keeps_every_record_and_ends_every_process(tmp_path):
     out = tmp_path / "out"
-    # the kill lands after BitFit's step record, while three FRPT steps (2 s each on a CPU) are still to come
+    # the kill lands after BitFit's step record, while four more methods' steps (seconds on a CPU) are to come
     args = [
         "--tiny",
         "--stages",
         "smoke,step",
         "--methods",
-        "bitfit,frpt,frpt_dpp,frpt_no_in",
+        "bitfit,boft,frpt,frpt_dpp,vptsp_g",
         "--workdir",
         str(tmp_path / "work"),
     ]
@@ -160,7 +160,7 @@ def test_a_kill_mid_stage_keeps_every_record_and_ends_every_process(tmp_path):
     smoke, _ = stage_records(out, "smoke")
     step, measured = stage_records(out, "step")
     assert smoke["status"] == "ok" and step["status"] == "interrupted" and measured
-    assert all(r["status"] == "ok" for r in measured) and "frpt_no_in" not in [r["method"] for r in measured]
+    assert all(r["status"] == "ok" for r in measured) and "vptsp_g" not in [r["method"] for r in measured]
     assert "## step: interrupted" in (out / "summary.md").read_text()
 
 

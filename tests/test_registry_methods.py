@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.bench.measuring import TOY_VIT
 from harness.models.backbones import create_backbone
 from harness.training.resolution import resolve
 from harness.training.setup import build_model, make_optimizer
@@ -15,7 +16,7 @@ from methods import get_method, method_names
 
 BACKBONES = {
     "cnn": ("tf_efficientnet_lite0", {}),
-    "vit": ("vit_small_patch16_224", {"img_size": 32, "depth": 2}),
+    "vit": ("vit_small_patch16_224", {"img_size": 32, **TOY_VIT}),  # a narrow MLP keeps BOFT quick
 }
 CASES = [(m, f) for m in method_names() for f in ("cnn", "vit") if get_method(m).applies_to(f)]
 
