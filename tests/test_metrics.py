@@ -219,4 +219,6 @@ def test_large_self_retrieval_bounded_memory():
     )
     peak_gb = float(done.stdout.strip().splitlines()[-1])
     block_gb = 1024 * 30_000 * 4 / 2**30
-    assert peak_gb < 3 * block_gb, f"peak {peak_gb:.2f} GiB for a {block_gb:.2f} GiB block"
+    # measured on a 2-core Xeon: 0.0 GiB above the start-up peak at chunk 1,024, 0.11 at 2,048,
+    # 0.33 at 4,096, 0.79 at 8,192 and 3.24 unchunked: twice the block catches a chunk 4x too big
+    assert peak_gb < 2 * block_gb, f"peak {peak_gb:.2f} GiB for a {block_gb:.2f} GiB block"
