@@ -554,3 +554,37 @@ def test_a_trials_startup_point_is_the_same_whichever_worker_asks_and_when(tmp_p
     asked = [workers[w].ask(dists) for w in (1, 0, 0, 1)]
     assert [t.params for t in sorted(asked, key=lambda t: t.number)] == sequential
     assert len({tuple(sorted(p.items())) for p in sequential}) == 4
+
+
+def test_a_storage_outage_is_waited_out_once_then_every_call_gives_up_at_once():
+    """A database that stops answering: a call retries for the outage and gives up in one line; the
+    calls the study makes on its way out then give up at once (each waited the whole outage again,
+    minutes with the default 120 s); a database that answers again is used again."""
+    import sqlalchemy.exc as sa
+
+    from harness.errors import StoreUnavailable
+    from harness.studies.storage import retrying_storage
+
+    class Database:
+        answering = True
+
+        def get_trial(self, trial_id):
+            if not self.answering:
+                raise sa.OperationalError("SELECT", {}, Exception("connection refused\nDETAIL"))
+            return trial_id
+
+    db = Database()
+    storage = retrying_storage(db, "postgresql+psycopg://u:secret@h/db", outage_s=0.4)
+    assert storage.get_trial(1) == 1
+    db.answering = False
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"did not answer for 0.4 s \(connection refused\)") as first:
+        storage.get_trial(2)
+    assert 0.4 <= time.monotonic() - start < 0.4 + 0.3  # the outage, not a back-off step past it
+    assert "secret" not in str(first.value)
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable) as second:
+        storage.get_trial(3)
+    assert time.monotonic() - start < 0.1 and str(second.value) == str(first.value)
+    db.answering = True
+    assert storage.get_trial(4) == 4

@@ -50,7 +50,10 @@ STORAGE_OUTAGE_S = float(os.environ.get("DMLBENCH_STORAGE_OUTAGE_S", "120"))
 def retrying_storage(inner: Any, url: str, outage_s: float = STORAGE_OUTAGE_S) -> Any:
     """``inner`` (an RDBStorage) with every call retried while the database is unreachable, for up
     to ``outage_s``: a database restart during a trial's per-epoch report, a heartbeat or a tell
-    is waited out (SQLAlchemy's pre-ping reconnects); past that, one StoreUnavailable line."""
+    is waited out (SQLAlchemy's pre-ping reconnects); past that, one StoreUnavailable line. Once a
+    call has waited out the whole outage the storage counts as down: the calls the study makes on
+    its way out (ending the trial, the heartbeat thread's) give up at once with the same line
+    instead of waiting ``outage_s`` each (with the default 120 s, a dead database took minutes)."""
     import optuna
     import sqlalchemy.exc as sa
 
@@ -65,22 +68,25 @@ def retrying_storage(inner: Any, url: str, outage_s: float = STORAGE_OUTAGE_S) -
                 try:
                     return getattr(self._inner, name)(*args, **kwargs)
                 except transient as exc:
-                    if time.monotonic() > deadline:
-                        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[
-                            0
-                        ]
-                        raise StoreUnavailable(
-                            f"the Optuna storage {_safe(url)} did not answer for {outage_s:.0f} s "
-                            f"({reason[:160]}); the study stopped and a rerun continues it"
-                        ) from None
-                    time.sleep(delay)
-                    delay = min(2 * delay, 5.0)
+                    left = deadline - time.monotonic()
+                    if self._down is None and left > 0:
+                        time.sleep(min(delay, left))
+                        delay = min(2 * delay, 5.0)
+                        continue
+                    if self._down is None:
+                        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+                        self._down = (
+                            f"the Optuna storage {_safe(url)} did not answer for {outage_s:g} s "
+                            f"({reason[0][:160]}); the study stopped and a rerun continues it"
+                        )
+                    raise StoreUnavailable(self._down) from None
 
         return call
 
     class RetryingStorage(optuna.storages.BaseStorage):
         def __init__(self) -> None:
             self._inner = inner
+            self._down: str | None = None  # the one line, once a call has waited out the outage
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._inner, name)
