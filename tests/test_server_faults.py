@@ -77,14 +77,28 @@ class Server:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
+    def runs(self) -> list:
+        """The runs of the current test: the store's runs less those earlier tests left there."""
+        return [r for r in all_runs(self.url) if r.info.run_id not in self.earlier]
 
-@pytest.fixture
-def server(tmp_path, mlflow_template):
-    s = Server(tmp_path, mlflow_template)
+
+@pytest.fixture(scope="module")
+def _server(tmp_path_factory, _mlflow_template):
+    """One server for the module (a start costs 6 s of CPU): each test kills it and starts it
+    again, so the next test finds it up; its runs are told apart by :meth:`Server.runs`."""
+    s = Server(tmp_path_factory.mktemp("mlflow-server"), _mlflow_template)
     s.start()
     yield s
     if s.proc.poll() is None:
         s.kill()
+
+
+@pytest.fixture
+def server(_server):
+    if _server.proc.poll() is not None:  # an earlier test failed while the server was down
+        _server.start()
+    _server.earlier = {r.info.run_id for r in all_runs(_server.url)}
+    return _server
 
 
 def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(server, tmp_path, monkeypatch):
@@ -108,8 +122,8 @@ def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(se
         text=True,
     )
     try:
-        wait_for(lambda: any("train/loss" in r.data.metrics for r in all_runs(server.url)))
-        (run,) = all_runs(server.url)
+        wait_for(lambda: any("train/loss" in r.data.metrics for r in server.runs()))
+        (run,) = server.runs()
         server.kill()
         _, err = proc.communicate(timeout=180)
     finally:
@@ -171,8 +185,7 @@ def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, t
     try:
         wait_for(
             lambda: any(
-                r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics
-                for r in all_runs(server.url)
+                r.data.tags.get("dmlbench.role") == "trial" and "train/loss" in r.data.metrics for r in server.runs()
             )
         )
         server.kill()
@@ -184,9 +197,9 @@ def test_a_study_on_a_dead_mlflow_server_stops_in_one_line_and_resumes(server, t
     assert "Traceback" not in err and "already active" not in err
     assert f"the MLflow server {server.url} stopped answering" in err.strip().splitlines()[-1]
     server.start()
-    (trial_run,) = [r for r in all_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
+    (trial_run,) = [r for r in server.runs() if r.data.tags.get("dmlbench.role") == "trial"]
     assert rerun_in_process(cmd, env, monkeypatch) == 0
-    runs = all_runs(server.url)
+    runs = server.runs()
     assert not [r for r in runs if r.info.status == "RUNNING"]
     trial_runs = [r for r in runs if r.data.tags.get("dmlbench.role") == "trial"]
     assert [r.info.run_id for r in trial_runs] == [trial_run.info.run_id]  # resumed, not trained anew
@@ -203,9 +216,9 @@ def test_a_trial_cut_off_before_its_first_checkpoint_leaves_no_run_running(serve
     # about 1 s of feature caching between the run's creation and its first epoch (2 cores)
     cmd, env, proc = start_study(tmp_path, server, "cut", {"n_trials": 2, "epochs": 2}, {"data.max_per_class": 200})
     try:  # the run exists, its features are being cached: frozen there, before any epoch or checkpoint
-        wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" for r in all_runs(server.url)), interval=0.02)
+        wait_for(lambda: any(r.data.tags.get("dmlbench.role") == "trial" for r in server.runs()), interval=0.02)
         os.kill(proc.pid, signal.SIGSTOP)
-        (cut,) = [r for r in all_runs(server.url) if r.data.tags.get("dmlbench.role") == "trial"]
+        (cut,) = [r for r in server.runs() if r.data.tags.get("dmlbench.role") == "trial"]
         server.kill()
         os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=240)
@@ -216,7 +229,7 @@ def test_a_trial_cut_off_before_its_first_checkpoint_leaves_no_run_running(serve
     assert proc.returncode == 5, err
     server.start()
     assert rerun_in_process(cmd, env, monkeypatch) == 0
-    runs = {r.info.run_id: r for r in all_runs(server.url)}
+    runs = {r.info.run_id: r for r in server.runs()}
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
     old = runs[cut.info.run_id]
     assert old.info.status == "FAILED" and old.data.tags["dmlbench.status"] == "failed"
