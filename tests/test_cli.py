@@ -135,52 +135,6 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr
 
 
-def test_ui_serves_the_store_and_prints_the_runs_view_and_stops_every_process(tracking_uri):
-    """A real MLflow UI on loopback, started as a user would: it answers, the printed URL opens the
-    latest experiment's runs, and `kill` of dmlbench stops all of MLflow's processes. MLflow's job
-    runner (huey consumers for GenAI jobs) is not started unless the user asks for it."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
-
-    import mlflow
-    import psutil
-
-    mlflow.set_tracking_uri(tracking_uri)
-    exp = mlflow.create_experiment("ui_check")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION")  # as a user who never heard of it (conftest sets it)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--timeout", "120"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        line = ""
-        while "MLflow UI for" not in line and proc.poll() is None:
-            line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?" in line and "workflowType=machine_learning" in line
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
-            assert reply.status == 200
-        server = psutil.Process(proc.pid).children(recursive=True)
-        assert len(server) >= 2  # the server and its workers
-        assert not [p for p in server if "huey_consumer" in " ".join(p.cmdline())]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        gone, alive = psutil.wait_procs(server, timeout=30)
-        assert not alive, [p.cmdline()[:4] for p in alive]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 def test_train_prints_a_line_per_epoch_and_the_run_url_and_compare_puts_runs_side_by_side(capsys, tiny_overrides):
     sets = sum((["--set", f"{k}={v}"] for k, v in tiny_overrides.items() if k != "model.backbone_kwargs"), [])
     code, out, _ = cli(capsys, "train", "--method", "linear_probe", *sets)

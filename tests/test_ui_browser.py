@@ -1,7 +1,7 @@
 """The MLflow UI as a user sees it: the URL ``dmlbench ui`` prints, opened in headless Chromium,
 shows the results as columns sorted by the objective, the chart view puts results first and hides
-constants, and run pages open in model-training mode. Skipped where Chromium is not installed
-(``.ci/run`` installs it)."""
+constants, and run pages open in model-training mode (skipped where Chromium is not installed; ``.ci/run``
+installs it); last, ``kill`` of ``dmlbench ui`` stops every MLflow process it started."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -20,7 +21,9 @@ import pytest
 from harness.tracking.links import SHARED_VIEW_KEY, SHARED_VIEW_TAG, decode_view, run_url
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install chromium)"
+)
 
 #: three finished runs: R@1 puts b first, then c, then a; selected_epoch is the same for all
 RUNS = {"a": 0.50, "b": 0.70, "c": 0.60}
@@ -48,9 +51,9 @@ def rendered(url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Iterator[tuple[str, dict[str, str], str]]:
-    """``dmlbench ui`` on a store with three runs (one server for the module's tests); yields the
-    URL it printed, the run ids and the store."""
+def ui(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """``dmlbench ui`` on a store with three runs, one server for the module's tests, started as a
+    user would (MLflow's job runner not asked for); its URL, run ids, store, experiment, process."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('browser') / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("browser")
@@ -76,7 +79,11 @@ def served(tmp_path_factory) -> Iterator[tuple[str, dict[str, str], str]]:
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--timeout", "120"],
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"},
+        env={
+            **{k: v for k, v in os.environ.items() if k != "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"},  # conftest's
+            "MLFLOW_TRACKING_URI": uri,
+            "PYTHONUNBUFFERED": "1",
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -85,13 +92,22 @@ def served(tmp_path_factory) -> Iterator[tuple[str, dict[str, str], str]]:
         line = ""
         while "MLflow UI for" not in line and proc.poll() is None:
             line = proc.stdout.readline()
-        yield re.search(r"(http://\S+)", line).group(1), ids, uri
+        url = re.search(r"(http://\S+)", line).group(1)
+        yield SimpleNamespace(url=url, ids=ids, uri=uri, experiment=experiment, port=port, proc=proc)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
         mlflow.set_tracking_uri(None)
 
 
+@pytest.fixture
+def served(ui) -> tuple[str, dict[str, str], str]:
+    """The URL ``dmlbench ui`` printed, the run ids and the store."""
+    return ui.url, ui.ids, ui.uri
+
+
+@needs_chromium
 def test_the_printed_url_opens_the_results_sorted_by_the_objective(served):
     url, ids, _ = served
     assert "viewStateShareKey=" in url and "workflowType=machine_learning" in url
@@ -115,6 +131,7 @@ def test_the_printed_url_opens_the_results_sorted_by_the_objective(served):
     assert "Model training" in dom and "Evaluations" not in dom
 
 
+@needs_chromium
 def test_the_chart_view_reads_results_first_and_draws_no_constant(served):
     url, _, uri = served
     experiment = mlflow.MlflowClient(uri).get_experiment_by_name("browser")
@@ -129,6 +146,7 @@ def test_the_chart_view_reads_results_first_and_draws_no_constant(served):
     assert dict(sections)["test"] == "2"  # recall_at_1 and map_at_r; selected_epoch hidden
 
 
+@needs_chromium
 def test_run_pages_open_in_model_training_mode(served):
     url, ids, uri = served
     base = url.split("#", 1)[0]
@@ -138,3 +156,25 @@ def test_run_pages_open_in_model_training_mode(served):
     dom = rendered(base + page)
     assert "Model metrics" in dom and "Evaluations" not in dom
     assert "Evaluations" in rendered(base + page.split("?", 1)[0])  # without it: the browser's default, GenAI
+
+
+def test_ui_prints_the_runs_view_and_a_kill_stops_every_process(ui):
+    """The printed URL opens the latest experiment's runs in model-training mode, the server
+    answers, MLflow's job runner (huey consumers for GenAI jobs) is not started unless the user
+    asks for it, and `kill` of dmlbench stops all of MLflow's processes. Last in the module: it
+    stops the server the browser tests use."""
+    import urllib.request
+
+    import psutil
+
+    assert f"http://127.0.0.1:{ui.port}/#/experiments/{ui.experiment}/runs?" in ui.url
+    assert "workflowType=machine_learning" in ui.url
+    with urllib.request.urlopen(f"http://127.0.0.1:{ui.port}/health", timeout=5) as reply:
+        assert reply.status == 200
+    server = psutil.Process(ui.proc.pid).children(recursive=True)
+    assert len(server) >= 2  # the server and its workers
+    assert not [p for p in server if "huey_consumer" in " ".join(p.cmdline())]
+    ui.proc.send_signal(signal.SIGTERM)
+    assert ui.proc.wait(timeout=60) == 0
+    gone, alive = psutil.wait_procs(server, timeout=30)
+    assert not alive, [p.cmdline()[:4] for p in alive]
