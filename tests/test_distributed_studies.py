@@ -16,9 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import all_runs, free_port, mlflow_database
-
-from harness.cli import main
+from conftest import all_runs, free_port, mlflow_database, rerun_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]
@@ -128,7 +126,7 @@ def kill_inside_a_reproduction(proc: subprocess.Popen, uri: str, timeout: float 
     raise AssertionError(f"no reproduction run seen RUNNING (exit {proc.wait()}): {proc.stdout.read()}")
 
 
-def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, tracking_uri):
+def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, tracking_uri, monkeypatch):
     """A worker dies (SIGKILL) during a reproduction: its trial and MLflow run stay RUNNING; the
     rerun fails both, runs the seed again, and finishes with every seed done once."""
     import optuna
@@ -150,7 +148,7 @@ def test_a_killed_reproduction_is_recovered_and_nothing_stays_running(tmp_path, 
     trial = seeds.trials[int(killed.data.tags["dmlbench.trial"])]
     assert trial.state == TrialState.RUNNING  # the dead worker's seed
     assert client.get_run(killed.info.run_id).info.status == "RUNNING"
-    assert main(cmd[3:]) == 0  # the rerun, in this process: the kill was met by the first one
+    assert rerun_in_process(cmd, env, monkeypatch) == 0
     assert client.get_run(killed.info.run_id).info.status == "FAILED"
     assert seeds.trials[trial.number].state == TrialState.FAIL
     check_exactly_once(spec_path, tracking_uri, storage_url(load_spec(spec_path)))
@@ -209,7 +207,7 @@ def test_two_processes_on_postgresql_and_an_mlflow_server(tmp_path, postgres_url
     check_exactly_once(spec, mlflow_server, postgres_url)
 
 
-def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_uri):
+def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_uri, monkeypatch):
     """SIGKILL during a trial's third epoch: the rerun's retry resumes the same MLflow run from the
     epoch-2 checkpoint instead of starting over."""
     import optuna
@@ -247,8 +245,8 @@ def test_a_retried_trial_continues_its_dead_predecessors_run(tmp_path, tracking_
     (dead,) = trial_runs()
     before = {m.step: m for m in client.get_metric_history(dead.info.run_id, "train/loss")}
     rerun_ms = time.time() * 1000
+    assert rerun_in_process(cmd, env, monkeypatch) == 0
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    assert main(cmd[3:]) == 0  # the rerun, in this process: the kill was met by the first one
     s = load_spec(path)
     study = optuna.load_study(
         study_name=s.study_name(*s.units()[0][:1], s.units()[0][1]), storage=open_storage(storage_url(s))

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import all_runs, free_port
+from conftest import all_runs, free_port, rerun_in_process
 from optuna.trial import TrialState
 from test_signals import TRAIN, wait_for
 from test_studies import base_overrides, write_spec
@@ -39,6 +39,7 @@ class Server:
         self.folder, self.port, self.proc = folder, free_port(), None
         shutil.copyfile(template, folder / "server.db")  # migrated already: the server starts seconds sooner
         self.url = f"http://127.0.0.1:{self.port}"
+        self.earlier: set[str] = set()  # run ids from the tests before the current one (:meth:`runs`)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -144,16 +145,6 @@ def test_a_dead_mlflow_server_is_one_line_and_the_run_resumes_when_it_is_back(se
     argv = ["train", "--resume", run.info.run_id, "--tracking-uri", server.url, "--set", f"optim.epochs={logged + 1}"]
     assert main(argv) == 0
     assert mlflow.MlflowClient(server.url).get_run(run.info.run_id).info.status == "FINISHED"
-
-
-def rerun_in_process(cmd: list[str], env: dict, monkeypatch) -> int:
-    """``cmd`` (a ``dmlbench`` command line) run again in this process with ``env``: the rerun
-    needs no interpreter of its own, the outage was met by the first process (saves 5 s of imports)."""
-    for key, value in env.items():
-        if os.environ.get(key) != value:
-            monkeypatch.setenv(key, value)
-    assert cmd[:3] == [sys.executable, "-m", "harness.cli"]
-    return main(cmd[3:])
 
 
 def start_study(

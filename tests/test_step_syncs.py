@@ -54,10 +54,11 @@ class PausedWhileFetching:
     "method, family, extra", CASES, ids=lambda v: ("bank" if v else "plain") if isinstance(v, dict) else str(v)
 )
 def test_training_step_never_syncs(method, family, extra, tiny_overrides, tiny_vit_overrides):
-    overrides = tiny_vit_overrides if family == "vit" else tiny_overrides
     if family == "vit":  # a narrow MLP keeps BOFT quick (harness.bench.measuring.TOY_VIT)
-        overrides = {**overrides, "model.backbone_kwargs": {"img_size": 32, **TOY_VIT}}
-    backbone = "vit_small_patch16_224" if family == "vit" else "resnet18"
+        backbone = "vit_small_patch16_224"
+        overrides = {**tiny_vit_overrides, "model.backbone_kwargs": {"img_size": 32, **TOY_VIT}}
+    else:
+        backbone, overrides = "resnet18", tiny_overrides
     run = prepare(
         resolve(
             method=method,

@@ -101,15 +101,9 @@ def ui(tmp_path_factory) -> Iterator[SimpleNamespace]:
         mlflow.set_tracking_uri(None)
 
 
-@pytest.fixture
-def served(ui) -> tuple[str, dict[str, str], str]:
-    """The URL ``dmlbench ui`` printed, the run ids and the store."""
-    return ui.url, ui.ids, ui.uri
-
-
 @needs_chromium
-def test_the_printed_url_opens_the_results_sorted_by_the_objective(served):
-    url, ids, _ = served
+def test_the_printed_url_opens_the_results_sorted_by_the_objective(ui):
+    url, ids = ui.url, ui.ids
     assert "viewStateShareKey=" in url and "workflowType=machine_learning" in url
     dom = rendered(url)
     headers = re.findall(
@@ -132,8 +126,8 @@ def test_the_printed_url_opens_the_results_sorted_by_the_objective(served):
 
 
 @needs_chromium
-def test_the_chart_view_reads_results_first_and_draws_no_constant(served):
-    url, _, uri = served
+def test_the_chart_view_reads_results_first_and_draws_no_constant(ui):
+    url, uri = ui.url, ui.uri
     experiment = mlflow.MlflowClient(uri).get_experiment_by_name("browser")
     state = decode_view(experiment.tags[SHARED_VIEW_TAG + SHARED_VIEW_KEY])
     hidden = {c["metricKey"] for c in state["compareRunCharts"] if c["deleted"]}
@@ -147,8 +141,8 @@ def test_the_chart_view_reads_results_first_and_draws_no_constant(served):
 
 
 @needs_chromium
-def test_run_pages_open_in_model_training_mode(served):
-    url, ids, uri = served
+def test_run_pages_open_in_model_training_mode(ui):
+    url, ids, uri = ui.url, ui.ids, ui.uri
     base = url.split("#", 1)[0]
     mlflow.set_tracking_uri(uri)
     hint = run_url(ids["a"])
